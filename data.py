@@ -1,0 +1,627 @@
+"""
+Data for visrl: the prompt table, box text forms, crops, record readers and a synthetic set.
+Only stdlib, numpy and pillow at import time (torch only inside `collate`), so it stays cheap to import.
+"""
+
+import json
+import math
+import os
+import random
+import re
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# -----------------------------------------------------------------------------
+# prompt table: the one place every stage takes its strings from (upstream they drifted apart)
+
+SYSTEM_PROMPT = "You are a helpful assistant."
+FOCUS_INSTRUCTION = ("Please provide the bounding box coordinate of the region "
+                     "that can help you answer the question better.")
+VISRL_INSTRUCTION = ("Please first provide the bounding box coordinate of the region, "
+                     "then refer to the corresponding sub-image to answer the question better.")
+VCOT_ANSWER_TEXT = "Please answer the question based on the original image and local detail image."
+
+def focus_messages(question: str, official: bool = False) -> list[dict]:
+    """Step 1 prompt: [image] + question + focus instruction; the model replies with a box."""
+    # official=True is the Visual-CoT benchmark's test-time text: lower-cased, plus a stray '.'
+    text = (question.lower() + ". " if official else question + " ") + FOCUS_INSTRUCTION
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+def answer_messages(question: str) -> list[dict]:
+    """Step 2 prompt: [image] + question + answer instruction + [crop]; the model replies with the answer."""
+    return [{"role": "user", "content": [
+        {"type": "image"},
+        {"type": "text", "text": question + " " + VISRL_INSTRUCTION + "\n"},
+        {"type": "image"},  # the crop of the box
+    ]}]
+
+def direct_messages(question: str) -> list[dict]:
+    """No-box ablation: [image] + the bare question."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+# -----------------------------------------------------------------------------
+# boxes: (x1, y1, x2, y2) in pixels of the original image; text forms square / axis / pixel
+
+Box = tuple[float, float, float, float]
+BOX_FORMS = ("square", "axis", "pixel")
+
+def _pad(width, height):
+    """(dx, dy, S): where the image sits in Visual-CoT's centred square of side S = max(w, h)."""
+    side = max(width, height)
+    return (side - width) // 2, (side - height) // 2, side
+
+def _divisors(width, height, form, resized):
+    """(dx, dy, div_x, div_y) with text value = (pixel + d) / div, and pixel = value * div - d."""
+    if form == "square":
+        dx, dy, side = _pad(width, height)
+        return dx, dy, side, side
+    if form == "axis":
+        return 0, 0, width, height
+    if form == "pixel":
+        if resized is None:
+            raise ValueError("box form 'pixel' needs resized=(width, height) of the image the model sees")
+        return 0, 0, width / resized[0], height / resized[1]
+    raise ValueError(f"unknown box form {form!r}, expected one of {BOX_FORMS}")
+
+def box_to_text(box: Box, width: int, height: int, form: str = "square", resized=None) -> str:
+    """Box in original pixels -> the text the model writes, e.g. '[0.542, 0.686, 0.592, 0.786]'."""
+    dx, dy, div_x, div_y = _divisors(width, height, form, resized)
+    x1, y1, x2, y2 = box
+    # same operations as Visual-CoT's tools/convert_data_to_llava_format.py: add the pad, divide, '%.3f'
+    vals = ((x1 + dx) / div_x, (y1 + dy) / div_y, (x2 + dx) / div_x, (y2 + dy) / div_y)
+    if form == "pixel":
+        return "[" + ", ".join(str(round(v)) for v in vals) + "]"
+    return "[" + ", ".join(f"{v:.3f}" for v in vals) + "]"
+
+# one number: a plain regex with no nested quantifiers, so it stays linear on junk replies;
+# nan/inf are matched only so that a reply containing them fails instead of being skipped over
+_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|(?i:\bnan\b|\binf(?:inity)?\b)")
+
+def parse_box(text: str) -> tuple[float, float, float, float] | None:
+    """Lenient parse: the first four numbers of the first [...] group; None (never raises) if unusable."""
+    if not isinstance(text, str):
+        return None
+    start = text.find("[")
+    end = text.find("]", start + 1)
+    if start < 0 or end < 0:
+        return None
+    vals = []
+    for m in _NUMBER.finditer(text, start + 1, end):
+        vals.append(float(m.group()))
+        if len(vals) == 4:
+            break
+    if len(vals) < 4 or not all(math.isfinite(v) and v >= 0 for v in vals):
+        return None
+    x1, y1, x2, y2 = vals
+    if x2 < x1 or y2 < y1:
+        return None
+    return x1, y1, x2, y2
+
+def _clip(box, width, height):
+    """Box clipped to the image, or None if nothing of it is left."""
+    x1, y1, x2, y2 = (min(max(box[0], 0.0), width), min(max(box[1], 0.0), height),
+                      min(max(box[2], 0.0), width), min(max(box[3], 0.0), height))
+    return (x1, y1, x2, y2) if x2 > x1 and y2 > y1 else None
+
+def text_to_box(text: str, width: int, height: int, form: str = "square", resized=None) -> Box | None:
+    """A model's box text -> original-image pixels, clipped; None if unusable (callers count these)."""
+    vals = parse_box(text)
+    if vals is None or (form != "pixel" and max(vals) > 1.0 + 1e-6):
+        return None  # a normalised value above 1 points outside the image: a failure, not a clip
+    dx, dy, div_x, div_y = _divisors(width, height, form, resized)
+    x1, y1, x2, y2 = vals
+    return _clip((x1 * div_x - dx, y1 * div_y - dy, x2 * div_x - dx, y2 * div_y - dy), width, height)
+
+def union_box(boxes: list[Box]) -> Box:
+    """Several ground-truth boxes merge into their union (as Visual-CoT's data conversion does)."""
+    if not boxes:
+        raise ValueError("union_box of no boxes")
+    return (min(b[0] for b in boxes), min(b[1] for b in boxes),
+            max(b[2] for b in boxes), max(b[3] for b in boxes))
+
+def iou(a: Box, b: Box) -> float:
+    """Intersection over union, plain floats, no +1 in the areas; 0.0 when the union is empty."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1]) +
+             max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1]) - inter)
+    return inter / union if union > 0 else 0.0
+
+def center_box(width: int, height: int) -> Box:
+    """The centre-box ablation: [0.25, 0.25, 0.75, 0.75] in the square convention, in pixels."""
+    return text_to_box("[0.25, 0.25, 0.75, 0.75]", width, height, "square")
+
+def random_box(width: int, height: int, rng: random.Random) -> Box:
+    """The random-box ablation: sides uniform in [0.1, 0.5] of the image's sides, inside the image."""
+    bw, bh = rng.uniform(0.1, 0.5) * width, rng.uniform(0.1, 0.5) * height
+    x1, y1 = rng.uniform(0, width - bw), rng.uniform(0, height - bh)
+    return x1, y1, x1 + bw, y1 + bh
+
+# -----------------------------------------------------------------------------
+# crops: the second image of the answer step
+
+def crop_window(box: Box, width: int, height: int, rule: str = "vcot",
+                min_half: int = 112) -> tuple[int, int, int, int]:
+    """Integer (left, top, right, bottom) of the crop shown to the model for a box."""
+    x1, y1, x2, y2 = box
+    if rule == "raw":  # VisRL's own crop: the box itself, rounded outward, at least 1 px
+        left, top = min(max(math.floor(x1), 0), width - 1), min(max(math.floor(y1), 0), height - 1)
+        right, bottom = min(max(math.ceil(x2), left + 1), width), min(max(math.ceil(y2), top + 1), height)
+        return left, top, right, bottom
+    if rule != "vcot":
+        raise ValueError(f"unknown crop rule {rule!r}, expected 'vcot' or 'raw'")
+    # Matches cropwithbbox() in deepcs233/Visual-CoT llava/eval/model_cot_loader.py step by step:
+    # floor division applied to the coordinates as given (ints or floats), half side at least
+    # min_half, shift back inside at the top/left then the bottom/right, then clip. Deviation: upstream
+    # gets here from the box text (its 'sum < 5' test picks normalised vs pixels) and does not clip the
+    # far side before centring; our boxes are already original pixels, clipped by text_to_box.
+    # Like upstream, a box with an odd side above 2 * min_half may lose its last pixel row/column.
+    cx, cy = (x1 + x2) // 2, (y1 + y2) // 2
+    half = max((x2 - x1) // 2, (y2 - y1) // 2, min_half)
+    if cx - half < 0:
+        cx = half
+    if cy - half < 0:
+        cy = half
+    if cx + half > width:
+        cx = width - half
+    if cy + half > height:
+        cy = height - half
+    return (int(max(0, cx - half)), int(max(0, cy - half)),
+            int(min(width, cx + half)), int(min(height, cy + half)))
+
+def crop_image(image: Image.Image, box: Box, rule: str = "vcot") -> Image.Image:
+    """The crop of a box, by the given rule."""
+    return image.crop(crop_window(box, image.width, image.height, rule))
+
+# -----------------------------------------------------------------------------
+# records and readers
+
+@dataclass
+class Record:
+    """One question about one image: the unit every stage reads."""
+    id: str
+    image: str               # resolved absolute path
+    question: str
+    answers: list[str]       # one or more acceptable reference answers
+    boxes: list[Box] = field(default_factory=list)  # may be empty: generation needs no boxes
+    width: int = 0
+    height: int = 0
+    source: str = ""         # "path:line", for error messages
+
+    @property
+    def answer(self) -> str:
+        return self.answers[0]
+
+    @property
+    def box(self) -> Box | None:
+        return union_box(self.boxes) if self.boxes else None
+
+class DataError(ValueError):
+    """A bad data file or record; the message names the file, the line and the field."""
+
+class _Bad(Exception):
+    """One bad record (internal): read_records collects these into a DataError."""
+    def __init__(self, key, msg):
+        super().__init__(f"field '{key}': {msg}")
+
+def _get(obj, key, types, what, required=True):
+    """obj[key] checked against types (bools are never numbers)."""
+    if key not in obj:
+        if required:
+            raise _Bad(key, "missing")
+        return None
+    v = obj[key]
+    if not isinstance(v, types) or isinstance(v, bool):
+        raise _Bad(key, f"expected {what}, got {type(v).__name__} {str(v)[:40]!r}")
+    return v
+
+def _answers(obj, key):
+    """A reference answer: a string or a non-empty list of strings."""
+    v = _get(obj, key, (str, list), "a string or a list of strings")
+    if isinstance(v, str):
+        return [v]
+    if not v or not all(isinstance(a, str) for a in v):
+        raise _Bad(key, "expected a string or a non-empty list of strings")
+    return list(v)
+
+def _boxes(value, key):
+    """A list of [x1, y1, x2, y2]: right length, finite, not inverted."""
+    if not isinstance(value, list):
+        raise _Bad(key, "expected a list of [x1, y1, x2, y2]")
+    out = []
+    for b in value:
+        if not (isinstance(b, (list, tuple)) and len(b) == 4 and
+                all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in b)):
+            raise _Bad(key, f"expected a list of [x1, y1, x2, y2], got {str(b)[:60]}")
+        if not all(math.isfinite(v) for v in b):
+            raise _Bad(key, f"non-finite coordinate in {b}")
+        if b[2] < b[0] or b[3] < b[1]:
+            raise _Bad(key, f"inverted box {b} (x2 < x1 or y2 < y1)")
+        out.append(tuple(float(v) for v in b))
+    return out
+
+_FOCUS_CUTS = (" Please provide the bounding box", " Please think step by step and provide the bounding box")
+
+def _from_vcot_meta(obj, name):
+    """Visual-CoT metadata/*.jsonl: question, answer, image, width, height, bboxs (+ dataset, split)."""
+    rel = _get(obj, "image", str, "an image path")
+    extra = ()
+    dataset = obj.get("dataset")
+    if isinstance(dataset, str):  # the release keeps images under cot/<dataset>/, textcap's under textvqa
+        sub = "textvqa" if dataset == "textcap" else dataset
+        extra = (os.path.join("cot", sub, rel), os.path.join(sub, rel))
+    return dict(id=str(obj.get("question_id", name)), image=rel, extra=extra,
+                question=_get(obj, "question", str, "a string"), answers=_answers(obj, "answer"),
+                boxes=_boxes(_get(obj, "bboxs", list, "a list of [x1, y1, x2, y2]"), "bboxs"),
+                box_key="bboxs",
+                width=_get(obj, "width", int, "an integer"), height=_get(obj, "height", int, "an integer"))
+
+def _from_vcot_conv(obj, name):
+    """Visual-CoT conversation .json item: image [path, 'path###[x1, y1, x2, y2]'], 4 turns."""
+    images = _get(obj, "image", list, "a list [path, 'path###[x1, y1, x2, y2]']")
+    if len(images) < 2 or not all(isinstance(s, str) for s in images) or "###" not in images[1]:
+        raise _Bad("image", "expected a list [path, 'path###[x1, y1, x2, y2]']")
+    nums = [float(m.group()) for m in _NUMBER.finditer(images[1].split("###", 1)[1])]
+    turns = _get(obj, "conversations", list, "a list of turns")
+    if len(turns) < 4 or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
+        raise _Bad("conversations", "expected 4 turns {from, value}: question, box, <image>, answer")
+    question = turns[0]["value"].replace("<image>\n", "").replace("<image>", "")
+    for cut in _FOCUS_CUTS:  # the question is what precedes the focus instruction
+        question = question.split(cut)[0]
+    answers = [t["value"] for t in turns if t.get("from") == "gpt"][-1:] or [turns[-1]["value"]]
+    # the box is the pixel box after '###' (the gpt box turn is the same box, rounded to 3 decimals)
+    return dict(id=str(obj.get("question_id", name)), image=images[0], extra=(),
+                question=question.strip(), answers=answers, boxes=_boxes([nums], "image"), box_key="image",
+                width=None, height=None)
+
+def _from_ours(obj, name):
+    """Our JSONL: id, image, question, answers, boxes (optional), width/height (optional)."""
+    qid = _get(obj, "id", (str, int), "a string or an integer", required=False)
+    return dict(id=str(name if qid is None else qid), image=_get(obj, "image", str, "an image path"),
+                extra=(), question=_get(obj, "question", str, "a string"), answers=_answers(obj, "answers"),
+                boxes=_boxes(obj.get("boxes", []), "boxes"), box_key="boxes",
+                width=_get(obj, "width", int, "an integer", required=False),
+                height=_get(obj, "height", int, "an integer", required=False))
+
+def _resolve(rel, extra, root):
+    """Absolute image path inside root; a path that leaves the root is an error, not a lookup."""
+    for cand in (rel, *extra):
+        # lexical check (no symlink resolution), so a symlinked image folder inside the root still works
+        p = os.path.normpath(os.path.join(root, cand))
+        if os.path.commonpath([p, root]) != root:
+            raise _Bad("image", f"{rel!r} is outside the image root {root}")
+        if os.path.isfile(p):
+            return p
+    raise _Bad("image", f"file not found: {os.path.join(root, rel)}")
+
+def _image_size(path):
+    """(width, height) of an image after PIL's verify() (a cheap header + data check)."""
+    try:
+        with Image.open(path) as im:
+            size = im.size
+            im.verify()
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, struct.error ...) for bad files
+        raise _Bad("image", f"unreadable image {path}: {type(e).__name__}: {e}")
+    return size
+
+def _record(r, root, source):
+    """Check a parsed record against its image file and build the Record."""
+    path = _resolve(r["image"], r["extra"], root)
+    w, h = _image_size(path)
+    for key, given, actual in (("width", r["width"], w), ("height", r["height"], h)):
+        if given is not None and given != actual:
+            raise _Bad(key, f"{r['width']}x{r['height']} in the file, but the image is {w}x{h}")
+    for b in r["boxes"]:  # 1 px of slack for annotation rounding
+        if b[0] < -1 or b[1] < -1 or b[2] > w + 1 or b[3] > h + 1:
+            raise _Bad(r["box_key"], f"box {list(b)} outside the {w}x{h} image")
+    return Record(r["id"], path, r["question"], r["answers"], r["boxes"], w, h, source)
+
+def _items(text):
+    """(line, object or error message) for a JSON list or a JSONL text."""
+    if text.lstrip().startswith("["):  # a JSON list: decode item by item to know each item's line
+        dec, pos = json.JSONDecoder(), text.index("[") + 1
+        line = 1 + text.count("\n", 0, pos)
+        sep = re.compile(r"[\s,]*")
+        while True:
+            end = sep.match(text, pos).end()
+            line, pos = line + text.count("\n", pos, end), end
+            if pos >= len(text) or text[pos] == "]":
+                return
+            try:
+                obj, end = dec.raw_decode(text, pos)
+            except json.JSONDecodeError as e:
+                yield line, f"invalid JSON: {e}"
+                return  # no way to resynchronise inside a list
+            yield line, obj
+            line, pos = line + text.count("\n", pos, end), end
+    for line, s in enumerate(text.splitlines(), 1):
+        if s.strip():
+            try:
+                yield line, json.loads(s)
+            except json.JSONDecodeError as e:
+                yield line, f"invalid JSON: {e}"
+
+def read_records(path, image_root=None, skip_bad: bool = False, limit: int | None = None) -> list[Record]:
+    """Read Visual-CoT metadata .jsonl, Visual-CoT conversation .json or our .jsonl; every record checked."""
+    path = Path(path)
+    root = os.path.abspath(image_root if image_root is not None else path.parent)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read: {e}") from e
+    records, errors, kind = [], [], None
+    for line, obj in _items(text):
+        if limit is not None and len(records) >= limit:
+            break
+        source = f"{path}:{line}"
+        if isinstance(obj, str):
+            errors.append(f"{source}: {obj}")
+            continue
+        if not isinstance(obj, dict):
+            errors.append(f"{source}: expected a JSON object, got {type(obj).__name__}")
+            continue
+        if kind is None:  # the format is decided once per file, by its first object
+            kind = (_from_vcot_conv if "conversations" in obj else
+                    _from_ours if "answers" in obj or "boxes" in obj else _from_vcot_meta)
+        try:
+            records.append(_record(kind(obj, f"{path.stem}-{line}"), root, source))
+        except _Bad as e:
+            errors.append(f"{source}: {e}")
+    if errors and not skip_bad:
+        more = f"\n... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise DataError(f"{len(errors)} bad record(s) in {path}:\n" + "\n".join(errors[:20]) + more)
+    if errors:
+        print(f"warning: skipped {len(errors)} bad record(s) in {path}, kept {len(records)}; first:",
+              *errors[:3], sep="\n  ", file=sys.stderr)
+    return records
+
+def load_image(record: Record) -> Image.Image:
+    """The record's image as RGB; a read failure is a DataError naming the record."""
+    try:
+        with Image.open(record.image) as im:
+            return im.convert("RGB")
+    except Exception as e:  # see _image_size
+        raise DataError(f"{record.source}: field 'image': cannot read {record.image}: {e}") from e
+
+def write_records(path, records: list[Record]) -> None:
+    """Write our JSONL; image paths relative to the file's folder when inside it, else absolute
+    (read those back with an image_root that contains them)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    base = os.path.abspath(path.parent)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            img = os.path.abspath(r.image)
+            rel = os.path.relpath(img, base) if os.path.commonpath([img, base]) == base else img
+            boxes = [[int(v) if float(v).is_integer() else v for v in b] for b in r.boxes]  # 217, not 217.0
+            f.write(json.dumps({"id": r.id, "image": rel, "question": r.question, "answers": r.answers,
+                                "boxes": boxes, "width": r.width, "height": r.height}) + "\n")
+
+# -----------------------------------------------------------------------------
+# synthetic intention-driven VQA: a digit in a coloured frame, too small to read in the
+# downscaled full image (~224 px a side) but legible in the 224 px crop at native resolution
+
+SYNTH_COLORS = {"red": (220, 30, 30), "green": (20, 150, 40), "blue": (30, 60, 220),
+                "yellow": (225, 185, 0), "magenta": (200, 40, 200), "cyan": (0, 175, 195)}
+_QUESTIONS = ("What digit is inside the {} frame?", "Which number is written in the {} square?",
+              "Read the digit in the {} box.", "What number does the {} frame contain?")
+_SEGMENTS = ("abcdef", "bc", "abged", "abgcd", "fgbc", "afgcd", "afgedc", "abc", "abcdefg", "abcdfg")
+
+# Sizes, chosen by looking at renders. The full image reaches the model at about 224x224 (a scale
+# of 0.33-0.5): with the 24 px / 3 px-stroke digits first planned the small digit stayed readable, at
+# 14 px / 2 px it shrinks to 5-7 px with sub-pixel strokes blurred together with the thin grey lines
+# drawn inside its frame. The 224 px crop reaches the model at native resolution, where 2 px black
+# strokes stand out clearly from 1 px grey lines.
+_GLYPH_H, _STROKE, _FRAME_SIDES, _BORDER = 14, 2, (36, 48), 3
+
+def _draw_digit(draw, digit, x, y):
+    """A 7-segment digit with its top-left at (x, y); drawn, not a font, so identical on every machine."""
+    h, s = _GLYPH_H, _STROKE - 1  # rectangles include their end pixel
+    w, m = h // 2 + _STROKE, y + h // 2
+    seg = {"a": (x, y, x + w, y + s), "g": (x, m - s // 2, x + w, m + s - s // 2),
+           "d": (x, y + h - s, x + w, y + h), "f": (x, y, x + s, m), "b": (x + w - s, y, x + w, m),
+           "e": (x, m, x + s, y + h), "c": (x + w - s, m, x + w, y + h)}
+    for name in _SEGMENTS[digit]:
+        draw.rectangle(seg[name], fill=(0, 0, 0))
+
+def _synth_image(rng: random.Random):
+    """One synthetic image and its frames [(color name, digit, (x1, y1, x2, y2))], target first."""
+    w, h = rng.randint(448, 672), rng.randint(448, 672)
+    base = rng.randint(228, 245)
+    img = Image.new("RGB", (w, h), (base, base, base))
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.randint(40, 70)):  # clutter: thin grey lines ...
+        g = rng.randint(110, 200)
+        draw.line([(rng.uniform(0, w), rng.uniform(0, h)) for _ in range(2)], fill=(g, g, g),
+                  width=rng.choice((1, 1, 2)))
+    for _ in range(rng.randint(25, 45)):  # ... and small grey shapes
+        g, x, y, s = rng.randint(110, 200), rng.uniform(0, w), rng.uniform(0, h), rng.uniform(4, 20)
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape((x, y, x + s, y + s * rng.uniform(0.5, 1.5)), outline=(g, g, g), width=rng.choice((1, 2)))
+    # mild noise on the background only, so frame pixels keep their exact colour (tests rely on it);
+    # in 4x4 px blocks because per-pixel noise makes PNG encoding 3-4x slower
+    noise = np.random.default_rng(rng.getrandbits(64)).normal(0, 6, (h // 4 + 1, w // 4 + 1, 1))
+    noise = noise.astype(np.int16).repeat(4, 0).repeat(4, 1)[:h, :w]
+    img = Image.fromarray(np.clip(np.asarray(img, np.int16) + noise, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    n = rng.randint(3, 5)
+    colors = rng.sample(sorted(SYNTH_COLORS), n)
+    target = rng.randrange(10)
+    digits = [target] + rng.sample([d for d in range(10) if d != target], n - 1)  # a wrong crop reads wrong
+    frames = []
+    while len(frames) < n:  # rejection sampling ends fast: 5 frames fill under 10% of the smallest image
+        side = rng.randint(*_FRAME_SIDES)
+        x, y = rng.randint(8, w - 8 - side), rng.randint(8, h - 8 - side)
+        box = (x, y, x + side, y + side)
+        if any(x < b[2] + 8 and b[0] < box[2] + 8 and y < b[3] + 8 and b[1] < box[3] + 8
+               for _, _, b in frames):
+            continue  # frames keep 8 px apart
+        # PIL's rectangle includes its end pixel, so the frame covers exactly [x1, x2) x [y1, y2)
+        draw.rectangle((x, y, x + side - 1, y + side - 1), fill=(255, 255, 255),
+                       outline=SYNTH_COLORS[colors[len(frames)]], width=_BORDER)
+        lo, hi = _BORDER, side - _BORDER - 1  # thin grey lines inside: blur into the digit when small
+        for _ in range(3):
+            g = rng.randint(100, 160)
+            draw.line([(x + rng.randint(lo, hi), y + rng.randint(lo, hi)) for _ in range(2)], fill=(g, g, g))
+        gw = _GLYPH_H // 2 + _STROKE + 1
+        _draw_digit(draw, digits[len(frames)], x + (side - gw) // 2, y + (side - _GLYPH_H - 1) // 2)
+        frames.append((colors[len(frames)], digits[len(frames)], box))
+    return img, frames
+
+def _synth_one(out: Path, split: str, i: int, seed: int) -> str:
+    """Draw and save one synthetic image; its metadata line (JSON)."""
+    rng = random.Random(f"visrl-synth/{seed}/{split}/{i}")  # per image: any subset reproduces alone
+    img, frames = _synth_image(rng)
+    color, digit, box = frames[0]
+    rel = f"images/{split}_{i:05d}.png"
+    img.save(out / rel, compress_level=1)  # speed over size; the bytes are still deterministic
+    return json.dumps({"question_id": f"synth-{split}-{i:05d}", "dataset": "synth", "split": split,
+                       "image": rel, "question": rng.choice(_QUESTIONS).format(color), "answer": str(digit),
+                       "bboxs": [list(box)], "width": img.width, "height": img.height})
+
+def make_synth(out_dir, n_train: int = 2000, n_val: int = 200, n_test: int = 200,
+               seed: int = 0) -> dict[str, Path]:
+    """Write the synthetic set (PNGs + train/val/test.jsonl in Visual-CoT's metadata format)."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    paths = {}
+    # threads, not processes: PNG encoding and numpy release the GIL, and nothing is forked or re-imported
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+            lines = pool.map(_synth_one, [out] * n, [split] * n, range(n), [seed] * n)
+            paths[split] = out / f"{split}.jsonl"
+            paths[split].write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return paths
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenisation: messages -> Qwen chat text -> token ids (image placeholders expanded) -> batches.
+# Rendering is done here, not by a checkpoint's template, so that train and test prompts can
+# never drift apart; tests check it against the Qwen chat template byte for byte.
+
+IGNORE_INDEX = -100
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def render_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """The Qwen chat format: default system prompt, each image as <|vision_start|><|image_pad|><|vision_end|>."""
+    text = "" if messages and messages[0]["role"] == "system" else f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"
+    for message in messages:
+        content = message["content"]
+        if not isinstance(content, str):
+            content = "".join(IMAGE_PLACEHOLDER if part["type"] == "image" else part["text"] for part in content)
+        text += f"<|im_start|>{message['role']}\n{content}<|im_end|>\n"
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def image_grid(width: int, height: int, image_processor) -> tuple[int, int]:
+    """(grid_h, grid_w) in patches the image processor will produce for an image of this size."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    patch, merge = image_processor.patch_size, image_processor.merge_size
+    h, w = smart_resize(height, width, factor=patch * merge,
+                        min_pixels=image_processor.size["shortest_edge"],
+                        max_pixels=image_processor.size["longest_edge"])
+    return h // patch, w // patch
+
+
+def image_token_count(width: int, height: int, image_processor) -> int:
+    """How many <|image_pad|> tokens stand for one image of this size."""
+    grid_h, grid_w = image_grid(width, height, image_processor)
+    return grid_h * grid_w // image_processor.merge_size**2
+
+
+def model_view_size(width: int, height: int, image_processor) -> tuple[int, int]:
+    """(w, h) of the resized image the model sees (for the `pixel` box form)."""
+    grid_h, grid_w = image_grid(width, height, image_processor)
+    return grid_w * image_processor.patch_size, grid_h * image_processor.patch_size
+
+
+def encode(tokenizer, image_processor, messages: list[dict], image_sizes: list[tuple[int, int]],
+           response: str | None = None) -> tuple[list[int], list[int]]:
+    """Token ids and labels; only the response and its <|im_end|> are supervised.
+
+    image_sizes: (w, h) of each image in order; each image's single <|image_pad|> is expanded to
+    the number of tokens its grid gives, so text and pixels always agree.
+    """
+    image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    prompt_ids = tokenizer(render_chat(messages), add_special_tokens=False)["input_ids"]
+    counts = iter([image_token_count(w, h, image_processor) for w, h in image_sizes])
+    input_ids = []
+    for tok in prompt_ids:
+        input_ids.extend([image_pad] * next(counts) if tok == image_pad else [tok])
+    if next(counts, None) is not None:
+        raise ValueError(f"{len(image_sizes)} images given but the prompt has fewer image placeholders")
+    labels = [IGNORE_INDEX] * len(input_ids)
+    if response is not None:
+        response_ids = tokenizer(response + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        input_ids += response_ids
+        labels += response_ids
+    return input_ids, labels
+
+
+@dataclass
+class Sample:
+    """One training sequence: ids and labels now, pixels on demand (images are decoded lazily)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    record: Record
+    crop: tuple[int, int, int, int] | None  # second image = this window of the record's image
+    kind: str  # "focus" | "answer"
+
+
+def sft_samples(record: Record, tokenizer, image_processor, box_form: str = "square",
+                crop_rule: str = "vcot") -> list[Sample]:
+    """The two supervised samples of an annotated record: focus (box text) and answer (with the crop)."""
+    box = record.box
+    if box is None:
+        return []
+    size = (record.width, record.height)
+    resized = model_view_size(record.width, record.height, image_processor) if box_form == "pixel" else None
+    box_text = box_to_text(box, record.width, record.height, form=box_form, resized=resized)
+    ids, labels = encode(tokenizer, image_processor, focus_messages(record.question), [size], box_text)
+    samples = [Sample(ids, labels, record, None, "focus")]
+    window = crop_window(box, record.width, record.height, rule=crop_rule)
+    crop_size = (window[2] - window[0], window[3] - window[1])
+    ids, labels = encode(tokenizer, image_processor, answer_messages(record.question), [size, crop_size],
+                         record.answer)
+    samples.append(Sample(ids, labels, record, window, "answer"))
+    return samples
+
+
+def sample_pixels(sample: Sample, image_processor) -> dict:
+    """pixel_values [patches, C*T*P*P] and image_grid_thw [n_images, 3] for a sample's images."""
+    image = load_image(sample.record)
+    images = [image] if sample.crop is None else [image, image.crop(sample.crop)]
+    out = image_processor(images=images, return_tensors="pt")
+    return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+
+
+def collate(items: list[dict], pad_id: int, image_token_id: int) -> dict:
+    """Right-pad a list of {input_ids, labels, pixel_values, image_grid_thw} into one batch."""
+    import torch
+
+    length = max(len(item["input_ids"]) for item in items)
+    input_ids = torch.full((len(items), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(items), length), dtype=torch.long)
+    for row, item in enumerate(items):
+        n = len(item["input_ids"])
+        input_ids[row, :n] = torch.as_tensor(item["input_ids"])
+        labels[row, :n] = torch.as_tensor(item["labels"])
+        attention_mask[row, :n] = 1
+    return {
+        "input_ids": input_ids,  # [B, L]
+        "labels": labels,  # [B, L], IGNORE_INDEX outside responses
+        "attention_mask": attention_mask,  # [B, L]
+        "mm_token_type_ids": (input_ids == image_token_id).int(),  # 1 = image token; drives mrope positions
+        "pixel_values": torch.cat([item["pixel_values"] for item in items]),  # [sum patches, C*T*P*P]
+        "image_grid_thw": torch.cat([item["image_grid_thw"] for item in items]),  # [n_images, 3]
+    }

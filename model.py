@@ -1,0 +1,406 @@
+"""Model side of visrl: loading Qwen2-VL / Qwen2.5-VL, the built-in tiny model, hand-written LoRA.
+
+A checkpoint directory (real or tiny) is read by `load_model`; `make_tiny` writes one with random
+weights so that everything runs offline. LoRA wraps `nn.Linear`s of the language model in place,
+keeping the base parameter names, so base weights save and load under their Hugging Face names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from transformers import (
+    AutoProcessor,
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLProcessor,
+)
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.utils import logging as hf_logging
+
+hf_logging.disable_progress_bar()  # per-shard bars on a tiny checkpoint are noise; our own tqdm shows progress
+
+# --------------------------------------------------------------------------------------------
+# Image-only processors. The stock processors want a video processor, which needs torchvision;
+# these pass video_processor=None. Registered with AutoProcessor so that `from_pretrained` on a
+# directory saved by them returns the same class.
+
+
+class Qwen2_5_VLImageProcessor(Qwen2_5_VLProcessor):
+    """Qwen2.5-VL processor without the video processor (no torchvision needed)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, video_processor=None, chat_template=chat_template)
+
+
+class Qwen2VLImageProcessor(Qwen2VLProcessor):
+    """Qwen2-VL processor without the video processor (no torchvision needed)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, video_processor=None, chat_template=chat_template)
+
+
+AutoProcessor.register(Qwen2_5_VLConfig, Qwen2_5_VLImageProcessor, exist_ok=True)
+AutoProcessor.register(Qwen2VLConfig, Qwen2VLImageProcessor, exist_ok=True)
+
+# model_type in config.json -> (config class, model class, processor class)
+ARCHS = {
+    "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLImageProcessor),
+    "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor),
+}
+TINY_ARCHS = {"qwen2.5-vl": "qwen2_5_vl", "qwen2-vl": "qwen2_vl"}
+
+# --------------------------------------------------------------------------------------------
+# The tiny model: Qwen's special tokens and chat template, a byte-level BPE trained on the spot.
+
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
+    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>",
+]
+
+# The chat template shipped with Qwen2-VL-7B-Instruct / Qwen2.5-VL-7B-Instruct.
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Qwen2's pre-tokenizer: digits split one by one, which keeps box coordinates learnable.
+QWEN_PRETOKENIZE_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+@dataclass
+class TinyConfig:
+    """Sizes of the built-in tiny model (CPU-friendly; every shape a real Qwen-VL has, just small)."""
+
+    arch: str = "qwen2.5-vl"  # qwen2.5-vl | qwen2-vl
+    vocab_size: int = 1024  # BPE target; the special tokens come on top
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    vision_hidden: int = 64
+    vision_depth: int = 2
+    vision_heads: int = 2
+    min_pixels: int = 56 * 56
+    max_pixels: int = 224 * 224  # the whole image is seen at ~224x224; a 224 px crop at native size
+    seed: int = 0
+
+
+def _tokenizer_corpus() -> list[str]:
+    """Text the tiny BPE is trained on: the prompt table, synthetic questions, boxes, digits."""
+    import random
+
+    import data
+
+    rng = random.Random(0)
+    lines = [data.SYSTEM_PROMPT, data.FOCUS_INSTRUCTION, data.VISRL_INSTRUCTION, data.VCOT_ANSWER_TEXT]
+    words = "red green blue yellow magenta cyan orange purple white black digit number frame square box"
+    for _ in range(2000):
+        box = sorted(round(rng.random(), 3) for _ in range(4))
+        lines.append(f"[{box[0]:.3f}, {box[1]:.3f}, {box[2]:.3f}, {box[3]:.3f}]")
+        lines.append(" ".join(rng.sample(words.split(), 5)) + f" {rng.randint(0, 999)}?")
+    lines += ["What digit is inside the red frame? Which number is written in the blue square?"] * 50
+    lines += ["The answer is yes. No. A photo of a cat on a table. score: 1.0 {\"score\": 0.5}"] * 20
+    return lines
+
+
+def build_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """Train a small byte-level BPE holding every Qwen special token, with Qwen's pre-tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=QWEN_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        unk_token=None, bos_token=None, additional_special_tokens=QWEN_SPECIAL_TOKENS[1:],
+        chat_template=QWEN_VL_CHAT_TEMPLATE, model_max_length=32768,
+        clean_up_tokenization_spaces=False, split_special_tokens=False,
+    )
+
+
+def tiny_model_config(cfg: TinyConfig, tokenizer) -> Qwen2_5_VLConfig | Qwen2VLConfig:
+    """A Qwen-VL config with the tiny sizes and the tokenizer's special-token ids."""
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    vocab = (len(tokenizer) + 63) // 64 * 64  # padded like real checkpoints' embedding tables
+    head_dim = cfg.hidden_size // cfg.num_heads
+    unit = head_dim // 16  # mrope splits head_dim/2 rotary pairs over (t, h, w): [16, 24, 24] at 128
+    text = dict(
+        vocab_size=vocab, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=4096, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                         "mrope_section": [2 * unit, 3 * unit, 3 * unit]},
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+    )
+    tokens = dict(
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    if cfg.arch == "qwen2.5-vl":
+        vision = dict(
+            depth=cfg.vision_depth, hidden_size=cfg.vision_hidden, intermediate_size=2 * cfg.vision_hidden,
+            num_heads=cfg.vision_heads, out_hidden_size=cfg.hidden_size, patch_size=14,
+            spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+            fullatt_block_indexes=[cfg.vision_depth - 1],
+        )
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
+    if cfg.arch == "qwen2-vl":
+        vision = dict(
+            depth=cfg.vision_depth, embed_dim=cfg.vision_hidden, hidden_size=cfg.hidden_size,
+            num_heads=cfg.vision_heads, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
+        return Qwen2VLConfig(text_config=text, vision_config=vision, **tokens)
+    raise ValueError(f"unknown tiny arch {cfg.arch!r}; expected one of {sorted(TINY_ARCHS)}")
+
+
+def make_tiny(out_dir: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
+    """Write the tiny checkpoint directory (model, tokenizer, processor); atomic, so ranks may race."""
+    out_dir = Path(out_dir)
+    tokenizer = build_tokenizer(cfg.vocab_size)
+    config = tiny_model_config(cfg, tokenizer)
+    _, model_cls, processor_cls = ARCHS[TINY_ARCHS[cfg.arch]]
+    torch.manual_seed(cfg.seed)
+    model = model_cls(config)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    processor = processor_cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_VL_CHAT_TEMPLATE)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp", dir=out_dir.parent))
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    (tmp / "visrl_tiny.json").write_text(json.dumps(asdict(cfg), indent=2))
+    try:
+        os.replace(tmp, out_dir) if not out_dir.exists() else shutil.rmtree(tmp)
+    except OSError:  # another process renamed its copy first; theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def cache_dir() -> Path:
+    """Where built-in assets (tiny model, synthetic data) are written: $VISRL_CACHE or ~/.cache/visrl."""
+    return Path(os.environ.get("VISRL_CACHE", Path.home() / ".cache" / "visrl"))
+
+
+def resolve_model_path(model: str) -> Path:
+    """`tiny` / `tiny-qwen2-vl` -> the cached tiny checkpoint (built on first use); else the path."""
+    if model in ("tiny", "tiny-qwen2.5-vl", "tiny-qwen2-vl"):
+        arch = "qwen2-vl" if model == "tiny-qwen2-vl" else "qwen2.5-vl"
+        path = cache_dir() / f"tiny-{arch}"
+        if not (path / "config.json").exists():
+            make_tiny(path, TinyConfig(arch=arch))
+        return path
+    path = Path(model)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json); use a path or 'tiny'")
+    return path
+
+
+def load_model(model: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Load (model, processor) from a Qwen2-VL / Qwen2.5-VL checkpoint directory or `tiny`."""
+    path = resolve_model_path(model)
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type not in ARCHS:
+        raise ValueError(f"{path}/config.json: model_type {model_type!r} is not one of {sorted(ARCHS)}")
+    _, model_cls, processor_cls = ARCHS[model_type]
+    net = model_cls.from_pretrained(path, dtype=dtype).to(device)
+    processor = processor_cls.from_pretrained(path)
+    net.name_or_path = str(path)
+    return net, processor
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA, by hand: y = W x + (alpha / r) * B A dropout(x), with B = 0 at the start.
+
+
+class LoRALinear(nn.Linear):
+    """An nn.Linear with a low-rank adapter; keeps `weight`/`bias` so base keys are unchanged."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        dev = base.weight.device
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=dev, dtype=torch.float32)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=dev, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as PEFT and the LoRA paper's code
+        nn.init.zeros_(self.lora_B.weight)
+        self.scaling = alpha / rank
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.adapter_enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = nn.functional.linear(x, self.weight, self.bias)
+        if not self.adapter_enabled:
+            return out
+        delta = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
+        return out + (self.scaling * delta).to(out.dtype)
+
+
+@dataclass
+class LoRAConfig:
+    """What an adapter is: saved as adapter_config.json beside adapter.safetensors."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str = "all"  # "all" linear layers of the language model, or comma-separated names (q_proj,v_proj)
+    base_model: str = ""
+    parent_adapter: str = ""  # an adapter merged into the base before this one was trained
+
+
+def language_model(model: nn.Module) -> nn.Module:
+    """The text decoder (the part LoRA adapts; the vision tower and merger stay frozen)."""
+    return model.model.language_model
+
+
+def lora_target_names(model: nn.Module, targets: str = "all") -> list[str]:
+    """Full module names of the nn.Linears LoRA wraps."""
+    wanted = None if targets == "all" else {t.strip() for t in targets.split(",") if t.strip()}
+    prefix = next(n for n, m in model.named_modules() if m is language_model(model))
+    names = []
+    for name, module in language_model(model).named_modules():
+        if isinstance(module, nn.Linear) and (wanted is None or name.rsplit(".", 1)[-1] in wanted):
+            names.append(f"{prefix}.{name}")
+    if not names:
+        raise ValueError(f"LoRA targets {targets!r} match no linear layer of the language model")
+    return names
+
+
+def add_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
+    """Freeze the model and wrap the target linears with fresh adapters; returns the wrapped names."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = lora_target_names(model, cfg.targets)
+    for name in names:
+        parent_name, child = name.rsplit(".", 1)
+        parent = model.get_submodule(parent_name)
+        base = getattr(parent, child)
+        if isinstance(base, LoRALinear):
+            raise ValueError(f"{name} already has an adapter; merge it first")
+        setattr(parent, child, LoRALinear(base, cfg.rank, cfg.alpha, cfg.dropout))
+    return names
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every adapted linear, by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Run the base model (for reference passes): every adapter off inside the block."""
+    modules = list(lora_modules(model).values())
+    for m in modules:
+        m.adapter_enabled = False
+    try:
+        yield model
+    finally:
+        for m in modules:
+            m.adapter_enabled = True
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> None:
+    """Fold every adapter into its base weight (W += alpha/r * B A) and unwrap to plain nn.Linear."""
+    for name, m in lora_modules(model).items():
+        delta = m.scaling * (m.lora_B.weight.float() @ m.lora_A.weight.float())
+        merged = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
+                           device=m.weight.device, dtype=m.weight.dtype)
+        merged.weight.copy_(m.weight.float() + delta)
+        if m.bias is not None:
+            merged.bias.copy_(m.bias)
+        merged.weight.requires_grad_(False)
+        if merged.bias is not None:
+            merged.bias.requires_grad_(False)
+        parent_name, child = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent_name), child, merged)
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapter weights, keyed `<module>.lora_A.weight` / `<module>.lora_B.weight`."""
+    return {k: v.detach() for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, cfg: LoRAConfig) -> Path:
+    """Write adapter.safetensors and adapter_config.json."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.float().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    save_file(state, str(out_dir / "adapter.safetensors"), metadata={"format": "pt"})
+    (out_dir / "adapter_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    return out_dir
+
+
+def read_adapter_config(adapter_dir: str | Path) -> LoRAConfig:
+    """The LoRAConfig saved beside an adapter."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing; not an adapter directory")
+    return LoRAConfig(**json.loads(path.read_text()))
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAConfig:
+    """Wrap the model with the saved adapter's config and load its weights (every key must match)."""
+    cfg = read_adapter_config(adapter_dir)
+    if cfg.parent_adapter:  # this adapter was trained on top of a merged one: rebuild that base first
+        load_adapter(model, cfg.parent_adapter)
+        merge_lora(model)
+    add_lora(model, cfg)
+    state = load_file(str(Path(adapter_dir) / "adapter.safetensors"))
+    expected = adapter_state_dict(model)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{adapter_dir}: adapter keys do not match the model "
+                         f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...)")
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise ValueError(f"{adapter_dir}: {key} has shape {tuple(value.shape)}, model wants {tuple(expected[key].shape)}")
+    model.load_state_dict(state, strict=False)
+    return cfg
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters with requires_grad (the adapters, unless the caller unfroze more)."""
+    return [p for p in model.parameters() if p.requires_grad]
+

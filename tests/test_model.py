@@ -1,0 +1,161 @@
+"""Tiny checkpoint loading and the hand-written LoRA (against independent computations)."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+import data
+import model
+
+
+def _batch(processor, net, n_images: int = 1, seed: int = 0):
+    """A real forward batch: one prompt with images, built through the data pipeline."""
+    g = torch.Generator().manual_seed(seed)
+    images = [Image.fromarray((torch.rand(300 + 40 * i, 420, 3, generator=g) * 255).byte().numpy())
+              for i in range(n_images)]
+    messages = data.answer_messages("What digit is inside the red frame?") if n_images == 2 else \
+        data.focus_messages("What digit is inside the red frame?")
+    ids, labels = data.encode(processor.tokenizer, processor.image_processor, messages,
+                              [im.size for im in images], "7")
+    pixels = processor.image_processor(images=images, return_tensors="pt")
+    item = {"input_ids": ids, "labels": labels, "pixel_values": pixels["pixel_values"],
+            "image_grid_thw": pixels["image_grid_thw"]}
+    batch = data.collate([item], processor.tokenizer.pad_token_id, net.config.image_token_id)
+    batch.pop("labels")
+    return batch
+
+
+@pytest.mark.parametrize("which", ["tiny_path", "tiny_qwen2_path"])
+def test_tiny_checkpoint_reloads_like_a_real_one(which, request):
+    path = request.getfixturevalue(which)
+    net, processor = model.load_model(str(path))  # the loader a real checkpoint directory goes through
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] in model.ARCHS
+    assert type(AutoProcessor.from_pretrained(path)) is type(processor)  # registered image-only class
+    assert type(AutoModelForImageTextToText.from_pretrained(path)) is type(net)
+    tok = processor.tokenizer
+    for special in model.QWEN_SPECIAL_TOKENS:  # every Qwen special token is a single id
+        assert len(tok(special, add_special_tokens=False)["input_ids"]) == 1, special
+    assert net.config.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")
+    assert net.config.video_token_id == tok.convert_tokens_to_ids("<|video_pad|>")
+    with torch.no_grad():
+        logits = net(**_batch(processor, net, n_images=2)).logits
+    assert torch.isfinite(logits).all() and logits.shape[-1] == net.config.text_config.vocab_size
+
+
+def test_load_model_rejects_a_non_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        model.load_model(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="model_type"):
+        model.load_model(str(tmp_path))
+
+
+@pytest.fixture()
+def tiny(tiny_path):
+    net, processor = model.load_model(str(tiny_path))
+    net.eval()
+    return net, processor
+
+
+def _logits(net, batch):
+    with torch.no_grad():
+        return net(**batch).logits
+
+
+def test_lora_targets_every_language_linear_and_freezes_the_rest(tiny):
+    net, _ = tiny
+    names = model.add_lora(net, model.LoRAConfig(rank=4, alpha=8))
+    per_layer = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert {n.rsplit(".", 1)[-1] for n in names} == per_layer
+    assert len(names) == len(per_layer) * net.config.text_config.num_hidden_layers
+    assert all(".language_model." in n for n in names)  # vision tower and merger untouched
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert not any(n.startswith("model.visual") for n in trainable)
+    only_q = model.lora_target_names(net, "q_proj")
+    assert len(only_q) == net.config.text_config.num_hidden_layers
+
+
+def test_zero_initialised_adapter_is_bit_identical(tiny):
+    net, processor = tiny
+    batch = _batch(processor, net)
+    before = _logits(net, batch)
+    model.add_lora(net, model.LoRAConfig(rank=8, alpha=16))
+    assert torch.equal(_logits(net, batch), before)
+
+
+def _perturb(net, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.lora_modules(net).values():
+        m.lora_B.weight.data = torch.randn(m.lora_B.weight.shape, generator=g) * 0.05
+
+
+def test_adapters_off_equals_base_and_merge_equals_unmerged(tiny):
+    net, processor = tiny
+    batch = _batch(processor, net, n_images=2)
+    base = _logits(net, batch)
+    model.add_lora(net, model.LoRAConfig(rank=8, alpha=16))
+    _perturb(net)
+    adapted = _logits(net, batch)
+    assert not torch.allclose(adapted, base, atol=1e-3)  # the adapter does change the model
+    with model.adapters_disabled(net):
+        assert torch.equal(_logits(net, batch), base)
+    # Independent merge: W' = W + (alpha / r) B A, computed here from the raw tensors.
+    name, lora = next(iter(model.lora_modules(net).items()))
+    expected_w = lora.weight.detach() + (16 / 8) * lora.lora_B.weight.detach() @ lora.lora_A.weight.detach()
+    model.merge_lora(net)
+    assert not model.lora_modules(net)
+    merged_linear = net.get_submodule(name)
+    assert type(merged_linear) is torch.nn.Linear
+    torch.testing.assert_close(merged_linear.weight, expected_w, rtol=0, atol=1e-6)
+    # fp32: merging reorders the float sums, so logits agree to ~1e-5, not bit for bit.
+    torch.testing.assert_close(_logits(net, batch), adapted, rtol=1e-4, atol=1e-4)
+
+
+def test_adapter_save_load_round_trip(tiny, tiny_path, tmp_path):
+    net, processor = tiny
+    batch = _batch(processor, net)
+    cfg = model.LoRAConfig(rank=4, alpha=8, targets="q_proj,v_proj,down_proj")
+    model.add_lora(net, cfg)
+    _perturb(net, seed=3)
+    adapted = _logits(net, batch)
+    model.save_adapter(net, tmp_path / "adapter", cfg)
+    assert {p.name for p in (tmp_path / "adapter").iterdir()} == {"adapter.safetensors", "adapter_config.json"}
+    fresh, _ = model.load_model(str(tiny_path))
+    fresh.eval()
+    assert model.load_adapter(fresh, tmp_path / "adapter") == cfg
+    assert torch.equal(_logits(fresh, batch), adapted)
+
+
+def test_stacked_adapter_rebuilds_its_parent(tiny, tiny_path, tmp_path):
+    net, processor = tiny
+    batch = _batch(processor, net)
+    first = model.LoRAConfig(rank=4, alpha=8)
+    model.add_lora(net, first)
+    _perturb(net, seed=5)
+    model.save_adapter(net, tmp_path / "a1", first)
+    model.merge_lora(net)
+    second = model.LoRAConfig(rank=2, alpha=4, parent_adapter=str(tmp_path / "a1"))
+    model.add_lora(net, second)
+    _perturb(net, seed=6)
+    stacked = _logits(net, batch)
+    model.save_adapter(net, tmp_path / "a2", second)
+    fresh, _ = model.load_model(str(tiny_path))
+    fresh.eval()
+    model.load_adapter(fresh, tmp_path / "a2")
+    torch.testing.assert_close(_logits(fresh, batch), stacked, rtol=0, atol=0)
+
+
+def test_load_adapter_rejects_mismatched_weights(tiny, tmp_path):
+    net, _ = tiny
+    cfg = model.LoRAConfig(rank=4, alpha=8)
+    model.add_lora(net, cfg)
+    model.save_adapter(net, tmp_path / "a", cfg)
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**cfg.__dict__, "rank": 2}))
+    fresh, _ = model.load_model(str(net.name_or_path))
+    with pytest.raises(ValueError, match="shape"):
+        model.load_adapter(fresh, tmp_path / "a")

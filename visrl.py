@@ -1,0 +1,345 @@
+"""visrl: intention-driven perception for Qwen-VL models (VisRL recipe). CLI and training loops.
+
+    python visrl.py tiny --out DIR          write the built-in tiny checkpoint
+    python visrl.py synth --out DIR         write the synthetic intention-driven VQA set
+    python visrl.py sft [flags]             supervised warm-up (focus + answer samples), LoRA
+    torchrun --nproc_per_node N visrl.py sft ...   the same loop, N processes
+
+The path of data in `sft`: record -> two samples (data.sft_samples) -> tokens + pixels
+(data.encode / data.sample_pixels) -> batch (data.collate) -> forward to the last hidden states
+-> logits at supervised positions only -> cross-entropy summed over the optimizer step's tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+import data
+import model as modeling
+
+# --------------------------------------------------------------------------------------------
+# Shared plumbing: process group, device, dtype, data resolution, metrics.
+
+
+@dataclass
+class Dist:
+    """This process's place in the run (world size 1 for a plain `python` run)."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """Join torchrun's process group if launched by torchrun (nccl on CUDA, gloo on CPU)."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank, world_size, dev)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` = bf16 weights on CUDA (adapters stay fp32), fp32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def resolve_data(path: str, split: str = "train", seed: int = 0) -> Path:
+    """`synth` -> the cached synthetic set (built on first use); a directory -> its `<split>.jsonl`."""
+    if path == "synth":
+        root = modeling.cache_dir() / f"synth-seed{seed}"
+        if not (root / "test.jsonl").exists():
+            data.make_synth(root, seed=seed)
+        return root / f"{split}.jsonl"
+    p = Path(path)
+    return p / f"{split}.jsonl" if p.is_dir() else p
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def cosine_schedule(step: int, total: int, warmup_ratio: float) -> float:
+    """LR multiplier: linear warm-up over warmup_ratio * total steps, then cosine to 0."""
+    warmup = int(math.ceil(warmup_ratio * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def all_reduce_sum(value: torch.Tensor, world: Dist) -> torch.Tensor:
+    if world.world_size > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Supervised warm-up.
+
+
+@dataclass
+class SFTConfig:
+    """Supervised warm-up: LoRA on the language model, loss on assistant tokens only."""
+
+    model: str = "tiny"  # checkpoint directory, or `tiny` / `tiny-qwen2-vl` (built on first use)
+    adapter: str | None = None  # a trained adapter to start from (merged into the base first)
+    data: str = "synth"  # records file (Visual-CoT .jsonl/.json or ours), a directory with train.jsonl, or `synth`
+    image_root: str | None = None  # image paths are relative to this (default: the data file's directory)
+    out: str = "runs/sft"  # where adapter/, config.json and metrics.jsonl go
+    limit: int | None = None  # use the first N records only
+    seed: int = 0
+    epochs: float = 3.0
+    max_steps: int = -1  # optimizer steps; overrides epochs when > 0
+    lr: float = 1e-4
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    batch_size: int = 4  # sequences per process per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "all"  # `all` linear layers of the language model, or e.g. `q_proj,v_proj`
+    box_form: Literal["square", "axis", "pixel"] = "square"  # how boxes are written as text
+    crop: Literal["vcot", "raw"] = "vcot"  # crop rule for the answer step's second image
+    max_len: int = 2048  # longer samples are dropped whole (never cut through image tokens)
+    error_on_long: bool = False  # raise instead of dropping over-long samples
+    skip_bad_records: bool = False  # skip (and report) malformed records instead of stopping
+    grad_checkpointing: bool = False
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: int = 0  # DataLoader workers decoding images
+    log_every: int = 1
+
+
+class SFTDataset(torch.utils.data.Dataset):
+    """Samples with text already tokenised; images decoded and processed per item."""
+
+    def __init__(self, samples: list[data.Sample], image_processor):
+        self.samples, self.image_processor = samples, image_processor
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        pixels = data.sample_pixels(sample, self.image_processor)
+        return {"input_ids": sample.input_ids, "labels": sample.labels, **pixels}
+
+
+def build_sft_samples(cfg: SFTConfig, records: list[data.Record], processor, world: Dist) -> list[data.Sample]:
+    """Every record's focus and answer samples, over-long ones dropped (or an error) with a count."""
+    samples, no_box, too_long = [], 0, []
+    for record in records:
+        pair = data.sft_samples(record, processor.tokenizer, processor.image_processor, cfg.box_form, cfg.crop)
+        no_box += not pair
+        for sample in pair:
+            (too_long if len(sample.input_ids) > cfg.max_len else samples).append(sample)
+    if too_long and cfg.error_on_long:
+        first = too_long[0]
+        raise ValueError(f"{first.record.source}: {first.kind} sample has {len(first.input_ids)} tokens "
+                         f"> --max-len {cfg.max_len} ({len(too_long)} such samples)")
+    if world.is_main and (too_long or no_box):
+        print(f"sft: dropped {len(too_long)} samples longer than {cfg.max_len} tokens and "
+              f"{no_box} records without a box", file=sys.stderr)
+    if not samples:
+        raise ValueError("sft: no trainable samples (every record lacks a box or is too long)")
+    return samples
+
+
+def sft_loss(net, batch: dict, n_tokens: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over supervised tokens, divided by the step's token count.
+
+    Logits are computed only at supervised positions ([N, V] instead of [B, L, V]).
+    """
+    hidden = net.model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+        mm_token_type_ids=batch["mm_token_type_ids"],
+    ).last_hidden_state  # [B, L, H]
+    targets = batch["labels"][:, 1:]  # position t predicts token t + 1
+    supervised = targets != data.IGNORE_INDEX  # [B, L-1]
+    logits = net.lm_head(hidden[:, :-1][supervised]).float()  # [N, V]
+    return F.cross_entropy(logits, targets[supervised], reduction="sum") / n_tokens
+
+
+def epoch_batches(n_samples: int, batch_size: int, world: Dist, seed: int, epoch: int) -> list[list[int]]:
+    """This rank's batches of sample indices for one epoch: one shared shuffle, split without overlap."""
+    order = list(range(n_samples))
+    random.Random(seed * 1000003 + epoch).shuffle(order)
+    per_step = batch_size * world.world_size
+    usable = n_samples // per_step * per_step  # every rank gets the same number of full batches
+    mine = order[:usable][world.rank::world.world_size]
+    return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+def sft(cfg: SFTConfig) -> Path:
+    """Supervised warm-up; writes <out>/adapter, <out>/config.json and <out>/metrics.jsonl."""
+    world = setup_distributed(cfg.device)
+    seed_everything(cfg.seed)
+    out = Path(cfg.out)
+    dtype = resolve_dtype(cfg.dtype, world.device)
+    net, processor = modeling.load_model(cfg.model, dtype=dtype, device=world.device)
+    if cfg.adapter:  # continue from a previous phase: its adapter becomes part of the base
+        modeling.load_adapter(net, cfg.adapter)
+        modeling.merge_lora(net)
+    lora_cfg = modeling.LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
+                                   base_model=str(net.name_or_path), parent_adapter=cfg.adapter or "")
+    modeling.add_lora(net, lora_cfg)
+    if cfg.grad_checkpointing:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    net.train()
+
+    records = data.read_records(resolve_data(cfg.data, "train", cfg.seed), image_root=cfg.image_root,
+                                skip_bad=cfg.skip_bad_records, limit=cfg.limit)
+    samples = build_sft_samples(cfg, records, processor, world)
+    dataset = SFTDataset(samples, processor.image_processor)
+    pad_id = processor.tokenizer.pad_token_id
+    image_token_id = net.config.image_token_id
+
+    steps_per_epoch = len(epoch_batches(len(samples), cfg.batch_size, world, cfg.seed, 0)) // cfg.grad_accum
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else int(cfg.epochs * steps_per_epoch)
+    if steps_per_epoch == 0 or total_steps == 0:
+        raise ValueError(f"sft: {len(samples)} samples are fewer than one optimizer step of "
+                         f"{cfg.batch_size} x {cfg.grad_accum} x {world.world_size}")
+    params = modeling.trainable_parameters(net)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_schedule(step, total_steps, cfg.warmup_ratio))
+    global_batch = cfg.batch_size * cfg.grad_accum * world.world_size
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        n_train = sum(p.numel() for p in params)
+        print(f"sft: {len(records)} records -> {len(samples)} samples; {total_steps} steps; global batch "
+              f"{global_batch} = {cfg.batch_size} x {cfg.grad_accum} accum x {world.world_size} ranks; "
+              f"{n_train:,} trainable parameters", file=sys.stderr)
+    metrics = open(out / "metrics.jsonl", "a") if world.is_main else None
+
+    def micro_batches():
+        epoch = 0
+        while True:
+            for indices in epoch_batches(len(samples), cfg.batch_size, world, cfg.seed, epoch):
+                items = [dataset[i] for i in indices]
+                yield {k: v.to(world.device) if torch.is_tensor(v) else v
+                       for k, v in data.collate(items, pad_id, image_token_id).items()}
+            epoch += 1
+
+    batches = micro_batches()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=world.device.type == "cuda")
+    progress = tqdm(range(total_steps), desc="sft", disable=not world.is_main, dynamic_ncols=True)
+    start = time.time()
+    for step in progress:
+        step_start = time.time()
+        micro = [next(batches) for _ in range(cfg.grad_accum)]
+        # One normaliser for the whole optimizer step (all micro-batches, all ranks): the loss is the
+        # mean over supervised tokens of the global batch, whatever the accumulation split.
+        n_tokens = sum((b["labels"][:, 1:] != data.IGNORE_INDEX).sum() for b in micro).float()
+        n_tokens = all_reduce_sum(n_tokens, world)
+        step_loss = torch.zeros((), device=world.device)
+        for batch in micro:
+            with autocast:
+                loss = sft_loss(net, batch, n_tokens)
+            loss.backward()
+            step_loss += loss.detach()
+        for p in params:  # plain data parallel: grads are sums over ranks of token-normalised losses
+            if world.world_size > 1 and p.grad is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = all_reduce_sum(step_loss, world)
+        if world.is_main and (step % cfg.log_every == 0 or step == total_steps - 1):
+            tokens = sum(int(b["attention_mask"].sum()) for b in micro) * world.world_size
+            row = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4),
+                   "loss": step_loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+                   "tokens": tokens, "tokens_per_s": tokens / max(time.time() - step_start, 1e-9),
+                   "elapsed_s": time.time() - start}
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+    if world.is_main:
+        metrics.close()
+        modeling.save_adapter(net, out / "adapter", lora_cfg)
+        print(f"sft: adapter saved to {out / 'adapter'}", file=sys.stderr)
+    if world.world_size > 1:
+        dist.barrier()
+    return out / "adapter"
+
+
+# --------------------------------------------------------------------------------------------
+# Built-in assets.
+
+
+@dataclass
+class TinyArgs:
+    """Write the built-in tiny checkpoint directory (random weights, BPE trained on the spot)."""
+
+    out: str = "tiny-model"
+    arch: Literal["qwen2.5-vl", "qwen2-vl"] = "qwen2.5-vl"
+    seed: int = 0
+
+
+def tiny(args: TinyArgs) -> Path:
+    path = modeling.make_tiny(args.out, modeling.TinyConfig(arch=args.arch, seed=args.seed))
+    print(f"tiny {args.arch} checkpoint written to {path}")
+    return path
+
+
+@dataclass
+class SynthArgs:
+    """Write the synthetic intention-driven VQA set (Visual-CoT metadata format, PNG images)."""
+
+    out: str = "synth-data"
+    n_train: int = 2000
+    n_val: int = 200
+    n_test: int = 200
+    seed: int = 0
+
+
+def synth(args: SynthArgs) -> dict:
+    paths = data.make_synth(args.out, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=args.seed)
+    print(f"synthetic set written to {args.out}: " + ", ".join(str(p) for p in paths.values()))
+    return paths
+
+
+COMMANDS = {"sft": (SFTConfig, sft), "tiny": (TinyArgs, tiny), "synth": (SynthArgs, synth)}
+
+
+def main() -> None:
+    args = tyro.extras.subcommand_cli_from_dict({name: cls for name, (cls, _) in COMMANDS.items()})
+    run = next(fn for cls, fn in COMMANDS.values() if isinstance(args, cls))
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
