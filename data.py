@@ -407,6 +407,7 @@ def write_records(path, records: list[Record]) -> None:
 # synthetic intention-driven VQA: a digit in a coloured frame, too small to read in the
 # downscaled full image (~224 px a side) but legible in the 224 px crop at native resolution
 
+SYNTH_VERSION = 1  # bump when the generator changes: cached copies are keyed by it
 SYNTH_COLORS = {"red": (220, 30, 30), "green": (20, 150, 40), "blue": (30, 60, 220),
                 "yellow": (225, 185, 0), "magenta": (200, 40, 200), "cyan": (0, 175, 195)}
 _QUESTIONS = ("What digit is inside the {} frame?", "Which number is written in the {} square?",

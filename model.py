@@ -8,6 +8,7 @@ keeping the base parameter names, so base weights save and load under their Hugg
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -115,6 +116,9 @@ class TinyConfig:
     vision_heads: int = 2
     min_pixels: int = 56 * 56
     max_pixels: int = 224 * 224  # the whole image is seen at ~224x224; a 224 px crop at native size
+    # A frozen random lm_head at the usual std 0.02 caps logits near +-2.5 after the final RMSNorm,
+    # so no adapter could make a confident prediction; real checkpoints have far larger output norms.
+    lm_head_std: float = 0.3
     seed: int = 0
 
 
@@ -203,6 +207,7 @@ def make_tiny(out_dir: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
     _, model_cls, processor_cls = ARCHS[TINY_ARCHS[cfg.arch]]
     torch.manual_seed(cfg.seed)
     model = model_cls(config)
+    nn.init.normal_(model.lm_head.weight, std=cfg.lm_head_std)
     image_processor = Qwen2VLImageProcessorPil(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     processor = processor_cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_VL_CHAT_TEMPLATE)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -226,9 +231,12 @@ def resolve_model_path(model: str) -> Path:
     """`tiny` / `tiny-qwen2-vl` -> the cached tiny checkpoint (built on first use); else the path."""
     if model in ("tiny", "tiny-qwen2.5-vl", "tiny-qwen2-vl"):
         arch = "qwen2-vl" if model == "tiny-qwen2-vl" else "qwen2.5-vl"
-        path = cache_dir() / f"tiny-{arch}"
+        cfg = TinyConfig(arch=arch)
+        # keyed by the config's contents, so a changed default never reuses a stale cached model
+        key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:10]
+        path = cache_dir() / f"tiny-{arch}-{key}"
         if not (path / "config.json").exists():
-            make_tiny(path, TinyConfig(arch=arch))
+            make_tiny(path, cfg)
         return path
     path = Path(model)
     if not (path / "config.json").exists():

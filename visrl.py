@@ -72,7 +72,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def resolve_data(path: str, split: str = "train", seed: int = 0) -> Path:
     """`synth` -> the cached synthetic set (built on first use); a directory -> its `<split>.jsonl`."""
     if path == "synth":
-        root = modeling.cache_dir() / f"synth-seed{seed}"
+        root = modeling.cache_dir() / f"synth-v{data.SYNTH_VERSION}-seed{seed}"
         if not (root / "test.jsonl").exists():
             data.make_synth(root, seed=seed)
         return root / f"{split}.jsonl"
