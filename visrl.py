@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 import data
 import model as modeling
+import synth
 
 # --------------------------------------------------------------------------------------------
 # Shared plumbing: process group, device, dtype, data resolution, metrics.
@@ -72,9 +73,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def resolve_data(path: str, split: str = "train", seed: int = 0) -> Path:
     """`synth` -> the cached synthetic set (built on first use); a directory -> its `<split>.jsonl`."""
     if path == "synth":
-        root = modeling.cache_dir() / f"synth-v{data.SYNTH_VERSION}-seed{seed}"
+        root = modeling.cache_dir() / f"synth-v{synth.SYNTH_VERSION}-seed{seed}"
         if not (root / "test.jsonl").exists():
-            data.make_synth(root, seed=seed)
+            synth.make_synth(root, seed=seed)
         return root / f"{split}.jsonl"
     p = Path(path)
     return p / f"{split}.jsonl" if p.is_dir() else p
@@ -327,7 +328,7 @@ class SynthArgs:
 
 
 def synth(args: SynthArgs) -> dict:
-    paths = data.make_synth(args.out, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=args.seed)
+    paths = synth.make_synth(args.out, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=args.seed)
     print(f"synthetic set written to {args.out}: " + ", ".join(str(p) for p in paths.values()))
     return paths
 

@@ -33,8 +33,8 @@ def tiny_qwen2_path(visrl_cache):
 
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory):
-    import data
+    import synth
 
     root = tmp_path_factory.mktemp("synth")
-    data.make_synth(root, n_train=48, n_val=8, n_test=8, seed=0)
+    synth.make_synth(root, n_train=48, n_val=8, n_test=8, seed=0)
     return root
