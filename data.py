@@ -345,17 +345,17 @@ def _items(text):
             except json.JSONDecodeError as e:
                 yield line, f"invalid JSON: {e}"
 
-def read_records(path, image_root=None, skip_bad: bool = False, limit: int | None = None) -> list[Record]:
-    """Read Visual-CoT metadata .jsonl, Visual-CoT conversation .json or our .jsonl; every record checked."""
+def _read(path, image_root, skip_bad, limit, build) -> list:
+    """Read a JSON list or JSONL file, building one item per object; errors collected with file:line."""
     path = Path(path)
     root = os.path.abspath(image_root if image_root is not None else path.parent)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read: {e}") from e
-    records, errors, kind = [], [], None
+    items, errors = [], []
     for line, obj in _items(text):
-        if limit is not None and len(records) >= limit:
+        if limit is not None and len(items) >= limit:
             break
         source = f"{path}:{line}"
         if isinstance(obj, str):
@@ -364,20 +364,33 @@ def read_records(path, image_root=None, skip_bad: bool = False, limit: int | Non
         if not isinstance(obj, dict):
             errors.append(f"{source}: expected a JSON object, got {type(obj).__name__}")
             continue
-        if kind is None:  # the format is decided once per file, by its first object
-            kind = (_from_vcot_conv if "conversations" in obj else
-                    _from_ours if "answers" in obj or "boxes" in obj else _from_vcot_meta)
         try:
-            records.append(_record(kind(obj, f"{path.stem}-{line}"), root, source))
+            items.append(build(obj, f"{path.stem}-{line}", root, source))
         except _Bad as e:
             errors.append(f"{source}: {e}")
+    report_bad(errors, skip_bad, path, len(items))
+    return items
+
+def report_bad(errors: list[str], skip_bad: bool, what, kept: int) -> None:
+    """Raise one DataError listing bad items, or (skip_bad) warn on stderr and go on."""
     if errors and not skip_bad:
         more = f"\n... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        raise DataError(f"{len(errors)} bad record(s) in {path}:\n" + "\n".join(errors[:20]) + more)
+        raise DataError(f"{len(errors)} bad record(s) in {what}:\n" + "\n".join(errors[:20]) + more)
     if errors:
-        print(f"warning: skipped {len(errors)} bad record(s) in {path}, kept {len(records)}; first:",
+        print(f"warning: skipped {len(errors)} bad record(s) in {what}, kept {kept}; first:",
               *errors[:3], sep="\n  ", file=sys.stderr)
-    return records
+
+def read_records(path, image_root=None, skip_bad: bool = False, limit: int | None = None) -> list[Record]:
+    """Read Visual-CoT metadata .jsonl, Visual-CoT conversation .json or our .jsonl; every record checked."""
+    kind = []  # the format is decided once per file, by its first object
+
+    def build(obj, name, root, source):
+        if not kind:
+            kind.append(_from_vcot_conv if "conversations" in obj else
+                        _from_ours if "answers" in obj or "boxes" in obj else _from_vcot_meta)
+        return _record(kind[0](obj, name), root, source)
+
+    return _read(path, image_root, skip_bad, limit, build)
 
 def load_image(record: Record) -> Image.Image:
     """The record's image as RGB; a read failure is a DataError naming the record."""
@@ -400,6 +413,51 @@ def write_records(path, records: list[Record]) -> None:
             boxes = [[int(v) if float(v).is_integer() else v for v in b] for b in r.boxes]  # 217, not 217.0
             f.write(json.dumps({"id": r.id, "image": rel, "question": r.question, "answers": r.answers,
                                 "boxes": boxes, "width": r.width, "height": r.height}) + "\n")
+
+# -----------------------------------------------------------------------------
+# preference pairs: what generate.py writes and `visrl.py dpo` reads. One JSON object per line:
+# our record fields (id, image, question, answers, boxes?, width?, height?) plus the model's own
+# texts chosen_box, rejected_box, chosen_answer, rejected_answer and the box_form they are in.
+
+PAIR_FIELDS = ("chosen_box", "rejected_box", "chosen_answer", "rejected_answer")
+
+@dataclass
+class Pair:
+    """One self-generated preference pair about one record."""
+    record: Record
+    chosen_box: str       # box text as the model wrote it
+    rejected_box: str
+    chosen_answer: str
+    rejected_answer: str
+    box_form: str = "square"
+
+def _pair(obj, name, root, source):
+    record = _record(_from_ours(obj, name), root, source)
+    texts = []
+    for key in PAIR_FIELDS:
+        text = _get(obj, key, str, "a string")
+        if not text.strip():
+            raise _Bad(key, "empty response")
+        texts.append(text)
+    form = _get(obj, "box_form", str, "a string", required=False) or "square"
+    if form not in BOX_FORMS:
+        raise _Bad("box_form", f"expected one of {BOX_FORMS}, got {form!r}")
+    return Pair(record, *texts, box_form=form)
+
+def read_pairs(path, image_root=None, skip_bad: bool = False, limit: int | None = None) -> list[Pair]:
+    """Read preference pairs (JSONL); a missing or empty chosen/rejected text is an error with file:line."""
+    return _read(path, image_root, skip_bad, limit, _pair)
+
+def pair_json(pair: Pair, base_dir) -> dict:
+    """The JSON object of a pair; the image path relative to base_dir when inside it."""
+    r, base = pair.record, os.path.abspath(base_dir)
+    img = os.path.abspath(r.image)
+    rel = os.path.relpath(img, base) if os.path.commonpath([img, base]) == base else img
+    return {"id": r.id, "image": rel, "question": r.question, "answers": r.answers,
+            "boxes": [list(b) for b in r.boxes], "width": r.width, "height": r.height,
+            "chosen_box": pair.chosen_box, "rejected_box": pair.rejected_box,
+            "chosen_answer": pair.chosen_answer, "rejected_answer": pair.rejected_answer,
+            "box_form": pair.box_form}
 
 # --------------------------------------------------------------------------------------------
 # Tokenisation: messages -> Qwen chat text -> token ids (image placeholders expanded) -> batches.
@@ -526,3 +584,49 @@ def collate(items: list[dict], pad_id: int, image_token_id: int) -> dict:
         "pixel_values": torch.cat([item["pixel_values"] for item in items]),  # [sum patches, C*T*P*P]
         "image_grid_thw": torch.cat([item["image_grid_thw"] for item in items]),  # [n_images, 3]
     }
+
+
+@dataclass
+class PairSample:
+    """Chosen and rejected sequences sharing one prompt; images as crop windows of the record's image."""
+
+    kind: str  # "box" (focus step) | "answer" (answer step)
+    chosen_ids: list[int]
+    chosen_labels: list[int]
+    rejected_ids: list[int]
+    rejected_labels: list[int]
+    chosen_images: list[tuple[int, int, int, int] | None]  # None = the full image, else a crop window
+    rejected_images: list[tuple[int, int, int, int] | None]
+    pair: Pair
+    index: int = 0  # position in the run's sample list (keys precomputed reference log-probs)
+
+
+def dpo_samples(pair: Pair, tokenizer, image_processor, stage: int, crop_rule: str = "vcot",
+                rejected_crop: str = "chosen") -> list[PairSample]:
+    """Stage 1: the box pair for [image] + question. Stage 2 adds the answer pair for
+    [image, crop] + question, both answers on the chosen box's crop (upstream) or each on its own."""
+    r = pair.record
+    size = (r.width, r.height)
+    box = PairSample("box", *encode(tokenizer, image_processor, focus_messages(r.question), [size], pair.chosen_box),
+                     *encode(tokenizer, image_processor, focus_messages(r.question), [size], pair.rejected_box),
+                     [None], [None], pair)
+    if stage == 1:
+        return [box]
+    resized = model_view_size(r.width, r.height, image_processor) if pair.box_form == "pixel" else None
+
+    def window(key):
+        pixel_box = text_to_box(getattr(pair, key), r.width, r.height, form=pair.box_form, resized=resized)
+        if pixel_box is None:
+            raise DataError(f"{r.source}: field '{key}': box {getattr(pair, key)[:60]!r} does not parse "
+                            f"as a {pair.box_form} box inside the {r.width}x{r.height} image (stage 2 crops it)")
+        return crop_window(pixel_box, r.width, r.height, rule=crop_rule)
+
+    chosen_window = window("chosen_box")
+    rejected_window = chosen_window if rejected_crop == "chosen" else window("rejected_box")
+    sizes = [(w[2] - w[0], w[3] - w[1]) for w in (chosen_window, rejected_window)]
+    messages = answer_messages(r.question)
+    answer = PairSample("answer",
+                        *encode(tokenizer, image_processor, messages, [size, sizes[0]], pair.chosen_answer),
+                        *encode(tokenizer, image_processor, messages, [size, sizes[1]], pair.rejected_answer),
+                        [None, chosen_window], [None, rejected_window], pair)
+    return [box, answer]

@@ -308,7 +308,10 @@ def lora_target_names(model: nn.Module, targets: str = "all") -> list[str]:
     prefix = next(n for n, m in model.named_modules() if m is language_model(model))
     names = []
     for name, module in language_model(model).named_modules():
-        if isinstance(module, nn.Linear) and (wanted is None or name.rsplit(".", 1)[-1] in wanted):
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("lora_A", "lora_B"):  # an adapter's own factors are not targets
+            continue
+        if isinstance(module, nn.Linear) and (wanted is None or leaf in wanted):
             names.append(f"{prefix}.{name}")
     if not names:
         raise ValueError(f"LoRA targets {targets!r} match no linear layer of the language model")

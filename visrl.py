@@ -3,6 +3,7 @@
     python visrl.py tiny --out DIR          write the built-in tiny checkpoint
     python visrl.py synth --out DIR         write the synthetic intention-driven VQA set
     python visrl.py sft [flags]             supervised warm-up (focus + answer samples), LoRA
+    python visrl.py dpo --stage 1|2 --data pairs.jsonl --init-adapter DIR   preference optimisation
     torchrun --nproc_per_node N visrl.py sft ...   the same loop, N processes
 
 The path of data in `sft`: record -> two samples (data.sft_samples) -> tokens + pixels
@@ -21,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.distributed as dist
@@ -30,6 +31,7 @@ import tyro
 from tqdm import tqdm
 
 import data
+import dpo
 import model as modeling
 import synth
 
@@ -99,6 +101,59 @@ def all_reduce_sum(value: torch.Tensor, world: Dist) -> torch.Tensor:
     if world.world_size > 1:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
+
+
+def prepare_model(model_path: str, adapter: str | None, lora: modeling.LoRAConfig, world: Dist,
+                  dtype_name: str, grad_checkpointing: bool):
+    """Load the base, merge a previous phase's adapter into it, add a fresh adapter to train.
+
+    With adapters off, the returned model is exactly the start of this phase: the reference.
+    """
+    net, processor = modeling.load_model(model_path, dtype=resolve_dtype(dtype_name, world.device),
+                                         device=world.device)
+    if adapter:
+        modeling.load_adapter(net, adapter)
+        modeling.merge_lora(net)
+    lora.base_model, lora.parent_adapter = str(net.name_or_path), str(adapter or "")
+    modeling.add_lora(net, lora)
+    if grad_checkpointing:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    net.train()
+    return net, processor
+
+
+def make_optimizer(params, lr: float, weight_decay: float, total_steps: int, warmup_ratio: float):
+    """AdamW on the trainable parameters with the cosine schedule."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_schedule(step, total_steps, warmup_ratio))
+    return optimizer, scheduler
+
+
+def optimizer_step(params, optimizer, scheduler, world: Dist, grad_clip: float) -> tuple[torch.Tensor, float]:
+    """Sum gradients over ranks (losses are already normalised by global counts), clip, step.
+
+    Returns the gradient norm (a tensor: no host sync here) and the learning rate this step used.
+    """
+    for p in params:
+        if world.world_size > 1 and p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr
+
+
+def start_run(out: Path, cfg, world: Dist, summary: str):
+    """Write the run's config.json and open metrics.jsonl (rank 0 only; None elsewhere)."""
+    if not world.is_main:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    print(summary, file=sys.stderr)
+    return open(out / "metrics.jsonl", "a")
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,17 +261,8 @@ def sft(cfg: SFTConfig) -> Path:
     world = setup_distributed(cfg.device)
     seed_everything(cfg.seed)
     out = Path(cfg.out)
-    dtype = resolve_dtype(cfg.dtype, world.device)
-    net, processor = modeling.load_model(cfg.model, dtype=dtype, device=world.device)
-    if cfg.adapter:  # continue from a previous phase: its adapter becomes part of the base
-        modeling.load_adapter(net, cfg.adapter)
-        modeling.merge_lora(net)
-    lora_cfg = modeling.LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
-                                   base_model=str(net.name_or_path), parent_adapter=cfg.adapter or "")
-    modeling.add_lora(net, lora_cfg)
-    if cfg.grad_checkpointing:
-        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    net.train()
+    lora_cfg = modeling.LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    net, processor = prepare_model(cfg.model, cfg.adapter, lora_cfg, world, cfg.dtype, cfg.grad_checkpointing)
 
     records = data.read_records(resolve_data(cfg.data, "train", cfg.seed), image_root=cfg.image_root,
                                 skip_bad=cfg.skip_bad_records, limit=cfg.limit)
@@ -231,30 +277,22 @@ def sft(cfg: SFTConfig) -> Path:
         raise ValueError(f"sft: {len(samples)} samples are fewer than one optimizer step of "
                          f"{cfg.batch_size} x {cfg.grad_accum} x {world.world_size}")
     params = modeling.trainable_parameters(net)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: cosine_schedule(step, total_steps, cfg.warmup_ratio))
+    optimizer, scheduler = make_optimizer(params, cfg.lr, cfg.weight_decay, total_steps, cfg.warmup_ratio)
     global_batch = cfg.batch_size * cfg.grad_accum * world.world_size
-    if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        n_train = sum(p.numel() for p in params)
-        print(f"sft: {len(records)} records -> {len(samples)} samples; {total_steps} steps; global batch "
-              f"{global_batch} = {cfg.batch_size} x {cfg.grad_accum} accum x {world.world_size} ranks; "
-              f"{n_train:,} trainable parameters", file=sys.stderr)
-    metrics = open(out / "metrics.jsonl", "a") if world.is_main else None
+    metrics = start_run(out, cfg, world, (
+        f"sft: {len(records)} records -> {len(samples)} samples; {total_steps} steps; global batch "
+        f"{global_batch} = {cfg.batch_size} x {cfg.grad_accum} accum x {world.world_size} ranks; "
+        f"{sum(p.numel() for p in params):,} trainable parameters"))
 
     def micro_batches():
         epoch = 0
         while True:
             for indices in epoch_batches(len(samples), cfg.batch_size, world, cfg.seed, epoch):
                 items = [dataset[i] for i in indices]
-                yield {k: v.to(world.device) if torch.is_tensor(v) else v
-                       for k, v in data.collate(items, pad_id, image_token_id).items()}
+                yield to_device(data.collate(items, pad_id, image_token_id), world.device)
             epoch += 1
 
     batches = micro_batches()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=world.device.type == "cuda")
     progress = tqdm(range(total_steps), desc="sft", disable=not world.is_main, dynamic_ncols=True)
     start = time.time()
     for step in progress:
@@ -266,18 +304,11 @@ def sft(cfg: SFTConfig) -> Path:
         n_tokens = all_reduce_sum(n_tokens, world)
         step_loss = torch.zeros((), device=world.device)
         for batch in micro:
-            with autocast:
+            with autocast_for(world.device):
                 loss = sft_loss(net, batch, n_tokens)
             loss.backward()
             step_loss += loss.detach()
-        for p in params:  # plain data parallel: grads are sums over ranks of token-normalised losses
-            if world.world_size > 1 and p.grad is not None:
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        lr = scheduler.get_last_lr()[0]  # the rate this step uses
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, lr = optimizer_step(params, optimizer, scheduler, world, cfg.grad_clip)
         step_loss = all_reduce_sum(step_loss, world)
         if world.is_main and (step % cfg.log_every == 0 or step == total_steps - 1):
             tokens = sum(int(b["attention_mask"].sum()) for b in micro) * world.world_size
@@ -292,6 +323,233 @@ def sft(cfg: SFTConfig) -> Path:
         metrics.close()
         modeling.save_adapter(net, out / "adapter", lora_cfg)
         print(f"sft: adapter saved to {out / 'adapter'}", file=sys.stderr)
+    if world.world_size > 1:
+        dist.barrier()
+    return out / "adapter"
+
+
+# --------------------------------------------------------------------------------------------
+# Preference optimisation (DPO) on self-generated pairs.
+
+DPO_KINDS = ("box", "answer")  # stage-2 step types; index = PairSample kind code in dpo.collate_pairs
+DPO_STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+             "logps/chosen", "logps/rejected")
+
+
+@dataclass
+class DPOConfig:
+    """DPO stage 1 (focus: box pairs) or stage 2 (step-level: box pairs + answer pairs on the crop)."""
+
+    data: str  # pair records (.jsonl written by generate.py; format in README)
+    stage: Literal[1, 2] = 1
+    model: str = "tiny"  # checkpoint directory, or `tiny` / `tiny-qwen2-vl`
+    # The previous phase's adapter (SFT for stage 1, stage 1 for stage 2): merged into the base at
+    # load, so the reference (adapters off) is exactly the model at the start of this stage.
+    adapter: Annotated[str | None, tyro.conf.arg(aliases=("--init-adapter",))] = None
+    image_root: str | None = None  # image paths are relative to this (default: the data file's directory)
+    out: str = "runs/dpo"
+    limit: int | None = None  # use the first N pairs only
+    seed: int = 0
+    epochs: float = 5.0
+    max_steps: int = -1  # optimizer steps; overrides epochs when > 0
+    lr: float = 5e-6
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    batch_size: int = 2  # pairs per process per micro-step (a stage-2 pair is a box and an answer sample)
+    grad_accum: int = 1
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    beta: float = 0.1  # for the box step (stage 1 and stage 2)
+    beta_answer: float | None = None  # for the answer step in stage 2 (default: --beta)
+    label_smoothing: float = 0.0  # the robust loss's assumed label-flip rate
+    nll_weight: float = 0.0  # adds nll_weight * length-normalised NLL of the chosen responses
+    lambda_box: float = 0.5  # stage 2: L = lambda_box * L_box + lambda_answer * L_answer
+    lambda_answer: float = 0.5
+    rejected_crop: Literal["chosen", "own"] = "chosen"  # stage 2: crop the rejected answer sees (upstream: chosen)
+    crop: Literal["vcot", "raw"] = "vcot"
+    precompute_ref: bool = False  # all reference log-probs in one pass before training
+    logp_chunk: int = 1024  # response tokens per chunk of the fused log-prob kernel
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "all"
+    max_len: int = 2048  # pairs with a longer sequence are dropped whole
+    error_on_long: bool = False
+    skip_bad_records: bool = False  # skip (and report) malformed pairs instead of stopping
+    grad_checkpointing: bool = False
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = 1
+
+
+def build_dpo_samples(cfg: DPOConfig, pairs: list[data.Pair], processor, world: Dist) -> list[list[data.PairSample]]:
+    """Each pair's samples (1 in stage 1, 2 in stage 2), checked before training; bad pairs reported."""
+    grouped, errors, too_long = [], [], 0
+    for pair in pairs:
+        try:
+            samples = data.dpo_samples(pair, processor.tokenizer, processor.image_processor, cfg.stage,
+                                       cfg.crop, cfg.rejected_crop)
+        except data.DataError as e:
+            errors.append(str(e))
+            continue
+        longest = max(max(len(s.chosen_ids), len(s.rejected_ids)) for s in samples)
+        if longest > cfg.max_len:
+            if cfg.error_on_long:
+                raise ValueError(f"{pair.record.source}: a sequence of {longest} tokens > --max-len {cfg.max_len}")
+            too_long += 1
+            continue
+        grouped.append(samples)
+    data.report_bad(errors, cfg.skip_bad_records, cfg.data, len(grouped))
+    if too_long and world.is_main:
+        print(f"dpo: dropped {too_long} pairs longer than {cfg.max_len} tokens", file=sys.stderr)
+    if not grouped:
+        raise ValueError("dpo: no usable pairs")
+    index = 0
+    for samples in grouped:
+        for sample in samples:
+            sample.index, index = index, index + 1
+    return grouped
+
+
+def reference_logps(net, batch: dict, features, cfg: DPOConfig, ref_table: torch.Tensor | None) -> torch.Tensor:
+    """Reference log-probs of every row, [2B]: from the precomputed table, or the same weights with
+    adapters off (the model at the start of the stage) under no_grad, on the same image features."""
+    if ref_table is not None:
+        rows = ref_table[batch["sample_index"]]  # [B, 2] (chosen, rejected)
+        return torch.cat([rows[:, 0], rows[:, 1]])
+    with torch.no_grad(), modeling.adapters_disabled(net):
+        return dpo.sequence_logps(net, batch, features, cfg.logp_chunk)
+
+
+def precompute_reference(net, grouped, processor, cfg: DPOConfig, world: Dist) -> torch.Tensor:
+    """[n_samples, 2] reference log-probs (chosen, rejected) in one pass, split over ranks, summed."""
+    n_samples = sum(len(g) for g in grouped)
+    table = torch.zeros(n_samples, 2, dtype=torch.float32, device=world.device)
+    mine = list(range(world.rank, len(grouped), world.world_size))
+    was_training = net.training
+    net.eval()  # no dropout in the reference
+    for start in tqdm(range(0, len(mine), cfg.batch_size), desc="reference", disable=not world.is_main):
+        samples = [s for i in mine[start:start + cfg.batch_size] for s in grouped[i]]
+        batch = to_device(dpo.collate_pairs(samples, processor.image_processor, processor.tokenizer.pad_token_id,
+                                            net.config.image_token_id), world.device)
+        with autocast_for(world.device):
+            logps = reference_logps(net, batch, dpo.encode_images(net, batch), cfg, None)
+        n = len(samples)
+        table[batch["sample_index"]] = torch.stack([logps[:n], logps[n:]], dim=1).float()
+    net.train(was_training)
+    return all_reduce_sum(table, world)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA; a no-op on CPU (fp32 there)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def dpo_step_loss(cfg: DPOConfig, policy: torch.Tensor, reference: torch.Tensor, batch: dict,
+                  kind_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This micro-batch's share of the step objective, and its per-kind sums of DPO_STATS [2, 7].
+
+    Stage 1: the mean pair loss. Stage 2: lambda_box * mean box loss + lambda_answer * mean answer
+    loss, means over the whole optimizer step (kind_counts: samples per kind, all micro-batches, ranks).
+    """
+    n = batch["kind"].shape[0]
+    kind = batch["kind"]  # [B] 0 box, 1 answer
+    args = (policy[:n], policy[n:], reference[:n], reference[n:])
+    box_losses, chosen_rewards, rejected_rewards = dpo.preference_loss(
+        *args, beta=cfg.beta, kind=cfg.loss, label_smoothing=cfg.label_smoothing)
+    if cfg.stage == 2:
+        beta_answer = cfg.beta if cfg.beta_answer is None else cfg.beta_answer
+        answer_losses, answer_chosen, answer_rejected = dpo.preference_loss(
+            *args, beta=beta_answer, kind=cfg.loss, label_smoothing=cfg.label_smoothing)
+        is_answer = kind == 1
+        losses = torch.where(is_answer, answer_losses, box_losses)
+        chosen_rewards = torch.where(is_answer, answer_chosen, chosen_rewards)
+        rejected_rewards = torch.where(is_answer, answer_rejected, rejected_rewards)
+        lambdas = torch.tensor([cfg.lambda_box, cfg.lambda_answer], device=policy.device)
+    else:
+        losses, lambdas = box_losses, torch.ones(2, device=policy.device)
+    weights = lambdas[kind] / kind_counts.clamp(min=1)[kind]  # [B]
+    loss = (weights * losses).sum()
+    if cfg.nll_weight > 0:  # RPO-style anchor: length-normalised NLL of the chosen responses
+        lengths = dpo.response_lengths(batch)[:n].clamp(min=1)
+        loss = loss + cfg.nll_weight * (-policy[:n] / lengths).sum() / kind_counts.sum()
+    values = torch.stack([losses, chosen_rewards, rejected_rewards, chosen_rewards - rejected_rewards,
+                          (chosen_rewards > rejected_rewards).float(), policy[:n], policy[n:]], dim=1)  # [B, 7]
+    one_hot = F.one_hot(kind, num_classes=2).to(values.dtype)  # [B, 2]
+    return loss, one_hot.T @ values.detach()  # [2, 7] per-kind sums
+
+
+def dpo_train(cfg: DPOConfig) -> Path:
+    """DPO stage 1 or 2; writes <out>/adapter, <out>/config.json and <out>/metrics.jsonl."""
+    world = setup_distributed(cfg.device)
+    seed_everything(cfg.seed)
+    out = Path(cfg.out)
+    lora_cfg = modeling.LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    net, processor = prepare_model(cfg.model, cfg.adapter, lora_cfg, world, cfg.dtype, cfg.grad_checkpointing)
+    pairs = data.read_pairs(cfg.data, image_root=cfg.image_root, skip_bad=cfg.skip_bad_records, limit=cfg.limit)
+    grouped = build_dpo_samples(cfg, pairs, processor, world)
+    pad_id, image_token_id = processor.tokenizer.pad_token_id, net.config.image_token_id
+
+    steps_per_epoch = len(epoch_batches(len(grouped), cfg.batch_size, world, cfg.seed, 0)) // cfg.grad_accum
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else int(cfg.epochs * steps_per_epoch)
+    if steps_per_epoch == 0 or total_steps == 0:
+        raise ValueError(f"dpo: {len(grouped)} pairs are fewer than one optimizer step of "
+                         f"{cfg.batch_size} x {cfg.grad_accum} x {world.world_size}")
+    params = modeling.trainable_parameters(net)
+    optimizer, scheduler = make_optimizer(params, cfg.lr, cfg.weight_decay, total_steps, cfg.warmup_ratio)
+    global_batch = cfg.batch_size * cfg.grad_accum * world.world_size
+    metrics = start_run(out, cfg, world, (
+        f"dpo stage {cfg.stage}: {len(grouped)} pairs; {total_steps} steps; global batch {global_batch} pairs "
+        f"= {cfg.batch_size} x {cfg.grad_accum} accum x {world.world_size} ranks; reference = "
+        f"{cfg.adapter or cfg.model} ({'precomputed' if cfg.precompute_ref else 'adapters off, per step'})"))
+    ref_table = precompute_reference(net, grouped, processor, cfg, world) if cfg.precompute_ref else None
+
+    def micro_batches():
+        epoch = 0
+        while True:  # the unit is a pair: its box and answer samples share one batch, so its images are encoded once
+            for indices in epoch_batches(len(grouped), cfg.batch_size, world, cfg.seed, epoch):
+                samples = [s for i in indices for s in grouped[i]]
+                yield to_device(dpo.collate_pairs(samples, processor.image_processor, pad_id, image_token_id),
+                                world.device)
+            epoch += 1
+
+    batches = micro_batches()
+    progress = tqdm(range(total_steps), desc=f"dpo stage {cfg.stage}", disable=not world.is_main, dynamic_ncols=True)
+    start = time.time()
+    for step in progress:
+        micro = [next(batches) for _ in range(cfg.grad_accum)]
+        kind_counts = all_reduce_sum(sum(torch.bincount(b["kind"], minlength=2) for b in micro).float(), world)
+        step_loss = torch.zeros((), device=world.device)
+        stats = torch.zeros(len(DPO_KINDS), len(DPO_STATS), device=world.device)
+        for batch in micro:
+            with autocast_for(world.device):
+                features = dpo.encode_images(net, batch)  # once per unique image: policy and reference share them
+                policy = dpo.sequence_logps(net, batch, features, cfg.logp_chunk)
+                reference = reference_logps(net, batch, features, cfg, ref_table)
+                loss, batch_stats = dpo_step_loss(cfg, policy, reference, batch, kind_counts)
+            loss.backward()
+            step_loss += loss.detach()
+            stats += batch_stats
+        grad_norm, lr = optimizer_step(params, optimizer, scheduler, world, cfg.grad_clip)
+        step_loss, stats = all_reduce_sum(step_loss, world), all_reduce_sum(stats, world)
+        if world.is_main and (step % cfg.log_every == 0 or step == total_steps - 1):
+            means = (stats / kind_counts.clamp(min=1)[:, None]).tolist()  # the only host sync of the step
+            row = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), "loss": step_loss.item(),
+                   "lr": lr, "grad_norm": grad_norm.item(), "elapsed_s": time.time() - start}
+            for k, kind in enumerate(DPO_KINDS):
+                if kind_counts[k] > 0:
+                    row.update({f"{kind}/{name}": means[k][j] for j, name in enumerate(DPO_STATS)})
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            progress.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['box/rewards/margins']:.3f}")
+    if world.is_main:
+        metrics.close()
+        modeling.save_adapter(net, out / "adapter", lora_cfg)
+        print(f"dpo: adapter saved to {out / 'adapter'}", file=sys.stderr)
     if world.world_size > 1:
         dist.barrier()
     return out / "adapter"
@@ -333,7 +591,7 @@ def synth(args: SynthArgs) -> dict:
     return paths
 
 
-COMMANDS = {"sft": (SFTConfig, sft), "tiny": (TinyArgs, tiny), "synth": (SynthArgs, synth)}
+COMMANDS = {"sft": (SFTConfig, sft), "dpo": (DPOConfig, dpo_train), "tiny": (TinyArgs, tiny), "synth": (SynthArgs, synth)}
 
 
 def main() -> None:

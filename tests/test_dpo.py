@@ -1,0 +1,306 @@
+"""Preference losses, fused log-probs, the DPO forward and the `dpo` command, on the tiny model."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import data
+import dpo
+import model
+import visrl
+from conftest import write_pairs
+
+
+# ---------------------------------------------------------------------------------------------
+# fused log-probs against the naive full-logits computation
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1024])
+def test_fused_logprobs_match_full_log_softmax(chunk):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(11, 16, generator=g, requires_grad=True)
+    weight = (torch.randn(50, 16, generator=g) * 0.5).requires_grad_(True)
+    targets = torch.randint(0, 50, (11,), generator=g)
+    upstream = torch.randn(11, generator=g)  # an arbitrary gradient flowing back
+
+    naive = torch.log_softmax(hidden @ weight.T, dim=-1).gather(1, targets[:, None])[:, 0]
+    naive_grads = torch.autograd.grad((naive * upstream).sum(), (hidden, weight))
+    fused = dpo.linear_logprobs(hidden, weight, targets, chunk_size=chunk)
+    fused_grads = torch.autograd.grad((fused * upstream).sum(), (hidden, weight))
+    # fp32 throughout; differences are summation order only
+    torch.testing.assert_close(fused, naive, rtol=0, atol=1e-5)
+    for a, b in zip(fused_grads, naive_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_fused_logprobs_skip_the_frozen_weight_gradient():
+    hidden = torch.randn(4, 8, requires_grad=True)
+    weight = torch.randn(20, 8)  # frozen lm_head
+    out = dpo.linear_logprobs(hidden, weight, torch.tensor([1, 2, 3, 4]))
+    out.sum().backward()
+    assert hidden.grad is not None and weight.grad is None
+
+
+# ---------------------------------------------------------------------------------------------
+# losses against their formulas, computed independently with math on floats
+
+H_VALUES = [-3.0, -0.4, 0.0, 0.7, 5.0]
+
+
+def _sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+@pytest.mark.parametrize("kind,beta,eps,formula", [
+    ("sigmoid", 0.1, 0.0, lambda h, b, e: -math.log(_sig(b * h))),
+    ("sigmoid", 2.0, 0.0, lambda h, b, e: -math.log(_sig(b * h))),
+    ("ipo", 0.1, 0.0, lambda h, b, e: (h - 1 / (2 * b)) ** 2),
+    ("hinge", 0.5, 0.0, lambda h, b, e: max(0.0, 1 - b * h)),
+    ("robust", 0.3, 0.1, lambda h, b, e: ((1 - e) * -math.log(_sig(b * h)) + e * math.log(_sig(-b * h))) / (1 - 2 * e)),
+])
+def test_each_loss_matches_its_formula(kind, beta, eps, formula):
+    # split h over the four log-probs in an uneven way: only the combination may matter
+    pc = torch.tensor([-10.0, -3.0, -7.0, -1.0, -20.0], dtype=torch.float64)
+    rc = torch.tensor([-9.0, -2.0, -6.5, -4.0, -30.0], dtype=torch.float64)
+    rr = torch.tensor([-5.0, -8.0, -2.0, -3.0, -1.0], dtype=torch.float64)
+    h = torch.tensor(H_VALUES, dtype=torch.float64)
+    pr = (pc - rc) - h + rr  # so that (pc - rc) - (pr - rr) == h
+    losses, chosen_r, rejected_r = dpo.preference_loss(pc, pr, rc, rr, beta, kind, eps)
+    expected = [formula(v, beta, eps) for v in H_VALUES]
+    assert losses.tolist() == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert chosen_r.tolist() == pytest.approx((beta * (pc - rc)).tolist())
+    assert rejected_r.tolist() == pytest.approx((beta * (pr - rr)).tolist())
+
+
+def test_unknown_loss_and_bad_smoothing_are_errors():
+    x = torch.zeros(2)
+    with pytest.raises(ValueError, match="unknown loss"):
+        dpo.preference_loss(x, x, x, x, 0.1, "kto")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dpo.preference_loss(x, x, x, x, 0.1, "robust", 0.5)
+
+
+def test_stage2_objective_is_the_weighted_sum_of_its_parts():
+    cfg = visrl.DPOConfig(data="x", stage=2, beta=0.1, beta_answer=0.3, lambda_box=0.25, lambda_answer=0.75)
+    g = torch.Generator().manual_seed(0)
+    policy, reference = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    batch = {"kind": torch.tensor([0, 1, 0, 1]), "response_row": torch.arange(8),
+             "input_ids": torch.zeros(8, 3)}
+    counts = torch.tensor([2.0, 2.0])
+    loss, stats = visrl.dpo_step_loss(cfg, policy, reference, batch, counts)
+    n = 4
+    h = (policy[:n] - reference[:n]) - (policy[n:] - reference[n:])
+    box = [-math.log(_sig(0.1 * h[i].item())) for i in (0, 2)]
+    answer = [-math.log(_sig(0.3 * h[i].item())) for i in (1, 3)]
+    expected = 0.25 * sum(box) / 2 + 0.75 * sum(answer) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert stats[0, 0].item() == pytest.approx(sum(box), rel=1e-6)  # per-kind loss sums
+    assert stats[1, 0].item() == pytest.approx(sum(answer), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# the DPO forward on the tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(tiny_path):
+    net, processor = model.load_model(str(tiny_path))
+    model.add_lora(net, model.LoRAConfig(rank=4, alpha=8))
+    g = torch.Generator().manual_seed(0)
+    for m in model.lora_modules(net).values():  # a policy that differs from the reference
+        m.lora_B.weight.data = torch.randn(m.lora_B.weight.shape, generator=g) * 0.02
+    net.eval()
+    return net, processor
+
+
+def _grouped(processor, pairs_file, stage, rejected_crop="chosen", n=3):
+    cfg = visrl.DPOConfig(data=str(pairs_file), stage=stage, rejected_crop=rejected_crop)
+    return visrl.build_dpo_samples(cfg, data.read_pairs(pairs_file, limit=n), processor, visrl.Dist())
+
+
+def test_sequence_logps_equal_the_model_s_own_logits(tiny_lora, pairs_file):
+    """Our path (shared features, hidden states at response positions, fused kernel) against a plain
+    HF forward with pixel values and full logits, row by row."""
+    net, processor = tiny_lora
+    samples = [s for g in _grouped(processor, pairs_file, stage=2) for s in g]
+    batch = dpo.collate_pairs(samples, processor.image_processor, processor.tokenizer.pad_token_id,
+                              net.config.image_token_id)
+    with torch.no_grad():
+        ours = dpo.sequence_logps(net, batch, dpo.encode_images(net, batch), chunk_size=7)
+    rows = [(s.chosen_ids, s.chosen_labels, s.chosen_images, s) for s in samples] + \
+           [(s.rejected_ids, s.rejected_labels, s.rejected_images, s) for s in samples]
+    for r, (ids, labels, windows, sample) in enumerate(rows):
+        image = data.load_image(sample.pair.record)
+        pixels = processor.image_processor(images=[image if w is None else image.crop(w) for w in windows],
+                                           return_tensors="pt")
+        item = {"input_ids": ids, "labels": labels, **pixels}
+        one = data.collate([item], processor.tokenizer.pad_token_id, net.config.image_token_id)
+        labels_t = one.pop("labels")
+        with torch.no_grad():
+            logits = net(**one).logits[0, :-1]
+        targets = labels_t[0, 1:]
+        mask = targets != data.IGNORE_INDEX
+        expected = torch.log_softmax(logits[mask], -1).gather(1, targets[mask][:, None]).sum()
+        torch.testing.assert_close(ours[r], expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("rejected_crop,images_per_pair", [("chosen", 2), ("own", 3)])
+def test_vision_tower_runs_once_per_unique_image_per_step(tiny_lora, pairs_file, rejected_crop, images_per_pair):
+    net, processor = tiny_lora
+    grouped = _grouped(processor, pairs_file, stage=2, rejected_crop=rejected_crop, n=2)
+    samples = [s for g in grouped for s in g]
+    batch = dpo.collate_pairs(samples, processor.image_processor, processor.tokenizer.pad_token_id,
+                              net.config.image_token_id)
+    calls, images = [], []
+
+    def count(module, args, kwargs, out):
+        calls.append(1)
+        images.append(len(kwargs["grid_thw"]))
+
+    hook = net.model.visual.register_forward_hook(count, with_kwargs=True)
+    try:
+        cfg = visrl.DPOConfig(data="x", stage=2)
+        net.train()
+        features = dpo.encode_images(net, batch)
+        policy = dpo.sequence_logps(net, batch, features)
+        reference = visrl.reference_logps(net, batch, features, cfg, None)
+        loss, _ = visrl.dpo_step_loss(cfg, policy, reference, batch, torch.bincount(batch["kind"], minlength=2).float())
+        loss.backward()
+    finally:
+        hook.remove()
+        net.zero_grad(set_to_none=True)
+        net.eval()
+    # 2 pairs x (box chosen/rejected + answer chosen/rejected) x (policy + reference) = 16 row passes
+    assert len(calls) == 1
+    assert images == [2 * images_per_pair]
+
+
+def test_precomputed_reference_equals_on_the_fly(tiny_lora, pairs_file):
+    net, processor = tiny_lora
+    grouped = _grouped(processor, pairs_file, stage=2, n=4)
+    cfg = visrl.DPOConfig(data="x", stage=2, batch_size=3)  # batches that cut across pairs
+    table = visrl.precompute_reference(net, grouped, processor, cfg, visrl.Dist())
+    samples = [s for g in grouped for s in g]
+    batch = dpo.collate_pairs(samples[::-1], processor.image_processor, processor.tokenizer.pad_token_id,
+                              net.config.image_token_id)
+    with torch.no_grad():
+        live = visrl.reference_logps(net, batch, dpo.encode_images(net, batch), cfg, None)
+    stored = visrl.reference_logps(net, batch, None, cfg, table)
+    torch.testing.assert_close(stored, live, rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# the `dpo` command
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_first_step_loss_is_ln2_and_stage2_loss_is_the_weighted_sum(pairs_file, tmp_path):
+    visrl.dpo_train(visrl.DPOConfig(data=str(pairs_file), stage=2, out=str(tmp_path / "s2"), max_steps=2,
+                                    lambda_box=0.3, lambda_answer=0.7, lr=1e-3))
+    rows = _rows(tmp_path / "s2")
+    first = rows[0]
+    # zero-initialised adapter: policy == reference, so every pair loss is -log sigmoid(0) = ln 2
+    assert first["box/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["answer/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["box/rewards/margins"] == 0.0 and first["answer/rewards/chosen"] == 0.0
+    for row in rows:
+        assert row["loss"] == pytest.approx(0.3 * row["box/loss"] + 0.7 * row["answer/loss"], rel=1e-5)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected"):
+        assert f"box/{key}" in first and f"answer/{key}" in first
+
+
+def test_short_run_raises_the_reward_margin(pairs_file, tmp_path):
+    out = visrl.dpo_train(visrl.DPOConfig(data=str(pairs_file), stage=1, out=str(tmp_path / "s1"),
+                                          max_steps=16, lr=2e-3, batch_size=4, warmup_ratio=0.0))
+    # Judged independently of the training log: trained adapter vs the model with adapters off.
+    net, processor = model.load_model("tiny")
+    model.load_adapter(net, out)
+    net.eval()
+    grouped = _grouped(processor, pairs_file, stage=1, n=16)
+    samples = [s for g in grouped for s in g]
+    batch = dpo.collate_pairs(samples, processor.image_processor, processor.tokenizer.pad_token_id,
+                              net.config.image_token_id)
+    with torch.no_grad():
+        features = dpo.encode_images(net, batch)
+        policy = dpo.sequence_logps(net, batch, features)
+        with model.adapters_disabled(net):
+            reference = dpo.sequence_logps(net, batch, features)
+    n = len(samples)
+    margins = 0.1 * ((policy[:n] - reference[:n]) - (policy[n:] - reference[n:]))
+    assert margins.mean() > 0.5 and (margins > 0).float().mean() >= 0.75, margins
+    rows = _rows(tmp_path / "s1")
+    assert rows[0]["box/rewards/margins"] == 0.0 and rows[-1]["box/rewards/margins"] > 0.5
+
+
+def test_precompute_ref_trains_the_same(pairs_file, tmp_path):
+    common = dict(data=str(pairs_file), stage=2, max_steps=3, lr=1e-3, limit=8)
+    visrl.dpo_train(visrl.DPOConfig(out=str(tmp_path / "live"), **common))
+    visrl.dpo_train(visrl.DPOConfig(out=str(tmp_path / "pre"), precompute_ref=True, **common))
+    for live, pre in zip(_rows(tmp_path / "live"), _rows(tmp_path / "pre")):
+        assert pre["loss"] == pytest.approx(live["loss"], abs=1e-5)
+        assert pre["answer/rewards/margins"] == pytest.approx(live["answer/rewards/margins"], abs=1e-5)
+
+
+def test_init_adapter_is_the_reference_and_the_stack_reloads(tiny_path, pairs_file, tmp_path):
+    net, processor = model.load_model(str(tiny_path))
+    cfg = model.LoRAConfig(rank=4, alpha=8)
+    model.add_lora(net, cfg)
+    for m in model.lora_modules(net).values():
+        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    model.save_adapter(net, tmp_path / "sft", cfg)
+    out = visrl.dpo_train(visrl.DPOConfig(data=str(pairs_file), stage=1, out=str(tmp_path / "dpo"), max_steps=1,
+                                          batch_size=2, adapter=str(tmp_path / "sft")))
+    first = _rows(tmp_path / "dpo")[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at the start
+
+    # The first step's batch, scored by the SFT model and by the base model.
+    step_pairs = visrl.epoch_batches(16, 2, visrl.Dist(), seed=0, epoch=0)[0]
+    grouped = _grouped(processor, pairs_file, stage=1, n=16)
+    batch = dpo.collate_pairs([grouped[i][0] for i in step_pairs], processor.image_processor,
+                              processor.tokenizer.pad_token_id, net.config.image_token_id)
+
+    def chosen_mean(scorer):
+        with torch.no_grad():
+            return dpo.sequence_logps(scorer, batch, dpo.encode_images(scorer, batch))[:2].mean().item()
+
+    base, _ = model.load_model(str(tiny_path))
+    assert first["box/logps/chosen"] == pytest.approx(chosen_mean(net), abs=1e-3)  # the SFT model
+    assert abs(first["box/logps/chosen"] - chosen_mean(base)) > 0.1  # not the base model
+    assert model.read_adapter_config(out).parent_adapter == str(tmp_path / "sft")
+    stacked, _ = model.load_model(str(tiny_path))
+    model.load_adapter(stacked, out)  # rebuilds: base + SFT merged, then the DPO adapter
+    assert len(model.lora_modules(stacked)) == len(model.lora_target_names(stacked))
+
+
+def _bad_pairs(pairs_file, tmp_path, edit):
+    lines = pairs_file.read_text().splitlines()[:6]
+    obj = json.loads(lines[2])
+    edit(obj)
+    lines[2] = json.dumps(obj)
+    path = pairs_file.parent / f"bad_{tmp_path.name}.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("edit,stage,field", [
+    (lambda o: o.pop("rejected_answer"), 1, "rejected_answer"),
+    (lambda o: o.update(chosen_box="  "), 1, "chosen_box"),
+    (lambda o: o.update(chosen_box="[0.9, 0.9, 0.1, 0.1]"), 2, "chosen_box"),
+    (lambda o: o.update(chosen_box="somewhere on the left"), 2, "chosen_box"),
+])
+def test_bad_pairs_are_reported_with_file_and_line(pairs_file, tmp_path, edit, stage, field):
+    path = _bad_pairs(pairs_file, tmp_path, edit)
+    try:
+        with pytest.raises(data.DataError, match=rf"{path.name}:3: field '{field}'"):
+            visrl.dpo_train(visrl.DPOConfig(data=str(path), stage=stage, out=str(tmp_path / "x"), max_steps=1))
+        out = visrl.dpo_train(visrl.DPOConfig(data=str(path), stage=stage, out=str(tmp_path / "y"), max_steps=2,
+                                              skip_bad_records=True))
+        assert len(_rows(tmp_path / "y")) == 2 and (out / "adapter.safetensors").exists()
+    finally:
+        path.unlink()
