@@ -415,3 +415,60 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters with requires_grad (the adapters, unless the caller unfroze more)."""
     return [p for p in model.parameters() if p.requires_grad]
 
+
+
+# --------------------------------------------------------------------------------------------
+# Generation with the in-process model: many prompts per batch, left padding, KV cache.
+
+
+@dataclass
+class Sampling:
+    """Decoding settings; temperature 0 means greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@torch.no_grad()
+def generate(net: nn.Module, processor, prompts: list, sampling: Sampling = Sampling(),
+             batch_size: int = 8, seed: int | None = None) -> list[str]:
+    """Reply text for each (messages, images) prompt, rendered by data.render_chat; batched, left-padded."""
+    import data
+
+    tokenizer, image_processor = processor.tokenizer, processor.image_processor
+    pad_id, image_token_id = tokenizer.pad_token_id, net.config.image_token_id
+    stop_ids = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    device = next(net.parameters()).device
+    if seed is not None:
+        torch.manual_seed(seed)
+    was_training = net.training
+    net.eval()
+    replies = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        rows = [data.encode(tokenizer, image_processor, messages, [im.size for im in images])[0]
+                for messages, images in chunk]
+        length = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, row in enumerate(rows):  # left padding: every prompt ends where generation starts
+            input_ids[i, length - len(row):] = torch.as_tensor(row)
+            attention_mask[i, length - len(row):] = 1
+        images = [im for _, ims in chunk for im in ims]
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
+                  "mm_token_type_ids": (input_ids == image_token_id).int()}
+        if images:
+            pixels = image_processor(images=images, return_tensors="pt")
+            inputs.update(pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"])
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        sample = sampling.temperature > 0
+        out = net.generate(
+            **inputs, max_new_tokens=sampling.max_new_tokens, do_sample=sample,
+            temperature=sampling.temperature if sample else None, top_p=sampling.top_p if sample else None,
+            top_k=sampling.top_k if sample else None, pad_token_id=pad_id, eos_token_id=stop_ids, use_cache=True,
+        )  # [B, length + new]
+        replies += tokenizer.batch_decode(out[:, length:], skip_special_tokens=True)
+    net.train(was_training)
+    return replies

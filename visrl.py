@@ -568,7 +568,7 @@ class TinyArgs:
     seed: int = 0
 
 
-def tiny(args: TinyArgs) -> Path:
+def tiny_command(args: TinyArgs) -> Path:
     path = modeling.make_tiny(args.out, modeling.TinyConfig(arch=args.arch, seed=args.seed))
     print(f"tiny {args.arch} checkpoint written to {path}")
     return path
@@ -585,13 +585,13 @@ class SynthArgs:
     seed: int = 0
 
 
-def synth(args: SynthArgs) -> dict:
+def synth_command(args: SynthArgs) -> dict:
     paths = synth.make_synth(args.out, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=args.seed)
     print(f"synthetic set written to {args.out}: " + ", ".join(str(p) for p in paths.values()))
     return paths
 
 
-COMMANDS = {"sft": (SFTConfig, sft), "dpo": (DPOConfig, dpo_train), "tiny": (TinyArgs, tiny), "synth": (SynthArgs, synth)}
+COMMANDS = {"sft": (SFTConfig, sft), "dpo": (DPOConfig, dpo_train), "tiny": (TinyArgs, tiny_command), "synth": (SynthArgs, synth_command)}
 
 
 def main() -> None:

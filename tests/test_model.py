@@ -159,3 +159,17 @@ def test_load_adapter_rejects_mismatched_weights(tiny, tmp_path):
     fresh, _ = model.load_model(str(net.name_or_path))
     with pytest.raises(ValueError, match="shape"):
         model.load_adapter(fresh, tmp_path / "a")
+
+
+def test_batched_left_padded_generation_equals_one_at_a_time(tiny, synth_dir):
+    net, processor = tiny
+    records = data.read_records(synth_dir / "val.jsonl")[:3]
+    prompts = [(data.focus_messages(r.question), [data.load_image(r)]) for r in records]
+    image = data.load_image(records[0])
+    prompts.append((data.answer_messages(records[0].question), [image, data.crop_image(image, records[0].box)]))
+    greedy = model.Sampling(max_new_tokens=8)
+    batched = model.generate(net, processor, prompts, greedy, batch_size=4)
+    single = [model.generate(net, processor, [p], greedy)[0] for p in prompts]
+    assert batched == single and all(batched)
+    sampled = model.Sampling(max_new_tokens=8, temperature=2.0, top_p=0.7, top_k=50)
+    assert model.generate(net, processor, prompts, sampled, seed=1) == model.generate(net, processor, prompts, sampled, seed=1)

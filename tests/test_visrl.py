@@ -119,3 +119,22 @@ def test_cli_help_and_sft_command(synth_dir, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert len((tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()) == 2
     assert "8 records -> 16 samples" in run.stderr
+
+
+def test_data_synth_builds_the_cached_set_once(monkeypatch, tmp_path):
+    import synth
+
+    monkeypatch.setenv("VISRL_CACHE", str(tmp_path))
+    calls = []
+    real = synth.make_synth
+
+    def small(root, seed=0):
+        calls.append(root)
+        return real(root, n_train=4, n_val=2, n_test=2, seed=seed)
+
+    monkeypatch.setattr(synth, "make_synth", small)
+    path = visrl.resolve_data("synth", "train", seed=3)
+    assert path.name == "train.jsonl" and path.exists() and str(tmp_path) in str(path)
+    assert visrl.resolve_data("synth", "test", seed=3).exists()
+    assert len(calls) == 1  # the second call reuses the cache
+    assert len(data.read_records(path)) == 4
