@@ -23,12 +23,18 @@ FOCUS_INSTRUCTION = ("Please provide the bounding box coordinate of the region "
 VISRL_INSTRUCTION = ("Please first provide the bounding box coordinate of the region, "
                      "then refer to the corresponding sub-image to answer the question better.")
 VCOT_ANSWER_TEXT = "Please answer the question based on the original image and local detail image."
+# Visual-CoT's referring-expression prompt (llava/eval/model_refcoco_loader.py), expression lower-cased.
+REC_PROMPT = "Locate the region this sentence describes: {}. Please provide the bounding box coordinates."
 
 def focus_messages(question: str, official: bool = False) -> list[dict]:
     """Step 1 prompt: [image] + question + focus instruction; the model replies with a box."""
     # official=True is the Visual-CoT benchmark's test-time text: lower-cased, plus a stray '.'
     text = (question.lower() + ". " if official else question + " ") + FOCUS_INSTRUCTION
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+def rec_messages(expression: str) -> list[dict]:
+    """Referring-expression prompt: [image] + Visual-CoT's locate instruction; the model replies with a box."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": REC_PROMPT.format(expression.lower())}]}]
 
 def answer_messages(question: str) -> list[dict]:
     """Step 2 prompt: [image] + question + answer instruction + [crop]; the model replies with the answer."""
@@ -320,7 +326,7 @@ def _record(r, root, source):
             raise _Bad(r["box_key"], f"box {list(b)} outside the {w}x{h} image")
     return Record(r["id"], path, r["question"], r["answers"], r["boxes"], w, h, source)
 
-def _items(text):
+def json_items(text):
     """(line, object or error message) for a JSON list or a JSONL text."""
     if text.lstrip().startswith("["):  # a JSON list: decode item by item to know each item's line
         dec, pos = json.JSONDecoder(), text.index("[") + 1
@@ -354,7 +360,7 @@ def _read(path, image_root, skip_bad, limit, build) -> list:
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read: {e}") from e
     items, errors = [], []
-    for line, obj in _items(text):
+    for line, obj in json_items(text):
         if limit is not None and len(items) >= limit:
             break
         source = f"{path}:{line}"

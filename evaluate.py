@@ -1,19 +1,37 @@
-"""Evaluation: offline answer scores and the client for OpenAI-compatible endpoints.
+"""Evaluation: two-step inference (focus -> crop -> answer), scored with the Visual-CoT benchmark protocol.
 
-(Two-step inference and the Visual-CoT benchmark protocol are built on these; see the evaluation issue.)
+    python evaluate.py --model tiny --data synth --out runs/eval
+    python evaluate.py --model CKPT --adapter runs/dpo2/adapter --data viscot_benchmark --out runs/eval-viscot
+    python evaluate.py --predictions runs/eval/predictions.jsonl --judge-endpoint URL --out runs/eval
+
+Top to bottom: offline answer scores; the client for OpenAI-compatible endpoints; inference with
+resume; scoring and reports; the CLI. The protocol itself (the official detection scorer, the judge,
+the benchmark readers and their Items) is in benchmark.py. See "Evaluation" in ../shared/RECIPE.md.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
+import os
+import random
 import re
 import string
+import sys
 import urllib.error
 import urllib.request
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
-from PIL import Image
+from PIL import Image, ImageDraw
+
+import benchmark
+import data
 
 # --------------------------------------------------------------------------------------------
 # Offline answer scores. A reference may be one string or a list of acceptable strings; the score
@@ -130,3 +148,468 @@ def chat_completion(endpoint: str, messages: list[dict], model: str = "default",
         return payload["choices"][0]["message"]["content"] or ""
     except (KeyError, IndexError, TypeError) as e:
         raise EndpointError(f"{url}: unexpected response shape: {str(payload)[:300]}") from e
+
+
+# --------------------------------------------------------------------------------------------
+# Inference: step 1 box (the model's, or an ablation's), crop, step 2 answer. One predictions.jsonl
+# line per item, appended and flushed as each batch finishes; a rerun skips the items already there.
+
+
+CENTER_BOX_TEXT = "[0.250, 0.250, 0.750, 0.750]"  # upstream's centre-box ablation, '%.3f' as it prints it
+
+
+def focus_prompt(item: benchmark.Item, official: bool = False) -> list[dict]:
+    """Step 1 messages: the focus prompt (training form, or the benchmark's test-time form), or REC's."""
+    if item.kind == "rec":
+        return data.rec_messages(item.question)
+    return data.focus_messages(item.expression or item.question, official=official)
+
+
+def ablation_box(item: benchmark.Item, mode: str, width: int, height: int, seed: int = 0) -> tuple[str, tuple]:
+    """(box text, pixel box) for --box gt | center | random; random is seeded per item, so reruns agree."""
+    if mode == "gt":
+        if item.gt_box is None:
+            raise data.DataError(f"{item.source}: --box gt needs a ground-truth box, this item has none")
+        return data.box_to_text(item.gt_box, width, height), tuple(item.gt_box)
+    if mode == "center":
+        return CENTER_BOX_TEXT, data.center_box(width, height)
+    if mode == "random":
+        box = data.random_box(width, height, random.Random(f"visrl-eval/{seed}/{item.set}/{item.id}"))
+        return data.box_to_text(box, width, height), box
+    raise ValueError(f"no ablation box for mode {mode!r}")
+
+
+def predict_batch(items: list[benchmark.Item], generate_fn, box: str = "model", official_prompt: bool = False,
+                  crop_rule: str = "vcot", seed: int = 0) -> list[dict]:
+    """Prediction rows for a batch of items; generate_fn maps [(messages, images)] to reply texts."""
+    images = [benchmark.load_item_image(it) for it in items]
+    rows = [{"set": it.set, "id": it.id, "kind": it.kind, "question": it.question, "answers": it.answers,
+             "gt_box": it.gt_box, "width": it.width, "height": it.height, "image": it.image,
+             "image_size": list(im.size), "judge_question": it.judge_question, "degenerate": it.degenerate,
+             "box_mode": box, "box_text": None, "box": None, "box_parsed": None, "crop": None, "answer": None}
+            for it, im in zip(items, images)]
+    if box == "none":
+        replies = generate_fn([(data.direct_messages(it.question), [im]) for it, im in zip(items, images)])
+        for row, reply in zip(rows, replies):
+            row["answer"] = reply.strip()
+        return rows
+    if box == "model":
+        texts = [t.strip() for t in generate_fn([(focus_prompt(it, official_prompt), [im])
+                                                 for it, im in zip(items, images)])]
+    crops = []
+    for i, (it, im, row) in enumerate(zip(items, images, rows)):
+        w, h = im.size
+        if box == "model":
+            text, pixel_box = texts[i], data.text_to_box(texts[i], w, h)
+        else:
+            text, pixel_box = ablation_box(it, box, w, h, seed)
+        # an unusable box crops the whole image, as upstream's fallback box [0, 0, 1, 1] does
+        window = data.crop_window(pixel_box if pixel_box is not None else (0, 0, w, h), w, h, rule=crop_rule)
+        row.update(box_text=text, box=None if pixel_box is None else [float(v) for v in pixel_box],
+                   box_parsed=pixel_box is not None, crop=list(window))
+        crops.append(im.crop(window))
+    asks = [i for i, it in enumerate(items) if it.kind == "vqa"]
+    if asks:
+        replies = generate_fn([(data.answer_messages(items[i].question), [images[i], crops[i]]) for i in asks])
+        for i, reply in zip(asks, replies):
+            rows[i]["answer"] = reply.strip()
+    return rows
+
+
+def read_jsonl_rows(path: Path, repair: bool = False) -> list[dict]:
+    """Rows of a JSONL file we append to. A cut-off last line (a killed run) is dropped, and with repair cut
+    from the file so that appending goes on cleanly; a bad line elsewhere is a DataError naming file:line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    complete, _, tail = raw.rpartition(b"\n")  # every line we write ends in a newline: only a tail can be cut off
+    rows = []
+    for number, line in enumerate(complete.split(b"\n") if complete else [], 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise data.DataError(f"{path}:{number}: invalid JSON ({e}); fix or delete the line") from e
+            if not isinstance(row, dict):
+                raise data.DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    if tail.strip():
+        try:
+            row = json.loads(tail)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):  # complete, only its newline is missing
+            rows.append(row)
+            if repair:
+                with open(path, "ab") as f:
+                    f.write(b"\n")
+        else:
+            print(f"warning: {path}: dropping a cut-off last line (an interrupted run); it will be redone",
+                  file=sys.stderr)
+            if repair:
+                with open(path, "r+b") as f:
+                    f.truncate(len(raw) - len(tail))
+    return rows
+
+
+def _check_rows(rows: list[dict], path) -> None:
+    """Predictions must name their item once each and carry what scoring reads."""
+    seen = {}
+    for n, row in enumerate(rows, 1):
+        for key, types in (("set", str), ("id", str), ("answers", list), ("width", int), ("height", int)):
+            if not isinstance(row.get(key), types):
+                raise data.DataError(f"{path}:{n}: field '{key}': expected {types.__name__}, got {row.get(key)!r:.60}")
+        key = (row["set"], row["id"])
+        if key in seen:
+            raise data.DataError(f"{path}:{n}: field 'id': {key} already at line {seen[key]} (duplicate prediction)")
+        seen[key] = n
+
+
+def model_generator(cfg: "EvalConfig"):
+    """generate_fn for the run: the in-process model (batched) or an OpenAI-compatible endpoint (concurrent)."""
+    if cfg.endpoint:
+        def call(prompt):
+            messages, images = prompt
+            return chat_completion(cfg.endpoint, to_openai_messages(messages, images), model=cfg.endpoint_model,
+                                   max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
+
+        def generate_endpoint(prompts):
+            with ThreadPoolExecutor(max_workers=max(1, cfg.batch_size)) as pool:
+                return list(pool.map(call, prompts))
+        return generate_endpoint
+
+    import torch
+
+    import model as modeling
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
+        cfg.dtype, torch.bfloat16 if device == "cuda" else torch.float32)
+    net, processor = modeling.load_model(cfg.model, dtype=dtype, device=device)
+    if cfg.adapter:
+        modeling.load_adapter(net, cfg.adapter)
+        modeling.merge_lora(net)  # plain linears: faster inference, same outputs
+    net.eval()
+    sampling = modeling.Sampling(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
+    return lambda prompts: modeling.generate(net, processor, prompts, sampling, batch_size=cfg.batch_size, seed=cfg.seed)
+
+
+# settings that change what a prediction is: a rerun into the same --out must keep them
+PREDICTION_SETTINGS = ("model", "adapter", "endpoint", "endpoint_model", "data", "image_root", "box", "official_prompt",
+                       "crop", "max_new_tokens", "temperature", "top_p", "seed")
+
+
+def _check_resume(out: Path, cfg: "EvalConfig") -> None:
+    path = out / "config.json"
+    if path.exists() and (out / "predictions.jsonl").exists():
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), getattr(cfg, k)) for k in PREDICTION_SETTINGS if old.get(k) != getattr(cfg, k)}
+        if diff:
+            changes = ", ".join(f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"{out}/predictions.jsonl was made with other settings ({changes}); "
+                             f"use another --out, or delete it to start over")
+    path.write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+
+
+def predict(items: list[benchmark.Item], cfg: "EvalConfig", generate_fn=None) -> list[dict]:
+    """Predictions for the items, in item order: those already in --out/predictions.jsonl are kept, the rest run."""
+    from tqdm import tqdm
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_resume(out, cfg)
+    path = out / "predictions.jsonl"
+    done = {(r.get("set"), r.get("id")): r for r in read_jsonl_rows(path, repair=True)}
+    todo = [it for it in items if (it.set, it.id) not in done]
+    if done:
+        print(f"evaluate: {len(items) - len(todo)} of {len(items)} items already in {path}; running {len(todo)}",
+              file=sys.stderr)
+    if todo:
+        generate_fn = generate_fn or model_generator(cfg)
+        with open(path, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc=f"evaluate (box {cfg.box})",
+                                                          dynamic_ncols=True) as bar:
+            for start in range(0, len(todo), cfg.batch_size):
+                batch = todo[start:start + cfg.batch_size]
+                for row in predict_batch(batch, generate_fn, cfg.box, cfg.official_prompt, cfg.crop, cfg.seed):
+                    f.write(json.dumps(row) + "\n")
+                    done[(row["set"], row["id"])] = row
+                f.flush()  # a killed run loses at most the batch in flight
+                bar.update(len(batch))
+    return [done[(it.set, it.id)] for it in items]
+
+
+def run_judge(rows: list[dict], cfg: "EvalConfig") -> dict:
+    """Judge scores {(set, id): score} for every answered row; cached in --out/judge.jsonl (resumable)."""
+    from tqdm import tqdm
+
+    path = Path(cfg.out) / "judge.jsonl"
+    cache = {(r.get("set"), r.get("id")): r for r in read_jsonl_rows(path, repair=True)}
+
+    def cached(row):  # judged before, on this very answer, and the call worked (a failed one is tried again)
+        entry = cache.get((row["set"], row["id"]))
+        return entry is not None and entry.get("answer") == row["answer"] and not entry.get("error")
+
+    todo = [r for r in rows if r.get("answers") and r.get("answer") is not None and not cached(r)]
+    if todo:
+        with open(path, "a", encoding="utf-8") as f, ThreadPoolExecutor(max_workers=max(1, cfg.judge_workers)) as pool:
+            futures = {pool.submit(benchmark.judge_answer, cfg.judge_endpoint, r["judge_question"] or r["question"],
+                                   r["answers"][0], r["answer"], cfg.judge_model): r for r in todo}
+            for future in tqdm(as_completed(futures), total=len(todo), desc="judge", dynamic_ncols=True):
+                r = futures[future]
+                score, reply, error = future.result()
+                entry = {"set": r["set"], "id": r["id"], "answer": r["answer"], "score": score, "reply": reply,
+                         "error": error}
+                f.write(json.dumps(entry) + "\n")
+                f.flush()
+                cache[(r["set"], r["id"])] = entry
+    failed = sum(1 for r in rows if cache.get((r["set"], r["id"]), {}).get("error"))
+    if failed:
+        print(f"warning: {failed} judge call(s) failed after retries and score 0 (as upstream); see {path}",
+              file=sys.stderr)
+    return {(r["set"], r["id"]): cache[(r["set"], r["id"])]["score"] for r in rows if (r["set"], r["id"]) in cache}
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring and reports.
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def summarize(rows: list[dict], judge: dict | None = None, parser: str = "official") -> dict:
+    """Per-set detection and answer scores and the means over sets (official and plain, labelled)."""
+    by_set = defaultdict(list)
+    for row in rows:
+        by_set[row["set"]].append(row)
+    sets, notes = {}, []
+    for name, group in by_set.items():
+        entry = {"items": len(group)}
+        boxed = [r for r in group if r.get("box_text") is not None and r.get("gt_box") is not None]
+        if boxed:
+            verdicts = [benchmark.detection_scores(r["box_text"], r["gt_box"], r["width"], r["height"]) for r in boxed]
+            correct = sum(v[parser] for v in verdicts)
+            degenerate = sum(1 for r in boxed if r.get("degenerate"))
+            entry["detection"] = {
+                "n": len(boxed), "correct": correct, "acc": 100.0 * correct / len(boxed), "parser": parser,
+                "acc_official": 100.0 * sum(v["official"] for v in verdicts) / len(boxed),
+                "acc_lenient": 100.0 * sum(v["lenient"] for v in verdicts) / len(boxed),
+                "parsers_disagree": sum(v["official"] != v["lenient"] for v in verdicts),
+                "unparsed_official": sum(not v["official_parsed"] for v in verdicts),
+                "unparsed_lenient": sum(not v["lenient_parsed"] for v in verdicts),
+                "degenerate_gt": degenerate}
+            if degenerate:
+                notes.append(f"{name}: {degenerate} item(s) have inverted ground-truth boxes; as in the official scorer "
+                             f"they stay in the denominator and can never score (ceiling {len(boxed) - degenerate}/{len(boxed)}).")
+        answered = [r for r in group if r.get("answers") and r.get("answer") is not None]
+        if answered:
+            scores = [answer_scores(r["answer"], r["answers"]) for r in answered]
+            entry["answer"] = {"n": len(answered), **{k: _mean(s[k] for s in scores) for k in scores[0]}}
+            if judge is not None:  # a row the judge never saw counts 0, like a failed call upstream
+                entry["answer"]["judge"] = _mean(judge.get((r["set"], r["id"]), 0.0) for r in answered)
+        expected = benchmark.SCORED_SETS.get(name)
+        if expected and len(group) != expected:
+            notes.append(f"{name}: {len(group)} items evaluated; the release has {expected}.")
+        sets[name] = entry
+    # visual7w and emotic are in the release but not in the published tables: kept out of the means
+    averaged = {n: e for n, e in sets.items() if n not in benchmark.UNSCORED_SETS} or sets
+    if len(averaged) < len(sets):
+        notes.append(f"{', '.join(n for n in sets if n not in averaged)}: not a scored set; left out of the means.")
+    accs = {n: e["detection"]["acc"] for n, e in averaged.items() if "detection" in e}
+    kept = {n: a for n, a in accs.items() if a != 0}
+    means = {"detection": {
+        "official_mean": _mean(kept.values()), "official_sets": sorted(kept), "dropped_zero_sets": sorted(set(accs) - set(kept)),
+        "plain_mean": _mean(accs.values()), "plain_sets": sorted(accs)}} if accs else {}
+    answered_sets = {n: e["answer"] for n, e in averaged.items() if "answer" in e}
+    if answered_sets:
+        metrics = [k for k in next(iter(answered_sets.values())) if k != "n"]
+        means["answer"] = {k: _mean(a[k] for a in answered_sets.values()) for k in metrics}
+        means["answer"]["sets"] = sorted(answered_sets)
+        if judge is not None and set(answered_sets) & set(benchmark.SCORED_SETS):
+            # official overall: the mean over all 11 scored sets, a set not evaluated counting 0
+            means["answer"]["judge_official_11"] = sum(answered_sets[s]["judge"] for s in benchmark.SCORED_SETS
+                                                       if s in answered_sets) / len(benchmark.SCORED_SETS)
+    return {"sets": sets, "means": means, "notes": notes}
+
+
+def _fmt(value, digits=1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def results_markdown(results: dict) -> str:
+    """The results as a markdown table (Acc x100, answer scores 0..1) with the means and notes under it."""
+    info = results.get("run", {})
+    lines = [f"# Evaluation: {info.get('what', '')}", "",
+             f"box: `{info.get('box', '')}`; focus prompt: `{info.get('prompt', '')}`; "
+             f"Acc@0.5 with the {info.get('parser', 'official')} parser (Visual-CoT protocol, x100); answer scores 0..1.", "",
+             "| set | items | Acc@0.5 | Acc@0.5 official parser | Acc@0.5 lenient parser | parsers disagree | "
+             "unparsable (official) | exact match | ANLS | containment | judge |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, e in results["sets"].items():
+        d, a = e.get("detection", {}), e.get("answer", {})
+        lines.append(f"| {name} | {e['items']} | {_fmt(d.get('acc'))} | {_fmt(d.get('acc_official'))} | "
+                     f"{_fmt(d.get('acc_lenient'))} | {d.get('parsers_disagree', '-')} | {d.get('unparsed_official', '-')} | "
+                     f"{_fmt(a.get('exact_match'), 3)} | {_fmt(a.get('anls'), 3)} | {_fmt(a.get('containment'), 3)} | "
+                     f"{_fmt(a.get('judge'), 3)} |")
+    det, ans = results["means"].get("detection", {}), results["means"].get("answer", {})
+    dropped = det.get("dropped_zero_sets")
+    lines.append(f"| **mean, official** (drops sets at exactly 0{': ' + ', '.join(dropped) if dropped else ''}) | | "
+                 f"{_fmt(det.get('official_mean'))} | | | | | | | | |")
+    n_sets = len(det.get("plain_sets", ans.get("sets", [])))
+    lines.append(f"| **mean, plain** (all {n_sets} set{'s' if n_sets != 1 else ''}) | | "
+                 f"{_fmt(det.get('plain_mean'))} | | | | | {_fmt(ans.get('exact_match'), 3)} | {_fmt(ans.get('anls'), 3)} | "
+                 f"{_fmt(ans.get('containment'), 3)} | {_fmt(ans.get('judge'), 3)} |")
+    if "judge_official_11" in ans:
+        lines += ["", f"Judge, official overall (mean over the 11 scored sets, a set not evaluated counts 0): "
+                      f"{ans['judge_official_11']:.3f}"]
+    if results.get("notes"):
+        lines += ["", "Notes:", *[f"- {n}" for n in results["notes"]]]
+    return "\n".join(lines) + "\n"
+
+
+def _ascii(text: str, limit: int = 110) -> str:
+    text = " ".join(str(text).split())
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return text.encode("ascii", "replace").decode()  # PIL's built-in font may lack other glyphs
+
+
+def draw_picture(row: dict, path) -> Path:
+    """One PNG: the image with the true (green) and predicted (red) boxes and the crop window (blue), the crop beside it."""
+    with Image.open(row["image"]) as im:
+        image = im.convert("RGB")
+    scale = 512 / max(image.size)
+    left = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+    draw = ImageDraw.Draw(left)
+
+    def rect(box, color, width):
+        x1, y1, x2, y2 = (v * scale for v in box)
+        draw.rectangle((min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)), outline=color, width=width)
+
+    if row.get("crop"):
+        rect(row["crop"], (40, 90, 255), 1)
+    if row.get("gt_box"):
+        rect(row["gt_box"], (0, 200, 0), 3)
+    if row.get("box"):
+        rect(row["box"], (230, 0, 0), 2)
+    panels = [left]
+    if row.get("crop"):
+        crop = image.crop(tuple(row["crop"]))
+        panels.append(crop.resize((max(1, round(crop.width * left.height / crop.height)), left.height)))
+    caption = [f"Q: {row['question']}", f"box: {row.get('box_text')}  (green: truth, red: predicted, blue: crop)",
+               f"answer: {row.get('answer')}   reference: {' | '.join(row.get('answers') or []) or '-'}"]
+    width = sum(p.width for p in panels) + 8 * (len(panels) - 1)
+    canvas = Image.new("RGB", (max(width, 640), left.height + 16 * len(caption) + 8), (255, 255, 255))
+    x = 0
+    for panel in panels:
+        canvas.paste(panel, (x, 0))
+        x += panel.width + 8
+    pen = ImageDraw.Draw(canvas)
+    for i, text in enumerate(caption):
+        pen.text((4, left.height + 4 + 16 * i), _ascii(text), fill=(0, 0, 0))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def draw_pictures(rows: list[dict], out_dir, n: int) -> list[Path]:
+    """A few pictures, taken round-robin over the sets; rows whose image is gone are skipped."""
+    by_set = defaultdict(list)
+    for row in rows:
+        by_set[row["set"]].append(row)
+    order = [r for rank in range(max((len(g) for g in by_set.values()), default=0))
+             for g in by_set.values() if rank < len(g) for r in [g[rank]]]
+    paths = []
+    for row in order:
+        if len(paths) >= n:
+            break
+        if not os.path.isfile(row.get("image", "")):
+            continue
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{row['set']}-{row['id']}")
+        paths.append(draw_picture(row, Path(out_dir) / "pictures" / f"{safe}.png"))
+    return paths
+
+
+# --------------------------------------------------------------------------------------------
+# The CLI.
+
+
+@dataclass
+class EvalConfig:
+    """Two-step evaluation (focus -> crop -> answer) with the Visual-CoT benchmark protocol; resumable."""
+
+    model: str = "tiny"  # checkpoint directory, or `tiny` / `tiny-qwen2-vl`
+    adapter: str | None = None  # a trained adapter (merged into the base for inference)
+    data: str = "synth"  # Visual-CoT release dir (benchmark/, benchmark_det/), a file, a dir with test.jsonl, or `synth`
+    image_root: str | None = None  # image paths are relative to this (default: the release root / the file's dir)
+    sets: tuple[str, ...] = ()  # sets to evaluate (default for a release dir: the 11 scored sets)
+    limit: int | None = None  # first N items of each set
+    out: str = "runs/eval"  # predictions.jsonl, results.json, results.md, pictures/ (and judge.jsonl)
+    box: Literal["model", "gt", "center", "random", "none"] = "model"  # the box the crop is cut from; none = answer directly
+    endpoint: str | None = None  # an OpenAI-compatible server to run instead of the in-process model
+    endpoint_model: str = "default"  # the model name sent to --endpoint
+    judge_endpoint: str | None = None  # an OpenAI-compatible server for the Visual-CoT judge score
+    judge_model: str = "default"  # the model name sent to --judge-endpoint
+    judge_workers: int = 8  # concurrent judge calls
+    predictions: str | None = None  # re-score this predictions.jsonl; no model runs
+    batch_size: int = 8  # prompts per generate call (concurrent requests with --endpoint)
+    max_new_tokens: int = 128  # upstream's limit
+    temperature: float = 0.0  # 0 = greedy (upstream's benchmark setting)
+    top_p: float = 1.0
+    official_prompt: bool = False  # the benchmark's test-time focus text (lower-cased question + '. ') instead of ours
+    crop: Literal["vcot", "raw"] = "vcot"  # crop rule for the answer step's second image
+    parser: Literal["official", "lenient"] = "official"  # box parser for the headline Acc@0.5 (both are reported)
+    pictures: int = 6  # how many PNGs with boxes and crop to draw
+    skip_bad_records: bool = False  # skip (and report) malformed items instead of stopping
+    seed: int = 0  # random-box ablation and sampling; also picks the synthetic set
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+
+
+def evaluate(cfg: EvalConfig, generate_fn=None) -> dict:
+    """Run (or resume, or re-score) an evaluation; writes results.json, results.md and pictures into --out."""
+    out = Path(cfg.out)
+    if cfg.predictions:
+        rows = read_jsonl_rows(Path(cfg.predictions))
+        _check_rows(rows, cfg.predictions)
+        if cfg.sets:
+            rows = [r for r in rows if r["set"] in cfg.sets]
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        items = benchmark.read_items(cfg.data, cfg.sets, cfg.image_root, cfg.limit, cfg.skip_bad_records, cfg.seed)
+        if not items:
+            raise data.DataError(f"{cfg.data}: nothing to evaluate")
+        if cfg.box == "none" and any(it.kind != "vqa" for it in items):
+            raise ValueError("--box none answers without a box, but some items are box-only (no answers): nothing to do there")
+        if cfg.box == "gt" and any(it.gt_box is None for it in items):
+            bad = next(it for it in items if it.gt_box is None)
+            raise data.DataError(f"{bad.source}: --box gt needs a ground-truth box, this item has none")
+        rows = predict(items, cfg, generate_fn)
+    judge = run_judge(rows, cfg) if cfg.judge_endpoint else None
+    results = summarize(rows, judge, cfg.parser)
+    modes = sorted({r.get("box_mode") for r in rows if r.get("box_mode")})
+    box_mode = ", ".join(modes) or cfg.box
+    if "model" not in modes and "none" not in modes:
+        results["notes"].append(f"Acc@0.5 here scores the ablation's own box ({box_mode}), not a model's.")
+    results["run"] = {"what": cfg.endpoint or (cfg.model + (f" + {cfg.adapter}" if cfg.adapter else "")),
+                      "data": cfg.predictions or cfg.data, "box": box_mode, "parser": cfg.parser,
+                      "prompt": "official test-time" if cfg.official_prompt else "training form",
+                      "predictions": len(rows), "judge": cfg.judge_endpoint}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    markdown = results_markdown(results)
+    (out / "results.md").write_text(markdown)
+    draw_pictures(rows, out, cfg.pictures)
+    print(markdown)
+    return results
+
+
+def main() -> None:
+    import tyro
+
+    evaluate(tyro.cli(EvalConfig))
+
+
+if __name__ == "__main__":
+    main()

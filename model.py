@@ -205,9 +205,10 @@ def make_tiny(out_dir: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
     tokenizer = build_tokenizer(cfg.vocab_size)
     config = tiny_model_config(cfg, tokenizer)
     _, model_cls, processor_cls = ARCHS[TINY_ARCHS[cfg.arch]]
-    torch.manual_seed(cfg.seed)
-    model = model_cls(config)
-    nn.init.normal_(model.lm_head.weight, std=cfg.lm_head_std)
+    with torch.random.fork_rng(devices=[]):  # building on first use must not shift the caller's random stream
+        torch.manual_seed(cfg.seed)
+        model = model_cls(config)
+        nn.init.normal_(model.lm_head.weight, std=cfg.lm_head_std)
     image_processor = Qwen2VLImageProcessorPil(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     processor = processor_cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_VL_CHAT_TEMPLATE)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,8 @@ import json
 import math
 import os
 import random
+import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -26,8 +28,16 @@ from typing import Annotated, Literal
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 import tyro
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from tqdm import tqdm
 
 import data
@@ -130,14 +140,19 @@ def make_optimizer(params, lr: float, weight_decay: float, total_steps: int, war
     return optimizer, scheduler
 
 
-def optimizer_step(params, optimizer, scheduler, world: Dist, grad_clip: float) -> tuple[torch.Tensor, float]:
-    """Sum gradients over ranks (losses are already normalised by global counts), clip, step.
+def reduce_gradients(params, world: Dist) -> None:
+    """Sum gradients over ranks: losses are normalised by global counts, so the sum is the gradient
+    of the global-batch objective, exactly as one process would compute it."""
+    if world.world_size > 1:
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
 
-    Returns the gradient norm (a tensor: no host sync here) and the learning rate this step used.
-    """
-    for p in params:
-        if world.world_size > 1 and p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+
+def optimizer_step(params, optimizer, scheduler, world: Dist, grad_clip: float) -> tuple[torch.Tensor, float]:
+    """Reduce gradients over ranks, clip, step. Returns the gradient norm (a tensor: no host sync
+    here) and the learning rate this step used."""
+    reduce_gradients(params, world)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
@@ -154,6 +169,151 @@ def start_run(out: Path, cfg, world: Dist, summary: str):
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     print(summary, file=sys.stderr)
     return open(out / "metrics.jsonl", "a")
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints that survive a kill: trainable weights, optimizer, scheduler, step, data position and
+# RNG states, through torch.distributed.checkpoint, written to a temporary directory and renamed.
+# The rename is the commit point: a kill before it leaves the previous checkpoint as the newest.
+
+CHECKPOINT_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)  # the frozen base is not saved
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint under <out>/checkpoints (temporary directories are ignored)."""
+    done = sorted(p for p in (out / "checkpoints").glob("step_*") if (p / "meta.json").exists())
+    return done[-1] if done else None
+
+
+def save_checkpoint(out: Path, step: int, net, optimizer, scheduler, world: Dist, keep: int) -> Path:
+    """Write <out>/checkpoints/step_<step> (collective: every rank calls it)."""
+    root = out / "checkpoints"
+    final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
+    if world.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a kill during an earlier write
+        tmp.mkdir(parents=True)
+    barrier(world)
+    state = {"model": get_model_state_dict(net, options=CHECKPOINT_OPTIONS),
+             "optim": get_optimizer_state_dict(net, optimizer, options=CHECKPOINT_OPTIONS)}
+    dcp.save(state, checkpoint_id=str(tmp))
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, tmp / f"rng_rank{world.rank}.pt")
+    barrier(world)
+    if world.is_main:
+        meta = {"step": step, "world_size": world.world_size, "scheduler": scheduler.state_dict()}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        os.replace(tmp, final)
+        older = sorted(p for p in root.glob("step_*") if p != final)
+        for old in older[:max(len(older) - (keep - 1), 0)]:  # keep the newest `keep`, this one included
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(world)
+    return final
+
+
+def load_checkpoint(path: Path, net, optimizer, scheduler, world: Dist) -> int:
+    """Restore a checkpoint into the freshly built run; returns the step it was taken after."""
+    meta = json.loads((path / "meta.json").read_text())
+    if meta["world_size"] != world.world_size:
+        raise ValueError(f"{path}: written by {meta['world_size']} ranks, resuming with {world.world_size}; "
+                         "the data split differs, so the run would not continue exactly")
+    state = {"model": get_model_state_dict(net, options=CHECKPOINT_OPTIONS),
+             "optim": get_optimizer_state_dict(net, optimizer, options=CHECKPOINT_OPTIONS)}
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(net, state["model"], options=CHECKPOINT_OPTIONS)
+    set_optimizer_state_dict(net, optimizer, state["optim"], options=CHECKPOINT_OPTIONS)
+    scheduler.load_state_dict(meta["scheduler"])
+    rng = torch.load(path / f"rng_rank{world.rank}.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return meta["step"]
+
+
+def resume_point(cfg, out: Path, net, optimizer, scheduler, world: Dist) -> int:
+    """With --resume: load the newest good checkpoint, drop metrics rows logged after it; else 0."""
+    path = latest_checkpoint(out) if cfg.resume else None
+    if path is None:
+        if cfg.resume and world.is_main:
+            print(f"resume: no checkpoint under {out / 'checkpoints'}; starting fresh", file=sys.stderr)
+        return 0
+    step = load_checkpoint(path, net, optimizer, scheduler, world)
+    metrics = out / "metrics.jsonl"
+    if world.is_main and metrics.exists():  # rows of steps after the checkpoint are redone
+        rows = [line for line in metrics.read_text().splitlines() if line.strip()]
+        kept = [line for line in rows if _row_step(line) is not None and _row_step(line) <= step]
+        metrics.write_text("".join(line + "\n" for line in kept))
+    if world.is_main:
+        print(f"resume: from {path} (step {step})", file=sys.stderr)
+    return step
+
+
+def _row_step(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None  # a line torn by the kill
+
+
+def barrier(world: Dist) -> None:
+    if world.world_size > 1:
+        dist.barrier()
+
+
+class StopOnSignal:
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves a checkpoint and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def should_stop(self, world: Dist) -> bool:
+        """Agreed across ranks: one rank's signal stops all of them at the same step."""
+        flag = torch.tensor(float(self.requested))
+        return bool(all_reduce_sum(flag, world) > 0) if world.world_size > 1 else self.requested
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def end_of_step(cfg, out: Path, done: int, total_steps: int, net, optimizer, scheduler, world: Dist,
+                stopper: StopOnSignal) -> bool:
+    """Checkpoint when due (every --save-every steps, at the end, on a stop signal); True = stop now."""
+    stop = stopper.should_stop(world)
+    if done == total_steps or stop or (cfg.save_every > 0 and done % cfg.save_every == 0):
+        path = save_checkpoint(out, done, net, optimizer, scheduler, world, cfg.keep_checkpoints)
+        if stop and world.is_main:
+            print(f"stopped by signal after step {done}; checkpoint {path}; rerun with --resume", file=sys.stderr)
+    return stop
+
+
+def finish_run(out: Path, net, lora_cfg: modeling.LoRAConfig, world: Dist, metrics, stopper: StopOnSignal,
+               name: str) -> Path:
+    """Close the log and, unless a signal stopped the run early, write the final adapter (rank 0)."""
+    stopper.restore()
+    if world.is_main:
+        metrics.close()
+        if not stopper.requested:
+            modeling.save_adapter(net, out / "adapter", lora_cfg)
+            print(f"{name}: adapter saved to {out / 'adapter'}", file=sys.stderr)
+    barrier(world)
+    return out / "adapter"
+
+
+def batch_stream(n_items: int, batch_size: int, world: Dist, seed: int, start: int):
+    """This rank's batches of item indices over endless epochs, from micro-batch `start` on (resume
+    skips to its data position without loading anything)."""
+    per_epoch = len(epoch_batches(n_items, batch_size, world, seed, 0))
+    epoch, offset = divmod(start, per_epoch)
+    while True:
+        yield from epoch_batches(n_items, batch_size, world, seed, epoch)[offset:]
+        epoch, offset = epoch + 1, 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,8 +351,10 @@ class SFTConfig:
     grad_checkpointing: bool = False
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_workers: int = 0  # DataLoader workers decoding images
     log_every: int = 1
+    save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end or on SIGTERM/SIGINT)
+    keep_checkpoints: int = 2
+    resume: bool = False  # continue from the newest complete checkpoint in --out
 
 
 class SFTDataset(torch.utils.data.Dataset):
@@ -279,21 +441,17 @@ def sft(cfg: SFTConfig) -> Path:
     params = modeling.trainable_parameters(net)
     optimizer, scheduler = make_optimizer(params, cfg.lr, cfg.weight_decay, total_steps, cfg.warmup_ratio)
     global_batch = cfg.batch_size * cfg.grad_accum * world.world_size
+    start_step = resume_point(cfg, out, net, optimizer, scheduler, world)
     metrics = start_run(out, cfg, world, (
         f"sft: {len(records)} records -> {len(samples)} samples; {total_steps} steps; global batch "
         f"{global_batch} = {cfg.batch_size} x {cfg.grad_accum} accum x {world.world_size} ranks; "
         f"{sum(p.numel() for p in params):,} trainable parameters"))
-
-    def micro_batches():
-        epoch = 0
-        while True:
-            for indices in epoch_batches(len(samples), cfg.batch_size, world, cfg.seed, epoch):
-                items = [dataset[i] for i in indices]
-                yield to_device(data.collate(items, pad_id, image_token_id), world.device)
-            epoch += 1
-
-    batches = micro_batches()
-    progress = tqdm(range(total_steps), desc="sft", disable=not world.is_main, dynamic_ncols=True)
+    batches = (to_device(data.collate([dataset[i] for i in indices], pad_id, image_token_id), world.device)
+               for indices in batch_stream(len(samples), cfg.batch_size, world, cfg.seed,
+                                           start=start_step * cfg.grad_accum))
+    progress = tqdm(range(start_step, total_steps), desc="sft", disable=not world.is_main, dynamic_ncols=True,
+                    initial=start_step, total=total_steps)
+    stopper = StopOnSignal()
     start = time.time()
     for step in progress:
         step_start = time.time()
@@ -319,13 +477,9 @@ def sft(cfg: SFTConfig) -> Path:
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
-    if world.is_main:
-        metrics.close()
-        modeling.save_adapter(net, out / "adapter", lora_cfg)
-        print(f"sft: adapter saved to {out / 'adapter'}", file=sys.stderr)
-    if world.world_size > 1:
-        dist.barrier()
-    return out / "adapter"
+        if end_of_step(cfg, out, step + 1, total_steps, net, optimizer, scheduler, world, stopper):
+            break
+    return finish_run(out, net, lora_cfg, world, metrics, stopper, "sft")
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,6 +534,9 @@ class DPOConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = 1
+    save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end or on SIGTERM/SIGINT)
+    keep_checkpoints: int = 2
+    resume: bool = False  # continue from the newest complete checkpoint in --out
 
 
 def build_dpo_samples(cfg: DPOConfig, pairs: list[data.Pair], processor, world: Dist) -> list[list[data.PairSample]]:
@@ -502,23 +659,21 @@ def dpo_train(cfg: DPOConfig) -> Path:
     params = modeling.trainable_parameters(net)
     optimizer, scheduler = make_optimizer(params, cfg.lr, cfg.weight_decay, total_steps, cfg.warmup_ratio)
     global_batch = cfg.batch_size * cfg.grad_accum * world.world_size
+    start_step = resume_point(cfg, out, net, optimizer, scheduler, world)
     metrics = start_run(out, cfg, world, (
         f"dpo stage {cfg.stage}: {len(grouped)} pairs; {total_steps} steps; global batch {global_batch} pairs "
         f"= {cfg.batch_size} x {cfg.grad_accum} accum x {world.world_size} ranks; reference = "
         f"{cfg.adapter or cfg.model} ({'precomputed' if cfg.precompute_ref else 'adapters off, per step'})"))
     ref_table = precompute_reference(net, grouped, processor, cfg, world) if cfg.precompute_ref else None
 
-    def micro_batches():
-        epoch = 0
-        while True:  # the unit is a pair: its box and answer samples share one batch, so its images are encoded once
-            for indices in epoch_batches(len(grouped), cfg.batch_size, world, cfg.seed, epoch):
-                samples = [s for i in indices for s in grouped[i]]
-                yield to_device(dpo.collate_pairs(samples, processor.image_processor, pad_id, image_token_id),
-                                world.device)
-            epoch += 1
-
-    batches = micro_batches()
-    progress = tqdm(range(total_steps), desc=f"dpo stage {cfg.stage}", disable=not world.is_main, dynamic_ncols=True)
+    # The unit is a pair: its box and answer samples share one batch, so its images are encoded once.
+    batches = (to_device(dpo.collate_pairs([s for i in indices for s in grouped[i]], processor.image_processor,
+                                           pad_id, image_token_id), world.device)
+               for indices in batch_stream(len(grouped), cfg.batch_size, world, cfg.seed,
+                                           start=start_step * cfg.grad_accum))
+    progress = tqdm(range(start_step, total_steps), desc=f"dpo stage {cfg.stage}", disable=not world.is_main,
+                    dynamic_ncols=True, initial=start_step, total=total_steps)
+    stopper = StopOnSignal()
     start = time.time()
     for step in progress:
         micro = [next(batches) for _ in range(cfg.grad_accum)]
@@ -546,13 +701,9 @@ def dpo_train(cfg: DPOConfig) -> Path:
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             progress.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['box/rewards/margins']:.3f}")
-    if world.is_main:
-        metrics.close()
-        modeling.save_adapter(net, out / "adapter", lora_cfg)
-        print(f"dpo: adapter saved to {out / 'adapter'}", file=sys.stderr)
-    if world.world_size > 1:
-        dist.barrier()
-    return out / "adapter"
+        if end_of_step(cfg, out, step + 1, total_steps, net, optimizer, scheduler, world, stopper):
+            break
+    return finish_run(out, net, lora_cfg, world, metrics, stopper, "dpo")
 
 
 # --------------------------------------------------------------------------------------------

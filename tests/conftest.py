@@ -64,3 +64,51 @@ def pairs_file(synth_dir):
     import data
 
     return write_pairs(data.read_records(synth_dir / "train.jsonl")[:16], synth_dir / "pairs.jsonl")
+
+
+# --------------------------------------------------------------------------------------------
+# A Visual-CoT release in the upstream layout (benchmark/<name>.json + benchmark_det/<name>.jsonl), for the
+# benchmark readers (test_benchmark.py) and runs on it (test_evaluate.py).
+
+
+def _conv(qid, image, box, question, box_text, answer):
+    return {"dataset": "docvqa", "split": "val", "question_id": qid, "image": [image, f"{image}###{box}"],
+            "conversations": [
+                {"from": "human", "value": f"<image>\n{question} Please provide the bounding box coordinate of the "
+                                           "region that can help you answer the question better."},
+                {"from": "gpt", "value": box_text}, {"from": "human", "value": "<image>"},
+                {"from": "gpt", "value": answer}]}
+
+
+def _det(qid, image, box, question, width, height):
+    return {"img_path": image, "expression": question, "bbox": box, "height": height, "width": width, "question_id": qid}
+
+
+@pytest.fixture()
+def release(tmp_path):
+    """A two-set release: docvqa (3 items, one with the upstream inverted box) and gqa (1 item)."""
+    import json
+
+    from PIL import Image
+
+    (tmp_path / "cot" / "docvqa").mkdir(parents=True)
+    (tmp_path / "cot" / "gqa").mkdir(parents=True)
+    for name, size in (("docvqa/a.png", (300, 200)), ("docvqa/b.png", (100, 80)), ("docvqa/c.png", (120, 160)),
+                       ("gqa/d.png", (240, 240))):
+        Image.new("RGB", size, (200, 200, 200)).save(tmp_path / "cot" / name)
+    convs = [_conv(1, "cot/docvqa/a.png", "[30, 40, 90, 100]", "What is the date?", "[0.100, 0.300, 0.300, 0.500]", "May 5"),
+             _conv(491, "cot/docvqa/b.png", "[60, 70, 80, 20]", "What is on the y axis?", "[0.600, 0.800, 0.800, 0.300]",
+                   "% change"),
+             _conv(7, "cot/docvqa/c.png", "[10, 20, 51, 60]", "Who signed?", "[0.188, 0.125, 0.444, 0.375]", "J. Doe")]
+    dets = [_det(7, "cot/docvqa/c.png", [10.5, 20.25, 50.75, 60.0], "Who signed?", 120, 160),  # not in the .json's order
+            _det(1, "cot/docvqa/a.png", [30.0, 40.0, 90.0, 100.0], "What is the date?", 300, 200),
+            _det(491, "cot/docvqa/b.png", [60.0, 70.0, 80.0, 20.0], "What is on the y axis?", 100, 80)]
+    (tmp_path / "benchmark").mkdir()
+    (tmp_path / "benchmark_det").mkdir()
+    (tmp_path / "benchmark" / "docvqa.json").write_text(json.dumps(convs, indent=2))
+    (tmp_path / "benchmark_det" / "docvqa.jsonl").write_text("".join(json.dumps(d) + "\n" for d in dets))
+    (tmp_path / "benchmark" / "gqa.json").write_text(json.dumps(
+        [_conv(3, "cot/gqa/d.png", "[0, 0, 120, 120]", "Is it red?", "[0.000, 0.000, 0.500, 0.500]", "yes")]))
+    (tmp_path / "benchmark_det" / "gqa.jsonl").write_text(
+        json.dumps(_det(3, "cot/gqa/d.png", [0, 0, 120, 120], "Is it red?", 240, 240)) + "\n")
+    return tmp_path

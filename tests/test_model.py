@@ -173,3 +173,11 @@ def test_batched_left_padded_generation_equals_one_at_a_time(tiny, synth_dir):
     assert batched == single and all(batched)
     sampled = model.Sampling(max_new_tokens=8, temperature=2.0, top_p=0.7, top_k=50)
     assert model.generate(net, processor, prompts, sampled, seed=1) == model.generate(net, processor, prompts, sampled, seed=1)
+
+
+def test_building_the_tiny_model_leaves_the_random_stream_alone(tmp_path):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    model.make_tiny(tmp_path / "tiny", model.TinyConfig(num_layers=1, hidden_size=64, intermediate_size=64))
+    assert torch.equal(torch.rand(3), expected)

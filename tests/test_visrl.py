@@ -75,7 +75,8 @@ def test_step_loss_does_not_depend_on_the_accumulation_split(tiny_path, synth_di
 
     whole, split = grads([items]), grads([items[:2], items[2:]])
     for a, b in zip(whole, split):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)  # fp32; padding changes only summation order
+        # fp32; padding changes only the summation order: agree to rounding, relative to the gradient's scale
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * a.abs().max().item())
 
 
 def test_long_samples_are_dropped_or_rejected(synth_dir, tmp_path, capsys):

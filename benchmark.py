@@ -1,0 +1,430 @@
+"""The Visual-CoT benchmark protocol: what is scored, and how, exactly as upstream does it.
+
+Top to bottom: detection Acc@0.5 exactly as the official scorer computes it; the Visual-CoT judge (its
+prompt and reply parsing); the benchmark readers, which turn a release directory (benchmark/<name>.json,
+benchmark_det/<name>.jsonl), a RefCOCO-style REC file or our own records into Items. evaluate.py runs
+the model on the Items and scores the predictions with the functions here. See "Evaluation" in
+../shared/RECIPE.md for the protocol.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+import data
+
+# --------------------------------------------------------------------------------------------
+# Detection Acc@0.5, exactly as the official scorer computes it (Visual-CoT's REC calculation.py):
+# parse the reply with its string operations, scale by max(w, h), move the ground-truth pixel box into
+# the padded square, IoU on float32 tensors (torchvision's box_iou: no +1), correct iff IoU > 0.5.
+
+
+def official_box_values(text: str) -> list[float] | None:
+    """The official parse: drop ' .', '[' and ']', split on ', ', float() the first four; None if that fails."""
+    parts = str(text).replace(" .", "").replace("[", "").replace("]", "").split(", ")
+    try:  # float() exactly as upstream, which also takes 'nan', 'inf', '1_0' and surrounding whitespace
+        return [float(parts[i]) for i in range(4)]
+    except (ValueError, IndexError):
+        return None
+
+
+def square_gt_box(box, width: int, height: int) -> list[float]:
+    """A ground-truth pixel box moved into Visual-CoT's centred square: + (long - short) // 2 on the short axis."""
+    x1, y1, x2, y2 = box
+    if width > height:
+        y1, y2 = y1 + (width - height) // 2, y2 + (width - height) // 2
+    elif height > width:
+        x1, x2 = x1 + (height - width) // 2, x2 + (height - width) // 2
+    return [x1, y1, x2, y2]
+
+
+def iou_float32(a, b) -> float:
+    """IoU as torchvision's box_iou computes it on float32: no +1, no validity checks (NaN stays NaN)."""
+    with np.errstate(all="ignore"):  # inverted, empty or non-finite boxes give 0, inf or NaN, never a warning
+        a, b = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
+        area_a = (a[2] - a[0]) * (a[3] - a[1])
+        area_b = (b[2] - b[0]) * (b[3] - b[1])
+        wh = np.clip(np.minimum(a[2:], b[2:]) - np.maximum(a[:2], b[:2]), 0, None)
+        inter = wh[0] * wh[1]
+        return float(inter / (area_a + area_b - inter))
+
+
+def box_correct(text: str, gt_box, width: int, height: int, parser: str = "official") -> bool:
+    """Acc@0.5 of one box reply against a ground-truth pixel box (width, height as the benchmark file gives them)."""
+    if parser == "official":
+        values = official_box_values(text)
+    elif parser == "lenient":
+        values = data.parse_box(text)  # first four numbers inside [...]; None for NaN, inverted and the like
+    else:
+        raise ValueError(f"unknown box parser {parser!r}, expected 'official' or 'lenient'")
+    if values is None:
+        return False  # unparsable: wrong, and it stays in the denominator
+    side = max(width, height)
+    return iou_float32([v * side for v in values], square_gt_box(gt_box, width, height)) > 0.5
+
+
+def detection_scores(text: str, gt_box, width: int, height: int) -> dict:
+    """Both parsers' verdicts on one box reply, and whether each could parse it."""
+    return {"official": box_correct(text, gt_box, width, height, "official"),
+            "lenient": box_correct(text, gt_box, width, height, "lenient"),
+            "official_parsed": official_box_values(text) is not None,
+            "lenient_parsed": data.parse_box(text) is not None}
+
+
+# --------------------------------------------------------------------------------------------
+# The Visual-CoT judge (llava/eval/eval_cot_score.py). Its system prompt is a triple-quoted string:
+# the text with a newline before and after; the user template likewise. Both kept byte for byte.
+
+JUDGE_SYSTEM = ("\nYou are responsible for proofreading the answers, you need to give a score to the model's answer "
+                "by referring to the standard answer, based on the given question. The full score is 1 point and the "
+                "minimum score is 0 points. Please output the score in the form \"score: <score>\". The evaluation "
+                "criteria require that the closer the model's answer is to the standard answer, the higher the score.\n")
+JUDGE_USER = "\nquestion: %s\nstandard answer: %s\nmodel's answer: %s\n"
+_JUDGE_SCORE = re.compile(r"score: ([\d\.]+)")
+_LEADING_NUMBER = re.compile(r"\d+(?:\.\d*)?|\.\d+")
+
+
+def judge_messages(question: str, reference: str, prediction: str) -> list[dict]:
+    """The judge's chat: the official system prompt and user text."""
+    return [{"role": "system", "content": JUDGE_SYSTEM},
+            {"role": "user", "content": JUDGE_USER % (question, reference, prediction)}]
+
+
+def parse_judge_score(reply: str | None) -> float:
+    """Official reply parsing: lower-case; no 'score' -> 0; not exactly one 'score: x' -> 0; clipped to [0, 1]."""
+    if reply is None:  # a failed call
+        return 0.0
+    text = reply.lower()
+    if "score" not in text:
+        return 0.0
+    found = _JUDGE_SCORE.findall(text)
+    if len(found) != 1:
+        return 0.0
+    # upstream float()s the match and crashes on 'score: 0.5.'; we take its leading number instead
+    number = _LEADING_NUMBER.match(found[0])
+    return min(max(float(number.group()), 0.0), 1.0) if number else 0.0
+
+
+def judge_answer(endpoint: str, question: str, reference: str, prediction: str, model: str = "default",
+                 retries: int = 3, max_tokens: int = 256) -> tuple[float, str | None, str | None]:
+    """(score, reply, error) of one judge call; after `retries` failed calls the score is 0 (as upstream)."""
+    import evaluate  # the endpoint client; imported here because evaluate imports this module
+
+    error = None
+    for attempt in range(retries):
+        try:
+            reply = evaluate.chat_completion(endpoint, judge_messages(question, reference, prediction), model=model,
+                                             max_tokens=max_tokens, temperature=0.0)
+            return parse_judge_score(reply), reply, None
+        except evaluate.EndpointError as e:
+            error = str(e)
+            if attempt + 1 < retries:
+                time.sleep(0.2 * (attempt + 1))
+    return 0.0, None, error
+
+
+# --------------------------------------------------------------------------------------------
+# What is evaluated: one Item per question (or referring expression), from any of the readers below.
+
+# the 11 scored sets of the Visual-CoT benchmark and their sizes in the release
+SCORED_SETS = {"docvqa": 888, "dude": 603, "sroie": 686, "infographicsvqa": 360, "textcap": 853, "textvqa": 526,
+               "flickr30k": 1546, "gqa": 978, "openimages": 945, "vsr": 404, "cub": 492}
+UNSCORED_SETS = ("visual7w", "emotic")  # in the release, not in the published tables
+
+
+@dataclass
+class Item:
+    """One evaluation question about one image, and what it is scored against."""
+
+    set: str                      # benchmark set name ('docvqa', 'synth', 'REC_refcoco_unc_val', ...)
+    id: str                       # unique within its set
+    image: str                    # absolute path
+    question: str                 # the bare question (answer step); the expression for box-only items
+    answers: list[str]            # empty for box-only items
+    gt_box: list[float] | None    # original-image pixels as the file gives them (may be inverted)
+    width: int                    # as the file gives them: the official scorer uses these
+    height: int
+    kind: str = "vqa"             # "vqa" box then answer | "det" box only, focus prompt | "rec" box only, locate prompt
+    expression: str = ""          # focus-step text when it differs from `question` (benchmark_det's 'expression')
+    judge_question: str = ""      # the question as the judge sees it (benchmark: first turn, '<image>\n' kept)
+    source: str = ""              # "file:line", for error messages
+
+    @property
+    def degenerate(self) -> bool:
+        """An inverted ground-truth box: no prediction can score on it (8 docvqa items in the release)."""
+        b = self.gt_box
+        return b is not None and (b[2] < b[0] or b[3] < b[1])
+
+
+class _BadField(Exception):
+    """One bad field of one item (internal): collected into a data.DataError naming file:line."""
+
+    def __init__(self, key, msg):
+        super().__init__(f"field '{key}': {msg}")
+
+
+def _need(obj: dict, key: str, types, what: str):
+    if key not in obj:
+        raise _BadField(key, "missing")
+    value = obj[key]
+    if not isinstance(value, types) or isinstance(value, bool):
+        raise _BadField(key, f"expected {what}, got {type(value).__name__} {str(value)[:40]!r}")
+    return value
+
+
+def _box4(value, key: str) -> list[float]:
+    """[x1, y1, x2, y2], four finite numbers; inverted boxes are kept (the official scorer counts them)."""
+    if not (isinstance(value, list) and len(value) == 4 and
+            all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        raise _BadField(key, f"expected [x1, y1, x2, y2], got {str(value)[:60]}")
+    if not all(math.isfinite(v) for v in value):
+        raise _BadField(key, f"non-finite coordinate in {value}")
+    return [float(v) for v in value]
+
+
+def _json_objects(path: Path):
+    """(line, object or error text) of a JSON list or JSONL file (data.py's reader, which tracks lines)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise data.DataError(f"{path}: cannot read: {e}") from e
+    return data.json_items(text)
+
+
+def _parse_file(path: Path, parse, errors: list[str]) -> list[dict]:
+    """parse(obj, source) for every object of a file, plus its position `pos` in the file; bad ones go to
+    `errors` as 'file:line: problem'."""
+    out = []
+    for pos, (line, obj) in enumerate(_json_objects(path)):
+        source = f"{path}:{line}"
+        if isinstance(obj, str):
+            errors.append(f"{source}: {obj}")
+        elif not isinstance(obj, dict):
+            errors.append(f"{source}: expected a JSON object, got {type(obj).__name__}")
+        else:
+            try:
+                out.append({**parse(obj, source), "pos": pos})
+            except _BadField as e:
+                errors.append(f"{source}: {e}")
+    return out
+
+
+def _qid(obj: dict, key: str = "question_id"):
+    return None if obj.get(key) is None else str(_need(obj, key, (int, str), "an integer or a string"))
+
+
+_BOX_CUT = " Please provide the bounding box"  # the judge's question is the first turn cut here (upstream)
+_FOCUS_CUTS = (_BOX_CUT, " Please think step by step and provide the bounding box")
+_NUMBERS = re.compile(r"-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?")
+
+
+def _conv_fields(obj: dict, source: str) -> dict:
+    """benchmark/<name>.json item: image [path, 'path###[x1, y1, x2, y2]'], 4 turns (question, box, <image>, answer)."""
+    images = _need(obj, "image", list, "a list [path, 'path###[x1, y1, x2, y2]']")
+    if len(images) < 2 or not all(isinstance(s, str) for s in images) or "###" not in images[1]:
+        raise _BadField("image", "expected a list [path, 'path###[x1, y1, x2, y2]']")
+    numbers = [float(n) for n in _NUMBERS.findall(images[1].split("###", 1)[1])]
+    if len(numbers) != 4:
+        raise _BadField("image", f"expected four numbers after '###', got {images[1].split('###', 1)[1][:60]!r}")
+    turns = _need(obj, "conversations", list, "a list of turns")
+    if len(turns) < 4 or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
+        raise _BadField("conversations", "expected 4 turns {from, value}: question, box, <image>, answer")
+    first = turns[0]["value"]
+    question = first.replace("<image>\n", "").replace("<image>", "")
+    for cut in _FOCUS_CUTS:
+        question = question.split(cut)[0]
+    return dict(qid=_qid(obj), image=images[0], box=numbers, question=question.strip(), answer=turns[-1]["value"],
+                judge_question=first.split(_BOX_CUT)[0] if "Please provide the bounding box" in first else first,
+                source=source)
+
+
+def _det_fields(obj: dict, source: str) -> dict:
+    """benchmark_det/<name>.jsonl (or a RefCOCO-style REC file) line: img_path, expression, bbox, height, width."""
+    return dict(qid=_qid(obj), sent_id=_qid(obj, "sent_id"), image=_need(obj, "img_path", str, "an image path"),
+                expression=_need(obj, "expression", str, "a string"), box=_box4(_need(obj, "bbox", list, "a list"), "bbox"),
+                width=_need(obj, "width", int, "an integer"), height=_need(obj, "height", int, "an integer"),
+                source=source)
+
+
+def _image_path(rel: str, root: str, key: str) -> str:
+    """Absolute image path inside root: as given, under cot/ (the release's layout), or by file name (REC files)."""
+    for cand in (rel, os.path.join("cot", rel), os.path.basename(rel)):
+        path = os.path.normpath(os.path.join(root, cand))
+        if os.path.commonpath([path, root]) != root:
+            raise _BadField(key, f"{rel!r} is outside the image root {root}")
+        if os.path.isfile(path):
+            return path
+    raise _BadField(key, f"file not found: {os.path.join(root, rel)}")
+
+
+def _image_size(path: str, key: str) -> tuple[int, int]:
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception as e:  # PIL raises many types for bad files
+        raise _BadField(key, f"unreadable image {path}: {type(e).__name__}: {e}")
+
+
+def _unique_ids(items: list[Item]) -> list[Item]:
+    """Resume keys on (set, id): a repeated id gets its file line appended."""
+    seen = set()
+    for item in items:
+        if (item.set, item.id) in seen:
+            item.id = f"{item.id}@{item.source.rsplit(':', 1)[-1]}"
+        seen.add((item.set, item.id))
+    return items
+
+
+def read_benchmark_set(conv_path: Path | None, det_path: Path | None, name: str, image_root,
+                       limit: int | None = None, skip_bad: bool = False) -> list[Item]:
+    """One Visual-CoT set from benchmark/<name>.json and/or benchmark_det/<name>.jsonl (paired by question_id).
+
+    Only a .json: the box after '###', the size from the image. Only a .jsonl: box-only items ('det' with
+    question_id, else 'rec': a RefCOCO-style file). Inverted ground-truth boxes are read and flagged, never rejected.
+    """
+    root = os.path.abspath(image_root)
+    errors = []
+    convs = _parse_file(conv_path, _conv_fields, errors) if conv_path else None
+    dets = _parse_file(det_path, _det_fields, errors) if det_path else None
+    if convs is not None and dets is not None:
+        if any(r["qid"] is None for r in convs + dets):  # upstream pairs the two files item by item
+            by_pos = {d["pos"]: d for d in dets}  # by position in the file: a skipped bad line shifts nothing
+            rows = [(c, by_pos.pop(c["pos"])) for c in convs if c["pos"] in by_pos]
+            if len(rows) != len(convs) or by_pos:
+                errors.append(f"{det_path}: without question_id the items pair by position, but "
+                              f"{len(convs) - len(rows) + len(by_pos)} have no partner in {conv_path}")
+        else:
+            by_id = defaultdict(list)
+            for d in dets:
+                by_id[d["qid"]].append(d)
+            rows = []
+            for c in convs:
+                if by_id.get(c["qid"]):
+                    rows.append((c, by_id[c["qid"]].pop(0)))
+                else:
+                    errors.append(f"{c['source']}: field 'question_id': {c['qid']} has no line in {det_path}")
+            errors += [f"{d['source']}: field 'question_id': {d['qid']} has no item in {conv_path}"
+                       for ds in by_id.values() for d in ds]
+    else:
+        rows = [(c, None) for c in convs] if convs is not None else [(None, d) for d in dets]
+    if limit is not None:
+        rows = rows[:limit]
+    items = []
+    for c, d in rows:
+        main = c or d
+        try:
+            key = "image" if c else "img_path"
+            path = _image_path(main["image"], root, key)
+            if d:
+                width, height = d["width"], d["height"]
+            else:
+                width, height = _image_size(path, key)
+            if c:
+                item = Item(name, c["qid"] or main["source"].rsplit(":", 1)[-1], path, c["question"], [c["answer"]],
+                            d["box"] if d else c["box"], width, height, "vqa",
+                            expression=d["expression"] if d else "", judge_question=c["judge_question"], source=c["source"])
+            else:
+                qid = d["qid"] or d["sent_id"] or d["source"].rsplit(":", 1)[-1]
+                item = Item(name, qid, path, d["expression"], [], d["box"], width, height,
+                            "det" if d["qid"] is not None else "rec", source=d["source"])
+            items.append(item)
+        except _BadField as e:
+            errors.append(f"{main['source']}: {e}")
+    data.report_bad(errors, skip_bad, f"set {name!r}", len(items))
+    return _unique_ids(items)
+
+
+def read_benchmark(root, sets=(), image_root=None, limit: int | None = None, skip_bad: bool = False) -> list[Item]:
+    """A directory laid out like the Visual-CoT release (benchmark/, benchmark_det/); sets default to the 11 scored."""
+    root = Path(root)
+    sets = tuple(sets) or tuple(SCORED_SETS)
+    missing, items = [], []
+    for name in sets:
+        conv, det = root / "benchmark" / f"{name}.json", root / "benchmark_det" / f"{name}.jsonl"
+        if not conv.exists() and not det.exists():
+            missing.append(name)
+            continue
+        items += read_benchmark_set(conv if conv.exists() else None, det if det.exists() else None, name,
+                                    image_root or root, limit, skip_bad)
+    if missing:
+        raise data.DataError(f"{root}: no benchmark/<name>.json or benchmark_det/<name>.jsonl for set(s) "
+                             f"{', '.join(missing)}; pass --sets to evaluate a subset")
+    return items
+
+
+def items_from_records(path: Path, image_root=None, limit: int | None = None, skip_bad: bool = False,
+                       name: str | None = None) -> list[Item]:
+    """Our records or Visual-CoT metadata (data.read_records); the set is each line's 'dataset', else `name`."""
+    path = Path(path)
+    if name is None:  # 'synth-v1-seed0/test' says more than 'test'
+        name = f"{path.parent.name}/{path.stem}" if path.stem in ("train", "val", "test") else path.stem
+    datasets = {line: obj.get("dataset") for line, obj in _json_objects(path) if isinstance(obj, dict)}
+    one_set = len(set(datasets.values())) <= 1
+    records = data.read_records(path, image_root=image_root, skip_bad=skip_bad, limit=limit if one_set else None)
+    items, counts = [], defaultdict(int)
+    for r in records:
+        ds = datasets.get(int(r.source.rsplit(":", 1)[-1]))
+        set_name = ds if isinstance(ds, str) and ds else name
+        if limit is not None and counts[set_name] >= limit:
+            continue
+        counts[set_name] += 1
+        items.append(Item(set_name, r.id, r.image, r.question, list(r.answers), list(r.box) if r.boxes else None,
+                          r.width, r.height, "vqa", judge_question=r.question, source=r.source))
+    return _unique_ids(items)
+
+
+def read_items(data_arg: str, sets=(), image_root=None, limit: int | None = None, skip_bad: bool = False,
+               seed: int = 0) -> list[Item]:
+    """--data: a Visual-CoT release directory, a directory with test.jsonl, one file, or `synth` (its test split)."""
+    if data_arg == "synth":
+        import visrl  # lazy: visrl imports torch and the trainers
+
+        path = visrl.resolve_data("synth", "test", seed)
+        items = items_from_records(path, image_root, limit, skip_bad)
+    else:
+        path = Path(data_arg)
+        if path.is_dir() and ((path / "benchmark").is_dir() or (path / "benchmark_det").is_dir()):
+            return read_benchmark(path, sets, image_root, limit, skip_bad)
+        if path.is_dir():
+            if not (path / "test.jsonl").exists():
+                raise data.DataError(f"{path}: neither a Visual-CoT release (benchmark/, benchmark_det/) "
+                                     f"nor a directory with test.jsonl")
+            path = path / "test.jsonl"
+        if not path.is_file():
+            raise data.DataError(f"{path}: no such file or directory")
+        first = next((obj for _, obj in _json_objects(path) if isinstance(obj, dict)), {})
+        # image paths of a file inside benchmark/ or benchmark_det/ are relative to the release root
+        release = path.parent.parent if path.parent.name in ("benchmark", "benchmark_det") else path.parent
+        if "conversations" in first:  # a benchmark .json; its benchmark_det twin joins if present
+            det = release / "benchmark_det" / f"{path.stem}.jsonl"
+            items = read_benchmark_set(path, det if det.exists() else None, path.stem, image_root or release,
+                                       limit, skip_bad)
+        elif "img_path" in first and "expression" in first:
+            conv = release / "benchmark" / f"{path.stem}.json"
+            items = read_benchmark_set(conv if conv.exists() else None, path, path.stem, image_root or release,
+                                       limit, skip_bad)
+        else:
+            items = items_from_records(path, image_root, limit, skip_bad)
+    if sets:
+        items = [it for it in items if it.set in sets]
+        if not items:
+            raise data.DataError(f"{data_arg}: no items in set(s) {', '.join(sets)}")
+    return items
+
+
+def load_item_image(item: Item) -> Image.Image:
+    """The item's image as RGB; a read failure is a DataError naming the item."""
+    try:
+        with Image.open(item.image) as im:
+            return im.convert("RGB")
+    except Exception as e:  # PIL raises many types for bad files
+        raise data.DataError(f"{item.source}: field 'image': cannot read {item.image}: {e}") from e

@@ -1,0 +1,575 @@
+"""Self-evolution data generation: the current model makes its own preference pairs from plain VQA.
+
+    python generate.py --model PATH|tiny [--adapter DIR] --data PATH|synth --out runs/gen
+
+For each question (no box annotation needed) and each of --attempts K attempts, two candidates:
+  a. sample a box (focus prompt), crop it, sample an answer (answer prompt with the crop);
+  b. the diversity candidate: sample another box; if its IoU with (a)'s box is above 0.05, replace it
+     by a random box of about (a)'s size that does not overlap (a)'s box; crop, sample an answer.
+Every candidate gets an answer score and a crop-relevance score in [0, 1] (`--scorer rule|judge`), then
+the pair filter keeps at most one (chosen, rejected) pair per question (RECIPE.md, upstream filter.py).
+
+The path of a chunk of --chunk questions: all 2K focus prompts in one batched model.generate call
+-> parse boxes (malformed ones counted and dropped) -> diversity rule -> all answer prompts in one
+call -> scores -> filter -> one line per question appended to candidates.jsonl (every candidate with
+its scores, plus the question's pair) and the pair to pairs.jsonl, flushed. A rerun skips finished
+questions; sampling is seeded per chunk, so an in-process rerun reproduces an uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import tyro
+from tqdm import tqdm
+
+import data
+import evaluate
+
+# --------------------------------------------------------------------------------------------
+# Config.
+
+
+@dataclass
+class GenerateConfig:
+    """Self-evolution data generation: sample boxes and answers, score them, keep preference pairs."""
+
+    model: str = "tiny"  # checkpoint directory, or `tiny` / `tiny-qwen2-vl` (ignored with --endpoint)
+    adapter: str | None = None  # the current policy's adapter (its parent stack is rebuilt and merged)
+    data: str = "synth"  # records file (Visual-CoT .jsonl/.json or ours; boxes optional), a directory, or `synth`
+    split: str = "train"  # which <split>.jsonl of a directory / `synth`
+    image_root: str | None = None  # image paths are relative to this (default: the data file's directory)
+    out: str = "runs/generate"  # candidates.jsonl, pairs.jsonl, summary.json, config.json go here
+    limit: int | None = None  # the first N questions only
+    seed: int = 0  # chunk c samples with seed * 1000003 + 10c, so a resumed run reproduces an uninterrupted one
+    attempts: int = 3  # K: each attempt makes a sampled and a diversity candidate
+    temperature: float = 2.0  # policy sampling (upstream: 2, top-p 0.7, top-k 50)
+    top_p: float = 0.7
+    top_k: int = 50
+    max_new_tokens: int = 64  # per reply (box, answer, crop-alone answer)
+    batch_size: int = 16  # prompts per forward of the in-process model
+    chunk: int = 8  # questions sampled together: each step's prompts of a chunk go to one model.generate call
+    endpoint: str | None = None  # sample from this OpenAI-compatible server instead of the in-process model
+    endpoint_model: str = "default"  # the `model` field sent to --endpoint
+    # rule: offline answer score + IoU with the gt box (or, without one, the answer from the crop alone);
+    # judge: upstream's two judge prompts sent to --judge-endpoint
+    scorer: Literal["rule", "judge"] = "rule"
+    judge_endpoint: str | None = None  # OpenAI-compatible server of the judge model (--scorer judge)
+    judge_model: str = "default"  # the `model` field sent to --judge-endpoint
+    judge_max_tokens: int = 64
+    workers: int = 8  # concurrent HTTP requests to --endpoint / --judge-endpoint
+    retries: int = 2  # extra tries of a failed HTTP call before the run stops (finished questions are kept)
+    timeout: float = 120.0  # seconds per HTTP call
+    answer_high: float = 0.8  # chosen needs the top answer score; a question needs some answer score >= this
+    answer_low: float = 0.2  # ... and some answer score <= this
+    crop_high: float = 0.8  # chosen needs crop score >= this
+    crop_low: float = 0.2  # rejected needs crop score <= this
+    box_form: Literal["square", "axis", "pixel"] = "square"  # how the model writes boxes
+    crop: Literal["vcot", "raw"] = "vcot"  # crop rule for the answer step's second image
+    skip_bad_records: bool = False  # skip (and report) malformed records instead of stopping
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+# A rerun in the same --out must use the same settings, or finished and new questions would mix.
+RESUME_KEYS = ("model", "adapter", "data", "split", "seed", "attempts", "temperature", "top_p", "top_k",
+               "max_new_tokens", "endpoint", "scorer", "judge_endpoint", "answer_high", "answer_low",
+               "crop_high", "crop_low", "box_form", "crop")
+
+# sampler(prompts=[(messages, images)], sampling, seed) -> replies; judge(openai messages) -> reply text
+Sampler = Callable[[list, "object", int], list[str]]
+Judge = Callable[[list[dict]], str]
+
+# --------------------------------------------------------------------------------------------
+# The diversity box.
+
+DIVERSITY_IOU = 0.05  # above this IoU with (a)'s box, the second sample is replaced
+TOLERANCE_START, TOLERANCE_STEP, TOLERANCE_EVERY, DIVERSITY_TRIES = 0.4, 0.1, 20, 100
+
+
+def overlaps(a: data.Box, b: data.Box) -> bool:
+    """True if the boxes share area (touching edges do not count, as upstream)."""
+    return not (a[2] <= b[0] or a[0] >= b[2] or a[3] <= b[1] or a[1] >= b[3])
+
+
+def diversity_box(first: data.Box, width: int, height: int, rng: random.Random,
+                  valid: Callable[[data.Box], bool] = lambda box: True) -> tuple[data.Box, float] | None:
+    """A random box inside the image, not overlapping `first`, each side within +-d of first's
+    (relative; d = 0.4, +0.1 every 20 tries, 100 tries): (box, d used), or None if none was found."""
+    # upstream's generate_random_bounding_box, in pixels instead of axis-normalised units (same ratios);
+    # sides are capped at the image's, so the box always lies inside it
+    fw, fh = first[2] - first[0], first[3] - first[1]
+    for i in range(DIVERSITY_TRIES):
+        d = TOLERANCE_START + TOLERANCE_STEP * (i // TOLERANCE_EVERY)
+        bw = rng.uniform((1 - d) * fw, min((1 + d) * fw, width))
+        bh = rng.uniform((1 - d) * fh, min((1 + d) * fh, height))
+        x1, y1 = rng.uniform(0, width - bw), rng.uniform(0, height - bh)
+        box = (x1, y1, x1 + bw, y1 + bh)
+        if not overlaps(box, first) and valid(box):
+            return box, d
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Scores and the pair filter.
+
+
+def rule_answer_score(answer: str, references: str | list[str]) -> float:
+    """max(exact match, ANLS, containment) against the best reference: normalised exact match is 1,
+    a near miss (edit distance < half the length) gets partial ANLS credit, an answer that contains a
+    reference as whole words ("The digit is 4.") is 1."""
+    return max(evaluate.answer_scores(answer, references).values())
+
+
+# The two judge prompts of upstream VisRL (zhangquanchen/VisRL, data_gen/generate.py), verbatim:
+# the indentation of their continuation lines comes from the f-strings in that file.
+JUDGE_ANSWER_PROMPT = (
+    "You are responsible for proofreading the answers, you need to give the score to the model's answer "
+    "by referring to the standard answer, based on the given question and image.\n"
+    "    The full score is 1 point and the minimum score is 0 points. Please directly provide the score in "
+    "JSON format, for example, {{\"score\": 0.8}}, without showing the intermediate process.\n"
+    "    The evaluation criteria require that the closer the model's answer is to the standard answer, "
+    "the higher the score.\n"
+    "\n"
+    "    Question: {question}\n"
+    "    Standard answer: {reference}\n"
+    "    Model's answer: {answer}\n"
+    "    ")
+JUDGE_CROP_PROMPT = (
+    "You are responsible for verifying the relevance of the image based on the provided question and "
+    "standard answer, you need to assess whether the image aligns with the standard answer.\n"
+    "    The full score is 1 point and the minimum score is 0 points. Please directly provide the score in "
+    "JSON format, for example, {{\"score\": 0.8}}, without showing the intermediate process.\n"
+    "    The evaluation criteria is that, the higher score will be if the image effectively encompasses "
+    "the information provided in the standard answer based on question.\n"
+    "\n"
+    "    Question: {question}\n"
+    "    Standard answer: {reference}\n"
+    "    ")
+
+
+def _judge_fields(record: data.Record) -> dict:
+    # Upstream's question is its prompt with '<image>\n' and the instruction removed: the question plus
+    # the space that preceded the instruction. Several references are listed, separated by ' / '.
+    return {"question": record.question + " ", "reference": " / ".join(dict.fromkeys(record.answers))}
+
+
+def judge_answer_messages(record: data.Record, answer: str, image) -> list[dict]:
+    """OpenAI messages asking the judge to score an answer against the reference, with the full image."""
+    text = JUDGE_ANSWER_PROMPT.format(answer=answer, **_judge_fields(record))
+    return evaluate.to_openai_messages([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
+                                       [image])
+
+
+def judge_crop_messages(record: data.Record, crop) -> list[dict]:
+    """OpenAI messages asking the judge how relevant the crop alone is to the question and reference."""
+    text = JUDGE_CROP_PROMPT.format(**_judge_fields(record))
+    return evaluate.to_openai_messages([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
+                                       [crop])
+
+
+_SCORE = re.compile(r"""["']?score["']?\s*[:=]\s*["']?([-+]?(?:\d+(?:\.\d*)?|\.\d+))""", re.IGNORECASE)
+
+
+def parse_score_json(text: str) -> float | None:
+    """The x of a judge's `{"score": x}` reply, tolerantly (code fences, a bare number, `score: x`,
+    text around it); None if absent, ambiguous (different scores), non-finite or outside [0, 1]."""
+    if not isinstance(text, str):
+        return None
+    body = re.sub(r"```(?:json)?", "", text).strip()
+    value = None
+    try:
+        obj = json.loads(body)
+        value = obj.get("score") if isinstance(obj, dict) else obj
+    except (json.JSONDecodeError, ValueError):
+        found = {float(m) for m in _SCORE.findall(body)}
+        value = found.pop() if len(found) == 1 else None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    # a number outside [0, 1] is likely another scale (0-10, 0-100): not a score we can use, so no clip
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return None
+    return float(value) if 0.0 <= value <= 1.0 else None
+
+
+@dataclass
+class Verdict:
+    """The filter's decision for one question: indices into its candidates, or why it was dropped."""
+
+    chosen: int | None
+    rejected: int | None
+    reason: str  # "kept" or the rule that dropped the question
+
+
+def select_pair(answer_scores: list[float | None], crop_scores: list[float | None], answer_high: float = 0.8,
+                answer_low: float = 0.2, crop_high: float = 0.8, crop_low: float = 0.2) -> Verdict:
+    """RECIPE's pair filter (upstream filter.py): candidates with a missing score are ignored; drop the
+    question if all answer scores are > answer_low, or all < answer_high, or all equal; chosen = first
+    with the top answer score and crop >= crop_high; rejected = first with the lowest answer score and
+    crop <= crop_low."""
+    scored = [i for i, (a, c) in enumerate(zip(answer_scores, crop_scores)) if a is not None and c is not None]
+    if not scored:
+        return Verdict(None, None, "no scored candidate")
+    top, low = max(answer_scores[i] for i in scored), min(answer_scores[i] for i in scored)
+    if low > answer_low:
+        return Verdict(None, None, "all answer scores > low")
+    if top < answer_high:
+        return Verdict(None, None, "all answer scores < high")
+    if top == low:
+        return Verdict(None, None, "all answer scores equal")
+    chosen = next((i for i in scored if answer_scores[i] == top and crop_scores[i] >= crop_high), None)
+    rejected = next((i for i in scored if answer_scores[i] == low and crop_scores[i] <= crop_low), None)
+    if chosen is None:
+        return Verdict(None, rejected, "no chosen candidate (top answer score with crop >= high)")
+    if rejected is None:
+        return Verdict(chosen, None, "no rejected candidate (lowest answer score with crop <= low)")
+    return Verdict(chosen, rejected, "kept")
+
+
+# --------------------------------------------------------------------------------------------
+# Samplers: the in-process model (batched) and an OpenAI-compatible endpoint (concurrent requests).
+
+
+def _retry(call, retries: int):
+    """call() with `retries` extra tries after an EndpointError (1 s, 2 s, ... apart)."""
+    for attempt in range(retries + 1):
+        try:
+            return call()
+        except evaluate.EndpointError:
+            if attempt == retries:
+                raise
+            time.sleep(1.0 + attempt)
+
+
+class LocalSampler:
+    """The in-process model: every prompt of a step in one model.generate call (batched, left-padded)."""
+
+    def __init__(self, cfg: GenerateConfig):
+        import model as modeling
+        import visrl
+
+        device = visrl.setup_distributed(cfg.device).device
+        self.net, self.processor = modeling.load_model(cfg.model, dtype=visrl.resolve_dtype(cfg.dtype, device),
+                                                       device=device)
+        if cfg.adapter:  # generation needs no separate adapter: merged weights are faster
+            modeling.load_adapter(self.net, cfg.adapter)
+            modeling.merge_lora(self.net)
+        self.batch_size = cfg.batch_size
+
+    def __call__(self, prompts, sampling, seed):
+        import model as modeling
+
+        return modeling.generate(self.net, self.processor, prompts, sampling, self.batch_size, seed)
+
+
+class EndpointSampler:
+    """An OpenAI-compatible server (e.g. vLLM): one chat request per prompt, --workers at a time."""
+
+    def __init__(self, cfg: GenerateConfig):
+        self.cfg = cfg
+        self.processor = None
+
+    def __call__(self, prompts, sampling, seed):
+        cfg = self.cfg
+
+        def one(prompt):
+            messages = evaluate.to_openai_messages(*prompt)
+            return _retry(lambda: evaluate.chat_completion(
+                cfg.endpoint, messages, cfg.endpoint_model, sampling.max_new_tokens, sampling.temperature,
+                sampling.top_p, sampling.top_k or None, cfg.timeout), cfg.retries)
+
+        with ThreadPoolExecutor(max(1, cfg.workers)) as pool:
+            return list(pool.map(one, prompts))
+
+
+def endpoint_judge(cfg: GenerateConfig) -> Judge:
+    """The judge behind --judge-endpoint, greedy (upstream: temperature 0)."""
+    if not cfg.judge_endpoint:
+        raise ValueError("--scorer judge needs --judge-endpoint URL (an OpenAI-compatible server)")
+    return lambda messages: _retry(lambda: evaluate.chat_completion(
+        cfg.judge_endpoint, messages, cfg.judge_model, cfg.judge_max_tokens, 0.0, 1.0, None, cfg.timeout), cfg.retries)
+
+
+# --------------------------------------------------------------------------------------------
+# One chunk of questions: boxes -> diversity -> answers -> scores -> filter.
+
+
+def _box_list(box):
+    return None if box is None else [float(v) for v in box]  # unrounded: Acc@0.5 is computed from these
+
+
+def run_chunk(cfg: GenerateConfig, items: list[tuple[int, data.Record]], sampler: Sampler,
+              judge: Judge | None, chunk_seed: int, root: str) -> list[dict]:
+    """The candidates.jsonl line of each (index, record): its candidates with scores, verdict and pair."""
+    import model as modeling  # Sampling only; the import is cheap once the sampler has loaded torch
+
+    policy = modeling.Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
+    greedy = modeling.Sampling(cfg.max_new_tokens, 0.0)
+    processor = getattr(sampler, "processor", None)
+    images = [data.load_image(r) for _, r in items]
+    K = cfg.attempts
+
+    # 1. all focus prompts of the chunk at once: 2K per question (the sampled and the diversity box)
+    prompts = [(data.focus_messages(r.question), [image]) for (_, r), image in zip(items, images) for _ in range(2 * K)]
+    box_replies = sampler(prompts, policy, chunk_seed)
+
+    # 2. parse, apply the diversity rule, crop
+    questions, live = [], []  # live: (question no., candidate, pixel box, crop) of each candidate to answer
+    for q, ((index, r), image) in enumerate(zip(items, images)):
+        resized = None
+        if cfg.box_form == "pixel":
+            if processor is None:
+                raise ValueError("--box-form pixel needs the in-process model (its image processor sizes the view)")
+            resized = data.model_view_size(r.width, r.height, processor.image_processor)
+
+        def parse(text, r=r, resized=resized):
+            return data.text_to_box(text, r.width, r.height, cfg.box_form, resized)
+
+        def as_text(box, r=r, resized=resized):
+            return data.box_to_text(box, r.width, r.height, cfg.box_form, resized)
+
+        rng = random.Random(f"{cfg.seed}:{index}:{r.id}")  # the diversity box depends on nothing else
+        candidates = []
+        for k in range(K):
+            a_reply, b_reply = box_replies[(q * K + k) * 2], box_replies[(q * K + k) * 2 + 1]
+            a_box, b_box = parse(a_reply), parse(b_reply)
+            a = dict(attempt=k, kind="sampled", box_reply=a_reply, box_text=a_reply, box=_box_list(a_box),
+                     replaced=False, dropped=None if a_box is not None else "box parse failure")
+            b = dict(attempt=k, kind="diversity", box_reply=b_reply, box_text=b_reply, box=_box_list(b_box),
+                     replaced=False, dropped=None if b_box is not None else "box parse failure")
+            if a_box is not None and b_box is not None and data.iou(a_box, b_box) > DIVERSITY_IOU:
+                # the replacement must survive its own text form (3 decimals or integer pixels)
+                found = diversity_box(a_box, r.width, r.height, rng,
+                                      valid=lambda box: (p := parse(as_text(box))) is not None and not overlaps(p, a_box))
+                if found is None:
+                    b.update(dropped="no diversity box")
+                else:
+                    b_box = parse(as_text(found[0]))
+                    b.update(box_text=as_text(found[0]), box=_box_list(b_box), replaced=True, tolerance=found[1])
+            elif a_box is None and b_box is not None:
+                b.update(dropped="no first box")  # nothing to diverge from (upstream drops the attempt too)
+            for cand, box in ((a, a_box), (b, b_box)):
+                candidates.append(cand)
+                if cand["dropped"] is None:
+                    window = data.crop_window(box, r.width, r.height, cfg.crop)
+                    live.append((q, cand, box, image.crop(window)))
+        questions.append(candidates)
+
+    # 3. all answers of the chunk at once, each with its crop
+    answer_prompts = [(data.answer_messages(items[q][1].question), [images[q], crop]) for q, _, _, crop in live]
+    for (_, cand, _, _), answer in zip(live, sampler(answer_prompts, policy, chunk_seed + 1) if live else []):
+        cand["answer"] = answer
+        if not answer.strip():
+            cand["dropped"] = "empty answer"  # a pair record needs a non-empty response
+    live = [x for x in live if x[1]["dropped"] is None]
+
+    # 4. scores
+    sources = {}
+    if cfg.scorer == "rule":
+        for q, cand, box, _ in live:
+            cand["answer_score"] = rule_answer_score(cand["answer"], items[q][1].answers)
+        gt = {q: items[q][1].box for q in range(len(items))}
+        probe = [x for x in live if gt[x[0]] is None]
+        # no ground-truth box: the crop is relevant if the model can answer from the crop alone
+        probe_prompts = [(data.direct_messages(items[q][1].question), [crop]) for q, _, _, crop in probe]
+        for (q, cand, _, _), answer in zip(probe, sampler(probe_prompts, greedy, chunk_seed + 2) if probe else []):
+            cand["crop_answer"] = answer
+            cand["crop_score"] = rule_answer_score(answer, items[q][1].answers)
+        for q, cand, box, _ in live:
+            if gt[q] is not None:
+                cand["crop_score"] = data.iou(box, gt[q])
+        sources = {q: "iou with gt box" if gt[q] is not None else "answer from crop alone" for q in range(len(items))}
+    else:
+        if judge is None:
+            raise ValueError("--scorer judge needs a judge (--judge-endpoint)")
+        requests = [m for q, cand, _, crop in live for m in (
+            judge_answer_messages(items[q][1], cand["answer"], images[q]), judge_crop_messages(items[q][1], crop))]
+        with ThreadPoolExecutor(max(1, cfg.workers)) as pool:
+            replies = list(pool.map(judge, requests))
+        for i, (q, cand, _, _) in enumerate(live):
+            cand["judge_replies"] = {"answer": replies[2 * i], "crop": replies[2 * i + 1]}
+            cand["answer_score"], cand["crop_score"] = parse_score_json(replies[2 * i]), parse_score_json(replies[2 * i + 1])
+            cand["judge_parse_failures"] = (cand["answer_score"] is None) + (cand["crop_score"] is None)
+            if cand["judge_parse_failures"]:
+                cand["dropped"] = "judge reply unparseable"
+        sources = {q: "judge" for q in range(len(items))}
+
+    # 5. the filter, one line per question
+    lines = []
+    for q, ((index, r), candidates) in enumerate(zip(items, questions)):
+        usable = [c["dropped"] is None for c in candidates]
+        verdict = select_pair([c.get("answer_score") if ok else None for c, ok in zip(candidates, usable)],
+                              [c.get("crop_score") if ok else None for c, ok in zip(candidates, usable)],
+                              cfg.answer_high, cfg.answer_low, cfg.crop_high, cfg.crop_low)
+        pair = None
+        if verdict.reason == "kept":
+            win, lose = candidates[verdict.chosen], candidates[verdict.rejected]
+            pair = data.pair_json(data.Pair(r, win["box_text"], lose["box_text"], win["answer"], lose["answer"],
+                                            cfg.box_form), root)
+        lines.append({"index": index, "id": r.id, "question": r.question, "answers": r.answers,
+                      "gt_box": _box_list(r.box), "crop_score_source": sources[q], "candidates": candidates,
+                      "verdict": verdict.reason, "chosen": verdict.chosen, "rejected": verdict.rejected,
+                      "pair": pair})
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
+# Files: append-only lines, resume, summary.
+
+
+def read_progress(path: Path) -> list[dict]:
+    """Finished questions' lines of candidates.jsonl; a torn last line (a kill mid-write) is cut off."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        raw = raw[:raw.rfind(b"\n") + 1]
+        path.write_bytes(raw)  # the torn tail is that question's unfinished write: redo it
+    lines = []
+    for n, text in enumerate(raw.decode("utf-8").splitlines(), 1):
+        try:
+            line = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise data.DataError(f"{path}:{n}: invalid JSON ({e}); not a file this tool wrote whole") from e
+        if not isinstance(line, dict) or not isinstance(line.get("index"), int) or "pair" not in line:
+            raise data.DataError(f"{path}:{n}: field 'index'/'pair': not a candidates line written by generate.py")
+        lines.append(line)
+    return lines
+
+
+def check_resume(out: Path, cfg: GenerateConfig) -> None:
+    """Refuse to mix runs: a rerun in an --out made with other settings is an error naming them."""
+    path = out / "config.json"
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    new = dataclasses.asdict(cfg)
+    changed = [k for k in RESUME_KEYS if k in old and old[k] != new[k]]
+    if changed:
+        detail = ", ".join(f"--{k.replace('_', '-')} {old[k]!r} -> {new[k]!r}" for k in changed)
+        raise ValueError(f"{out} holds a run with other settings ({detail}); resume with the same "
+                         f"settings or use a fresh --out")
+
+
+def summarize(lines: list[dict]) -> dict:
+    """Counts over finished questions (all runs in --out), and Acc@0.5 of chosen vs rejected boxes."""
+    cands = [c for line in lines for c in line["candidates"]]
+    dropped = Counter(c["dropped"] for c in cands if c["dropped"])
+    pairs = [line for line in lines if line["pair"] is not None]
+    summary = {
+        "questions": len(lines),
+        "candidates": len(cands),
+        "candidates_scored": sum(c["dropped"] is None for c in cands),
+        "box_parse_failures": dropped["box parse failure"],
+        "judge_parse_failures": sum(c.get("judge_parse_failures", 0) for c in cands),
+        "diversity_replaced": sum(c["replaced"] for c in cands),
+        "dropped_candidates": dict(dropped),
+        "pairs_kept": len(pairs),
+        "verdicts": dict(Counter(line["verdict"] for line in lines)),
+        "crop_score_source": dict(Counter(line["crop_score_source"] for line in lines)),
+    }
+    with_gt = [line for line in pairs if line["gt_box"] is not None]
+    if with_gt:  # correct iff IoU > 0.5, strictly, as the benchmark counts it
+        def acc(key):
+            return sum(data.iou(line["candidates"][line[key]]["box"], line["gt_box"]) > 0.5 for line in with_gt) / len(with_gt)
+
+        summary["pairs_with_gt_box"] = len(with_gt)
+        summary["chosen_acc@0.5"], summary["rejected_acc@0.5"] = acc("chosen"), acc("rejected")
+    return summary
+
+
+def generate(cfg: GenerateConfig, sampler: Sampler | None = None, judge: Judge | None = None) -> dict:
+    """Make candidates and pairs for every question in cfg.data into cfg.out, resuming; returns the summary."""
+    import visrl  # resolve_data (and `synth`); imported here so the pure functions above load without torch
+
+    if cfg.attempts < 1 or cfg.chunk < 1 or cfg.batch_size < 1:
+        raise ValueError("--attempts, --chunk and --batch-size must be at least 1")
+    if cfg.box_form == "pixel" and cfg.endpoint:
+        raise ValueError("--box-form pixel needs the in-process model (its image processor sizes the view), not --endpoint")
+    if cfg.scorer == "judge" and judge is None:
+        judge = endpoint_judge(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    check_resume(out, cfg)
+    data_path = visrl.resolve_data(cfg.data, cfg.split, cfg.seed)
+    root = os.path.abspath(cfg.image_root if cfg.image_root is not None else Path(data_path).parent)
+    records = data.read_records(data_path, image_root=cfg.image_root, skip_bad=cfg.skip_bad_records, limit=cfg.limit)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+
+    cand_path, pair_path = out / "candidates.jsonl", out / "pairs.jsonl"
+    lines = read_progress(cand_path)
+    done = {}
+    for line in lines:
+        i = line["index"]
+        if i < len(records) and records[i].id != line["id"]:
+            raise ValueError(f"{cand_path}: question {i} is {line['id']!r} there but {records[i].id!r} in "
+                             f"{data_path}: another data set; use a fresh --out")
+        done[i] = line
+    # pairs.jsonl is derived from the finished lines (each holds its pair): rewriting it drops a pair
+    # whose question was not finished and restores one lost between the two writes
+    tmp = pair_path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(line["pair"]) + "\n" for line in lines if line["pair"] is not None))
+    os.replace(tmp, pair_path)
+
+    if sampler is None:
+        sampler = EndpointSampler(cfg) if cfg.endpoint else LocalSampler(cfg)
+    todo = [i for i in range(len(records)) if i not in done]
+    kept = sum(line["pair"] is not None for line in lines)
+    progress = tqdm(total=len(records), initial=len(records) - len(todo), desc="generate", dynamic_ncols=True)
+    progress.set_postfix_str(f"pairs {kept}")
+    start, new_candidates = time.time(), 0
+    with open(cand_path, "a", encoding="utf-8") as cand_file, open(pair_path, "a", encoding="utf-8") as pair_file:
+        # chunks are fixed index ranges, each with its own seed, and a chunk is always sampled whole
+        # (finished questions are recomputed but not written): a resumed run samples exactly what an
+        # uninterrupted one would
+        for c in sorted({i // cfg.chunk for i in todo}):
+            indices = range(c * cfg.chunk, min((c + 1) * cfg.chunk, len(records)))
+            items = [(i, records[i]) for i in indices]
+            for line in run_chunk(cfg, items, sampler, judge, cfg.seed * 1_000_003 + 10 * c, root):
+                if line["index"] in done:
+                    continue
+                cand_file.write(json.dumps(line) + "\n")  # the commit point of a question
+                cand_file.flush()
+                if line["pair"] is not None:
+                    pair_file.write(json.dumps(line["pair"]) + "\n")
+                    pair_file.flush()
+                    kept += 1
+                done[line["index"]] = line
+                lines.append(line)
+                new_candidates += len(line["candidates"])
+                progress.update(1)
+                progress.set_postfix_str(f"pairs {kept}")
+    progress.close()
+    elapsed = time.time() - start
+    summary = summarize(lines)
+    summary.update(questions_in_data=len(records), image_root=root,
+                   this_run={"questions": len(todo), "candidates": new_candidates, "seconds": round(elapsed, 3),
+                             "candidates_per_s": round(new_candidates / elapsed, 3) if elapsed > 0 else None})
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    print(f"generate: {summary['pairs_kept']} pairs from {summary['questions']} questions in {pair_path}; "
+          f"train on them with: python visrl.py dpo --stage 1 --data {pair_path} --image-root {root}", file=sys.stderr)
+    return summary
+
+
+def main() -> None:
+    generate(tyro.cli(GenerateConfig))
+
+
+if __name__ == "__main__":
+    main()

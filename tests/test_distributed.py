@@ -1,0 +1,121 @@
+"""Several processes and interrupted runs: torchrun on CPU/gloo, checkpoints, resume, signals."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import visrl
+
+ROOT = Path(__file__).resolve().parent.parent
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def _rows(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _run(cmd, **kwargs):
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, **kwargs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_two_ranks_reduce_to_the_single_process_gradients(synth_dir, tmp_path):
+    train = str(synth_dir / "train.jsonl")
+    _run([sys.executable, "tests/dist_grads.py", str(tmp_path / "one.safetensors"), train, "4"])
+    _run(TORCHRUN + ["tests/dist_grads.py", str(tmp_path / "two.safetensors"), train, "2"])
+    one, two = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
+    assert one.keys() == two.keys() and len(one) > 0
+    for name in one:  # the same global batch of 4; fp32, summation order differs across ranks
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5 * one[name].abs().max().item())
+
+
+def _sft_cmd(synth_dir, out, *extra):
+    return [str(synth_dir / "train.jsonl"), "--out", str(out), "--lr", "1e-3", "--limit", "16", *extra]
+
+
+def test_two_rank_losses_match_one_rank(synth_dir, tmp_path):
+    _run([sys.executable, "visrl.py", "sft", "--data"] + _sft_cmd(synth_dir, tmp_path / "one", "--batch-size", "4",
+                                                                  "--max-steps", "3"))
+    _run(TORCHRUN + ["visrl.py", "sft", "--data"] + _sft_cmd(synth_dir, tmp_path / "two", "--batch-size", "2",
+                                                             "--max-steps", "3"))
+    one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
+def _wait_for(predicate, proc, seconds=300):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early:\n{proc.stderr.read()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def test_sigkill_then_resume_gives_the_same_losses(synth_dir, tmp_path):
+    base = [sys.executable, "visrl.py", "sft", "--data"]
+    steps = ["--max-steps", "8", "--save-every", "2", "--batch-size", "2"]
+    _run(base + _sft_cmd(synth_dir, tmp_path / "whole", *steps))
+    proc = subprocess.Popen(base + _sft_cmd(synth_dir, tmp_path / "killed", *steps), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: (tmp_path / "killed" / "checkpoints" / "step_00000004" / "meta.json").exists(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = len(_rows(tmp_path / "killed"))
+    assert 4 <= killed_at < 8  # died mid-run, after the step-4 checkpoint
+    _run(base + _sft_cmd(synth_dir, tmp_path / "killed", *steps, "--resume"))
+    whole, resumed = _rows(tmp_path / "whole"), _rows(tmp_path / "killed")
+    assert [r["step"] for r in resumed] == list(range(1, 9))  # no duplicates, nothing lost
+    for a, b in zip(whole, resumed):
+        assert b["loss"] == a["loss"] and b["grad_norm"] == a["grad_norm"]  # exact: fp32 CPU is deterministic
+    assert (tmp_path / "killed" / "adapter" / "adapter.safetensors").exists()
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_cleanly(synth_dir, tmp_path):
+    cmd = [sys.executable, "visrl.py", "sft", "--data"] + _sft_cmd(synth_dir, tmp_path / "run", "--max-steps", "40",
+                                                                   "--batch-size", "2")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0
+    checkpoint = visrl.latest_checkpoint(tmp_path / "run")
+    stopped_at = json.loads((checkpoint / "meta.json").read_text())["step"]
+    assert stopped_at == len(_rows(tmp_path / "run")) < 40
+    assert not (tmp_path / "run" / "adapter").exists()  # no final adapter from an unfinished run
+    _run(cmd + ["--resume"])
+    assert [r["step"] for r in _rows(tmp_path / "run")] == list(range(1, 41))
+
+
+def test_a_torn_checkpoint_write_leaves_the_previous_one(synth_dir, tmp_path):
+    out = tmp_path / "run"
+    visrl.sft(visrl.SFTConfig(data=str(synth_dir / "train.jsonl"), out=str(out), max_steps=4, save_every=2,
+                              batch_size=2, limit=16, lr=1e-3))
+    good = visrl.latest_checkpoint(out)
+    assert good.name == "step_00000004"
+    # a write killed half-way: a temporary directory with some shards and no meta.json
+    torn = out / "checkpoints" / ".tmp_step_00000006"
+    shutil.copytree(good, torn)
+    (torn / "meta.json").unlink()
+    shard = next(torn.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    assert visrl.latest_checkpoint(out) == good
+    visrl.sft(visrl.SFTConfig(data=str(synth_dir / "train.jsonl"), out=str(out), max_steps=6, save_every=2,
+                              batch_size=2, limit=16, lr=1e-3, resume=True))
+    assert [r["step"] for r in _rows(out)] == list(range(1, 7))
+    assert visrl.latest_checkpoint(out).name == "step_00000006"
+    assert not torn.exists()

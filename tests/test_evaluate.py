@@ -1,0 +1,293 @@
+"""Evaluation: offline answer scores, scoring and means, runs and resume, the endpoint path (the protocol
+itself, detection scorer, judge and readers, is tested in test_benchmark.py)."""
+
+import json
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import tyro
+from PIL import Image
+
+import benchmark
+import data
+import evaluate as ev
+
+# --------------------------------------------------------------------------------------------
+# Offline answer scores on known pairs.
+
+
+def test_anls_on_known_pairs():
+    assert ev.levenshtein("kitten", "sitting") == 3
+    assert ev.anls("hello", "hallo") == pytest.approx(0.8)              # 1 edit / 5
+    assert ev.anls("kitten", "sitting") == pytest.approx(1 - 3 / 7)     # NL 0.43 < 0.5
+    assert ev.anls("abc", "abd") == pytest.approx(2 / 3)
+    assert ev.anls("ab", "ac") == 0.0                                    # NL exactly 0.5: not < 0.5
+    assert ev.anls("abc", "xyz") == 0.0
+    assert ev.anls("  Hello   World ", "hello world") == 1.0            # case and spacing ignored
+    assert ev.anls("x", ["nope", "X"]) == 1.0                            # best over the references
+    assert ev.anls("", "") == 1.0 and ev.anls("", "a") == 0.0
+
+
+def test_exact_match_and_containment():
+    assert ev.exact_match("The Cat.", "cat") == 1.0 and ev.exact_match("cats", "cat") == 0.0
+    assert ev.containment("it is a red car", ["blue", "red car"]) == 1.0
+    assert ev.containment("scared", "red") == 0.0  # whole words only
+    assert ev.answer_scores("4", ["4"]) == {"exact_match": 1.0, "anls": 1.0, "containment": 1.0}
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring: how the official scorer's verdicts add up per set and over sets.
+
+
+def test_degenerate_ground_truth_is_counted():
+    gt = [464.0, 951.0, 510.0, 457.0]  # docvqa question 491 in the release: y2 < y1
+    row = {"set": "docvqa", "id": "491", "answers": ["x"], "answer": "x", "gt_box": gt, "width": 2200, "height": 1704,
+           "box_text": "[0.0, 0.0, 1.0, 1.0]", "degenerate": True}
+    ok = {**row, "id": "1", "gt_box": [0, 0, 2200, 1704], "degenerate": False,
+          "box_text": "[0.000, 0.113, 1.000, 0.887]"}  # wide image: the full-image box in square form
+    det = ev.summarize([row, ok])["sets"]["docvqa"]["detection"]
+    assert (det["n"], det["correct"], det["acc"], det["degenerate_gt"]) == (2, 1, 50.0, 1)
+
+
+def test_means_official_drops_sets_at_exactly_zero_plain_keeps_them():
+    def rows(name, n_right, n):
+        return [{"set": name, "id": str(i), "answers": [], "gt_box": [0, 0, 50, 50], "width": 100, "height": 100,
+                 "box_text": "[0.0, 0.0, 0.5, 0.5]" if i < n_right else "[0.5, 0.5, 1.0, 1.0]"} for i in range(n)]
+    results = ev.summarize(rows("a", 1, 2) + rows("b", 0, 3) + rows("c", 3, 4) + [
+        {"set": "c", "id": "x", "answers": [], "gt_box": [0, 0, 50, 50], "width": 100, "height": 100,
+         "box_text": "[0.0,0.0,0.5,0.5]"}])  # lenient-only correct
+    det = results["means"]["detection"]
+    assert results["sets"]["c"]["detection"]["acc"] == 60.0 and results["sets"]["c"]["detection"]["acc_lenient"] == 80.0
+    assert results["sets"]["c"]["detection"]["parsers_disagree"] == 1
+    assert det["official_mean"] == pytest.approx((50 + 60) / 2) and det["dropped_zero_sets"] == ["b"]
+    assert det["plain_mean"] == pytest.approx((50 + 0 + 60) / 3)
+    unscored = ev.summarize(rows("a", 1, 2) + rows("visual7w", 2, 2))
+    assert unscored["means"]["detection"]["plain_mean"] == 50.0 and "visual7w" in unscored["sets"]
+    lenient = ev.summarize(rows("c", 3, 4), parser="lenient")["sets"]["c"]["detection"]
+    assert lenient["acc"] == 75.0 and lenient["parser"] == "lenient"
+
+
+# --------------------------------------------------------------------------------------------
+# Runs. A fake generate_fn where the model does not matter; the tiny model where it does.
+
+
+def _text(messages):
+    return "".join(p["text"] for p in messages[0]["content"] if p["type"] == "text")
+
+
+class FakeModel:
+    """Replies by prompt type: a fixed box for focus prompts, a fixed answer otherwise; logs every prompt."""
+
+    def __init__(self, box="[0.250, 0.250, 0.750, 0.750]", answer="4", fail_after=None):
+        self.box, self.answer, self.fail_after, self.prompts = box, answer, fail_after, []
+
+    def __call__(self, prompts):
+        if self.fail_after is not None and len(self.prompts) >= self.fail_after:
+            raise KeyboardInterrupt("killed")
+        self.prompts += prompts
+        return [self.box if data.FOCUS_INSTRUCTION in _text(m) or "Locate the region" in _text(m) else self.answer
+                for m, _ in prompts]
+
+
+def _config(out, data_path, **kw):
+    return ev.EvalConfig(data=str(data_path), out=str(out), pictures=2, **kw)
+
+
+def test_cli_flags_parse():
+    cfg = tyro.cli(ev.EvalConfig, args=[
+        "--model", "m", "--adapter", "a", "--data", "d", "--image-root", "r", "--sets", "docvqa", "gqa", "--limit", "5",
+        "--out", "o", "--box", "center", "--endpoint", "http://x", "--judge-endpoint", "http://j", "--predictions", "p",
+        "--batch-size", "3", "--official-prompt", "--seed", "7", "--parser", "lenient"])
+    assert (cfg.sets, cfg.limit, cfg.box, cfg.official_prompt, cfg.batch_size, cfg.seed, cfg.parser) == (
+        ("docvqa", "gqa"), 5, "center", True, 3, 7, "lenient")
+
+
+def test_rec_items_get_the_locate_prompt(tmp_path):
+    Image.new("RGB", (100, 100)).save(tmp_path / "COCO_1.jpg")
+    rec = tmp_path / "REC_refcoco_unc_val.jsonl"
+    rec.write_text("".join(json.dumps({"img_path": "train2014/COCO_1.jpg", "expression": f"Left Dog {i}",
+                                       "bbox": [25.0, 25.0, 75.0, 75.0], "height": 100, "width": 100, "sent_id": i}) + "\n"
+                           for i in range(2)))
+    items = benchmark.read_items(str(rec))  # upstream joins the file name to the image folder: so do we when needed
+    text = ev.focus_prompt(items[0])[0]["content"][1]["text"]
+    assert text == "Locate the region this sentence describes: left dog 0. Please provide the bounding box coordinates."
+
+
+def test_run_on_the_release_with_ablations(release, tmp_path):
+    fake = FakeModel(box="[0.100, 0.300, 0.300, 0.500]", answer="may 5")  # item 1's true box in square form
+    results = ev.evaluate(_config(tmp_path / "model", release, sets=("docvqa",), official_prompt=True), fake)
+    det = results["sets"]["docvqa"]["detection"]
+    assert (det["n"], det["correct"], det["degenerate_gt"]) == (3, 1, 1)
+    assert any("ceiling 2/3" in n for n in results["notes"])
+    focus_texts = [_text(m) for m, images in fake.prompts if len(images) == 1]
+    assert focus_texts[0] == "what is the date?. " + data.FOCUS_INSTRUCTION  # the official test-time form
+    rows = [json.loads(line) for line in (tmp_path / "model" / "predictions.jsonl").read_text().splitlines()]
+    assert rows[0]["crop"] == list(data.crop_window(data.text_to_box(fake.box, 300, 200), 300, 200))
+    assert results["sets"]["docvqa"]["answer"]["exact_match"] == pytest.approx(1 / 3)
+
+    answers_only = FakeModel()
+    gt = ev.evaluate(_config(tmp_path / "gt", release, sets=("docvqa",), box="gt"), answers_only)
+    assert gt["sets"]["docvqa"]["detection"]["correct"] == 2  # every box but the inverted one
+    assert [len(images) for _, images in answers_only.prompts] == [2, 2, 2]  # no focus step, [image, crop]
+    assert "ablation" in " ".join(gt["notes"])
+    direct = FakeModel()
+    none = ev.evaluate(_config(tmp_path / "none", release, sets=("docvqa",), box="none"), direct)
+    assert "detection" not in none["sets"]["docvqa"] and none["means"].get("detection") is None
+    assert [_text(m) for m, _ in direct.prompts] == ["What is the date?", "What is on the y axis?", "Who signed?"]
+    with pytest.raises(ValueError, match="--box"):  # same --out, other settings: refuse to mix predictions
+        ev.evaluate(_config(tmp_path / "none", release, sets=("docvqa",), box="center"), FakeModel())
+
+
+def test_interrupted_run_resumes_without_duplicates(synth_dir, tmp_path):
+    cfg = _config(tmp_path, synth_dir / "test.jsonl", batch_size=2)
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(cfg, FakeModel(fail_after=4))  # dies in the second batch: the first is on disk
+    path = tmp_path / "predictions.jsonl"
+    assert len(path.read_text().splitlines()) == 2
+    resumed = FakeModel()
+    ev.evaluate(cfg, resumed)
+    assert len(resumed.prompts) == 2 * 6  # focus + answer for the 6 items not done
+    lines = path.read_text().splitlines()
+    # a kill in the middle of a write leaves a cut-off last line: it is dropped and redone
+    path.write_text("\n".join(lines[:5]) + "\n" + lines[5][:40])
+    again = FakeModel()
+    ev.evaluate(cfg, again)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(again.prompts) == 2 * 3 and len(rows) == 8
+    assert len({r["id"] for r in rows}) == 8 and path.read_text().splitlines()[:5] == lines[:5]
+
+
+def test_tiny_model_run_writes_every_output_and_resumes(synth_dir, tiny_path, tmp_path):
+    cfg = _config(tmp_path, synth_dir / "test.jsonl", model=str(tiny_path), max_new_tokens=6, limit=3)
+    model_fn = ev.model_generator(cfg)
+    seen = []
+
+    def counting(prompts):
+        seen.append(len(prompts))
+        return model_fn(prompts)
+
+    ev.evaluate(cfg, counting)
+    first = (tmp_path / "predictions.jsonl").read_text().splitlines()
+    assert len(first) == 3 and seen == [3, 3]  # one batch per step
+    cfg.limit = None
+    results = ev.evaluate(cfg, counting)
+    lines = (tmp_path / "predictions.jsonl").read_text().splitlines()
+    assert seen[2:] == [5, 5] and lines[:3] == first and len(lines) == 8
+    rows = [json.loads(line) for line in lines]
+    assert len({r["id"] for r in rows}) == 8 and all(isinstance(r["box_text"], str) and r["crop"] for r in rows)
+    assert results["sets"]["synth"]["items"] == 8 and results["sets"]["synth"]["detection"]["n"] == 8
+    assert json.loads((tmp_path / "results.json").read_text())["sets"] == results["sets"]
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| synth | 8 |" in markdown and "mean, official" in markdown and "mean, plain" in markdown
+    pictures = sorted((tmp_path / "pictures").glob("*.png"))
+    assert len(pictures) == 2
+    colors = {c for _, c in Image.open(pictures[0]).convert("RGB").getcolors(1 << 20)}
+    assert (0, 200, 0) in colors and (40, 90, 255) in colors  # the true box and the crop window are drawn
+    # re-scoring the predictions through the real CLI (no model) gives the same numbers
+    rescore = tmp_path / "rescore"
+    subprocess.run([sys.executable, str(Path(ev.__file__)), "--predictions", str(tmp_path / "predictions.jsonl"),
+                    "--out", str(rescore), "--pictures", "0"], check=True, capture_output=True, timeout=120)
+    assert json.loads((rescore / "results.json").read_text())["sets"] == results["sets"]
+
+
+# --------------------------------------------------------------------------------------------
+# The endpoint path over real HTTP: a tiny OpenAI-format server on 127.0.0.1.
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with self.server.lock:
+            self.server.requests.append((self.path, body))
+            status, reply = self.server.respond(body)
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode() \
+            if status == 200 else b'{"error": "boom"}'
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.requests, srv.lock = [], threading.Lock()
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=5)
+
+
+def _images(body):
+    return [p for m in body["messages"] if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image_url"]
+
+
+def test_endpoint_and_judge_over_http(server, synth_dir, tmp_path):
+    records = data.read_records(synth_dir / "test.jsonl")[:3]
+    judge_count = []
+
+    def respond(body):
+        if body["messages"][0]["role"] == "system":  # the judge, called one at a time (judge_workers=1)
+            judge_count.append(1)
+            if len(judge_count) in (1, 3, 4, 5):  # item 1 fails once (its retry succeeds), item 2 fails all 3 tries
+                return 500, None
+            return 200, "Close enough. Score: 0.5."
+        text = body["messages"][0]["content"][-1]["text"] if len(_images(body)) == 1 else ""
+        return 200, "[0.25, 0.25, 0.75, 0.75]" if data.FOCUS_INSTRUCTION in text else "4"
+
+    server.respond = respond
+    url = f"http://127.0.0.1:{server.server_port}"
+    cfg = _config(tmp_path, synth_dir / "test.jsonl", limit=3, endpoint=url, endpoint_model="served",
+                  judge_endpoint=url + "/v1", judge_workers=1)
+    results = ev.evaluate(cfg)
+    model_calls = [b for p, b in server.requests if b["messages"][0]["role"] != "system"]
+    judge_calls = [b for p, b in server.requests if b["messages"][0]["role"] == "system"]
+    assert all(p == "/v1/chat/completions" for p, _ in server.requests)
+    assert sorted(len(_images(b)) for b in model_calls) == [1, 1, 1, 2, 2, 2]  # focus [image], answer [image, crop]
+    assert all(b["model"] == "served" and b["temperature"] == 0.0 for b in model_calls)
+    assert all(_images(b)[0]["image_url"]["url"].startswith("data:image/png;base64,") for b in model_calls)
+    assert judge_calls[0]["messages"] == benchmark.judge_messages(records[0].question, records[0].answer, "4")
+    assert len(judge_calls) == 1 + 1 + 3 + 1  # first item retried once, second item 3 failed tries, third once
+    answer = results["sets"]["synth"]["answer"]
+    assert answer["judge"] == pytest.approx((0.5 + 0.0 + 0.5) / 3)
+    assert answer["exact_match"] == pytest.approx(sum(r.answer == "4" for r in records) / 3)
+    judged = [json.loads(line) for line in (tmp_path / "judge.jsonl").read_text().splitlines()]
+    assert [j["error"] is not None for j in judged] == [False, True, False]
+    # rerun: predictions and judge scores are reused; only the failed judge call is tried again (and succeeds)
+    server.requests.clear()
+    assert ev.evaluate(cfg)["sets"]["synth"]["answer"]["judge"] == pytest.approx(0.5)
+    assert len(server.requests) == 1 and server.requests[0][1]["messages"][0]["role"] == "system"
+
+
+def test_endpoint_rec_run_scores_boxes_only(server, tmp_path):
+    Image.new("RGB", (100, 100)).save(tmp_path / "COCO_1.jpg")
+    rec = tmp_path / "REC_refcoco_unc_val.jsonl"
+    rec.write_text(json.dumps({"img_path": "COCO_1.jpg", "expression": "the dog", "bbox": [25, 25, 75, 75],
+                               "height": 100, "width": 100, "sent_id": 1}) + "\n" +
+                   json.dumps({"img_path": "COCO_1.jpg", "expression": "the cat", "bbox": [0, 0, 20, 20],
+                               "height": 100, "width": 100, "sent_id": 2}) + "\n")
+    server.respond = lambda body: (200, "[0.25, 0.25, 0.75, 0.75]")
+    results = ev.evaluate(_config(tmp_path / "out", rec, endpoint=f"http://127.0.0.1:{server.server_port}"))
+    assert len(server.requests) == 2  # no answer step
+    assert results["sets"]["REC_refcoco_unc_val"]["detection"]["acc"] == 50.0
+    assert "answer" not in results["sets"]["REC_refcoco_unc_val"]
+
+
+def test_endpoint_failure_stops_the_run_and_keeps_what_is_done(server, synth_dir, tmp_path):
+    server.respond = lambda body: (500, None)
+    cfg = _config(tmp_path, synth_dir / "test.jsonl", limit=2, endpoint=f"http://127.0.0.1:{server.server_port}")
+    with pytest.raises(ev.EndpointError, match="HTTP 500"):
+        ev.evaluate(cfg)
+    assert (tmp_path / "predictions.jsonl").read_text() == ""
