@@ -374,11 +374,13 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path, cfg: LoRAConfig) -> Path:
-    """Write adapter.safetensors and adapter_config.json."""
+def save_adapter(model: nn.Module, out_dir: str | Path, cfg: LoRAConfig,
+                 state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write adapter.safetensors and adapter_config.json (`state`: an already gathered adapter state)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.float().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    state = adapter_state_dict(model) if state is None else state
+    state = {k: v.float().contiguous().cpu() for k, v in state.items()}
     save_file(state, str(out_dir / "adapter.safetensors"), metadata={"format": "pt"})
     (out_dir / "adapter_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     return out_dir
@@ -473,3 +475,42 @@ def generate(net: nn.Module, processor, prompts: list, sampling: Sampling = Samp
         replies += tokenizer.batch_decode(out[:, length:], skip_special_tokens=True)
     net.train(was_training)
     return replies
+
+
+# --------------------------------------------------------------------------------------------
+# FSDP2 sharding for torchrun runs.
+
+
+def shard(root: nn.Module, net: nn.Module, mixed_precision: bool) -> None:
+    """FSDP2 (`fully_shard`): each decoder layer, the vision tower as one unit, then `root` (the
+    module whose forward computes the training objective, holding the rest: embeddings, final
+    norm, lm_head). Frozen base and trainable LoRA weights share units. Gradients are summed over
+    ranks, not averaged: losses are already normalised by global counts."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if mixed_precision else MixedPrecisionPolicy())
+    for layer in language_model(net).layers:
+        fully_shard(layer, mp_policy=policy)
+    # its own unit: generate() and the DPO feature pass call the tower outside the root's forward
+    fully_shard(net.model.visual, mp_policy=policy)
+    fully_shard(root, mp_policy=policy)
+    for module in root.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no pre-scaled sum
+
+
+@contextlib.contextmanager
+def unsharded(root: nn.Module):
+    """Gather the root unit's parameters for calls that bypass its forward (e.g. generate)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(root, FSDPModule):
+        yield
+        return
+    root.unshard()
+    try:
+        yield
+    finally:
+        root.reshard()

@@ -29,8 +29,10 @@ from typing import Annotated, Literal
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -145,7 +147,7 @@ def reduce_gradients(params, world: Dist) -> None:
     of the global-batch objective, exactly as one process would compute it."""
     if world.world_size > 1:
         for p in params:
-            if p.grad is not None:
+            if p.grad is not None and not isinstance(p.grad, DTensor):  # FSDP2 already reduce-scattered these
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
 
 
@@ -185,7 +187,7 @@ def latest_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(out: Path, step: int, net, optimizer, scheduler, world: Dist, keep: int) -> Path:
+def save_checkpoint(out: Path, step: int, module, optimizer, scheduler, world: Dist, keep: int) -> Path:
     """Write <out>/checkpoints/step_<step> (collective: every rank calls it)."""
     root = out / "checkpoints"
     final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
@@ -193,8 +195,8 @@ def save_checkpoint(out: Path, step: int, net, optimizer, scheduler, world: Dist
         shutil.rmtree(tmp, ignore_errors=True)  # left by a kill during an earlier write
         tmp.mkdir(parents=True)
     barrier(world)
-    state = {"model": get_model_state_dict(net, options=CHECKPOINT_OPTIONS),
-             "optim": get_optimizer_state_dict(net, optimizer, options=CHECKPOINT_OPTIONS)}
+    state = {"model": get_model_state_dict(module, options=CHECKPOINT_OPTIONS),
+             "optim": get_optimizer_state_dict(module, optimizer, options=CHECKPOINT_OPTIONS)}
     dcp.save(state, checkpoint_id=str(tmp))
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -212,17 +214,17 @@ def save_checkpoint(out: Path, step: int, net, optimizer, scheduler, world: Dist
     return final
 
 
-def load_checkpoint(path: Path, net, optimizer, scheduler, world: Dist) -> int:
+def load_checkpoint(path: Path, module, optimizer, scheduler, world: Dist) -> int:
     """Restore a checkpoint into the freshly built run; returns the step it was taken after."""
     meta = json.loads((path / "meta.json").read_text())
     if meta["world_size"] != world.world_size:
         raise ValueError(f"{path}: written by {meta['world_size']} ranks, resuming with {world.world_size}; "
                          "the data split differs, so the run would not continue exactly")
-    state = {"model": get_model_state_dict(net, options=CHECKPOINT_OPTIONS),
-             "optim": get_optimizer_state_dict(net, optimizer, options=CHECKPOINT_OPTIONS)}
+    state = {"model": get_model_state_dict(module, options=CHECKPOINT_OPTIONS),
+             "optim": get_optimizer_state_dict(module, optimizer, options=CHECKPOINT_OPTIONS)}
     dcp.load(state, checkpoint_id=str(path))
-    set_model_state_dict(net, state["model"], options=CHECKPOINT_OPTIONS)
-    set_optimizer_state_dict(net, optimizer, state["optim"], options=CHECKPOINT_OPTIONS)
+    set_model_state_dict(module, state["model"], options=CHECKPOINT_OPTIONS)
+    set_optimizer_state_dict(module, optimizer, state["optim"], options=CHECKPOINT_OPTIONS)
     scheduler.load_state_dict(meta["scheduler"])
     rng = torch.load(path / f"rng_rank{world.rank}.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
@@ -232,14 +234,14 @@ def load_checkpoint(path: Path, net, optimizer, scheduler, world: Dist) -> int:
     return meta["step"]
 
 
-def resume_point(cfg, out: Path, net, optimizer, scheduler, world: Dist) -> int:
+def resume_point(cfg, out: Path, module, optimizer, scheduler, world: Dist) -> int:
     """With --resume: load the newest good checkpoint, drop metrics rows logged after it; else 0."""
     path = latest_checkpoint(out) if cfg.resume else None
     if path is None:
         if cfg.resume and world.is_main:
             print(f"resume: no checkpoint under {out / 'checkpoints'}; starting fresh", file=sys.stderr)
         return 0
-    step = load_checkpoint(path, net, optimizer, scheduler, world)
+    step = load_checkpoint(path, module, optimizer, scheduler, world)
     metrics = out / "metrics.jsonl"
     if world.is_main and metrics.exists():  # rows of steps after the checkpoint are redone
         rows = [line for line in metrics.read_text().splitlines() if line.strip()]
@@ -282,25 +284,30 @@ class StopOnSignal:
             signal.signal(sig, handler)
 
 
-def end_of_step(cfg, out: Path, done: int, total_steps: int, net, optimizer, scheduler, world: Dist,
+def end_of_step(cfg, out: Path, done: int, total_steps: int, objective: nn.Module, optimizer, scheduler, world: Dist,
                 stopper: StopOnSignal) -> bool:
     """Checkpoint when due (every --save-every steps, at the end, on a stop signal); True = stop now."""
     stop = stopper.should_stop(world)
     if done == total_steps or stop or (cfg.save_every > 0 and done % cfg.save_every == 0):
-        path = save_checkpoint(out, done, net, optimizer, scheduler, world, cfg.keep_checkpoints)
+        path = save_checkpoint(out, done, objective, optimizer, scheduler, world, cfg.keep_checkpoints)
         if stop and world.is_main:
             print(f"stopped by signal after step {done}; checkpoint {path}; rerun with --resume", file=sys.stderr)
     return stop
 
 
-def finish_run(out: Path, net, lora_cfg: modeling.LoRAConfig, world: Dist, metrics, stopper: StopOnSignal,
-               name: str) -> Path:
-    """Close the log and, unless a signal stopped the run early, write the final adapter (rank 0)."""
+def finish_run(out: Path, objective: nn.Module, lora_cfg: modeling.LoRAConfig, world: Dist, metrics,
+               stopper: StopOnSignal, name: str) -> Path:
+    """Close the log and, unless a signal stopped the run early, write the final adapter: a full
+    (unsharded) state gathered from every rank, saved by rank 0."""
     stopper.restore()
     if world.is_main:
         metrics.close()
-        if not stopper.requested:
-            modeling.save_adapter(net, out / "adapter", lora_cfg)
+    if not stopper.requested:
+        full = get_model_state_dict(objective, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+        if world.is_main:
+            adapter = {k.removeprefix("net."): v for k, v in full.items() if ".lora_A." in k or ".lora_B." in k}
+            modeling.save_adapter(objective.net, out / "adapter", lora_cfg, state=adapter)
             print(f"{name}: adapter saved to {out / 'adapter'}", file=sys.stderr)
     barrier(world)
     return out / "adapter"
@@ -314,6 +321,13 @@ def batch_stream(n_items: int, batch_size: int, world: Dist, seed: int, start: i
     while True:
         yield from epoch_batches(n_items, batch_size, world, seed, epoch)[offset:]
         epoch, offset = epoch + 1, 0
+
+
+def wrap_objective(objective: nn.Module, cfg, world: Dist) -> nn.Module:
+    """Under torchrun (and unless --no-fsdp), shard with FSDP2, the objective as the root unit."""
+    if world.world_size > 1 and cfg.fsdp:
+        modeling.shard(objective, objective.net, mixed_precision=world.device.type == "cuda")
+    return objective
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,6 +369,7 @@ class SFTConfig:
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end or on SIGTERM/SIGINT)
     keep_checkpoints: int = 2
     resume: bool = False  # continue from the newest complete checkpoint in --out
+    fsdp: bool = True  # under torchrun: shard with FSDP2 (--no-fsdp: replicate, all-reduce gradients)
 
 
 class SFTDataset(torch.utils.data.Dataset):
@@ -408,6 +423,17 @@ def sft_loss(net, batch: dict, n_tokens: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, targets[supervised], reduction="sum") / n_tokens
 
 
+class SFTObjective(nn.Module):
+    """sft_loss as a module: FSDP2 gathers a root unit's parameters around its forward."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, batch: dict, n_tokens: torch.Tensor) -> torch.Tensor:
+        return sft_loss(self.net, batch, n_tokens)
+
+
 def epoch_batches(n_samples: int, batch_size: int, world: Dist, seed: int, epoch: int) -> list[list[int]]:
     """This rank's batches of sample indices for one epoch: one shared shuffle, split without overlap."""
     order = list(range(n_samples))
@@ -438,10 +464,11 @@ def sft(cfg: SFTConfig) -> Path:
     if steps_per_epoch == 0 or total_steps == 0:
         raise ValueError(f"sft: {len(samples)} samples are fewer than one optimizer step of "
                          f"{cfg.batch_size} x {cfg.grad_accum} x {world.world_size}")
-    params = modeling.trainable_parameters(net)
+    objective = wrap_objective(SFTObjective(net), cfg, world)
+    params = modeling.trainable_parameters(objective)  # after sharding: the DTensor parameters
     optimizer, scheduler = make_optimizer(params, cfg.lr, cfg.weight_decay, total_steps, cfg.warmup_ratio)
     global_batch = cfg.batch_size * cfg.grad_accum * world.world_size
-    start_step = resume_point(cfg, out, net, optimizer, scheduler, world)
+    start_step = resume_point(cfg, out, objective, optimizer, scheduler, world)
     metrics = start_run(out, cfg, world, (
         f"sft: {len(records)} records -> {len(samples)} samples; {total_steps} steps; global batch "
         f"{global_batch} = {cfg.batch_size} x {cfg.grad_accum} accum x {world.world_size} ranks; "
@@ -463,13 +490,14 @@ def sft(cfg: SFTConfig) -> Path:
         step_loss = torch.zeros((), device=world.device)
         for batch in micro:
             with autocast_for(world.device):
-                loss = sft_loss(net, batch, n_tokens)
+                loss = objective(batch, n_tokens)
             loss.backward()
             step_loss += loss.detach()
         grad_norm, lr = optimizer_step(params, optimizer, scheduler, world, cfg.grad_clip)
         step_loss = all_reduce_sum(step_loss, world)
+        tokens = all_reduce_sum(sum(b["attention_mask"].sum() for b in micro).float(), world)
         if world.is_main and (step % cfg.log_every == 0 or step == total_steps - 1):
-            tokens = sum(int(b["attention_mask"].sum()) for b in micro) * world.world_size
+            tokens = int(tokens.item())
             row = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4),
                    "loss": step_loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
                    "tokens": tokens, "tokens_per_s": tokens / max(time.time() - step_start, 1e-9),
@@ -477,9 +505,9 @@ def sft(cfg: SFTConfig) -> Path:
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
-        if end_of_step(cfg, out, step + 1, total_steps, net, optimizer, scheduler, world, stopper):
+        if end_of_step(cfg, out, step + 1, total_steps, objective, optimizer, scheduler, world, stopper):
             break
-    return finish_run(out, net, lora_cfg, world, metrics, stopper, "sft")
+    return finish_run(out, objective, lora_cfg, world, metrics, stopper, "sft")
 
 
 # --------------------------------------------------------------------------------------------
@@ -537,6 +565,7 @@ class DPOConfig:
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end or on SIGTERM/SIGINT)
     keep_checkpoints: int = 2
     resume: bool = False  # continue from the newest complete checkpoint in --out
+    fsdp: bool = True  # under torchrun: shard with FSDP2 (--no-fsdp: replicate, all-reduce gradients)
 
 
 def build_dpo_samples(cfg: DPOConfig, pairs: list[data.Pair], processor, world: Dist) -> list[list[data.PairSample]]:
@@ -640,6 +669,20 @@ def dpo_step_loss(cfg: DPOConfig, policy: torch.Tensor, reference: torch.Tensor,
     return loss, one_hot.T @ values.detach()  # [2, 7] per-kind sums
 
 
+class DPOObjective(nn.Module):
+    """One DPO micro-batch as a module (the FSDP2 root): features once, policy, reference, loss."""
+
+    def __init__(self, net, cfg: DPOConfig, ref_table: torch.Tensor | None):
+        super().__init__()
+        self.net, self.cfg, self.ref_table = net, cfg, ref_table
+
+    def forward(self, batch: dict, kind_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = dpo.encode_images(self.net, batch)  # once per unique image: policy and reference share them
+        policy = dpo.sequence_logps(self.net, batch, features, self.cfg.logp_chunk)
+        reference = reference_logps(self.net, batch, features, self.cfg, self.ref_table)
+        return dpo_step_loss(self.cfg, policy, reference, batch, kind_counts)
+
+
 def dpo_train(cfg: DPOConfig) -> Path:
     """DPO stage 1 or 2; writes <out>/adapter, <out>/config.json and <out>/metrics.jsonl."""
     world = setup_distributed(cfg.device)
@@ -656,16 +699,17 @@ def dpo_train(cfg: DPOConfig) -> Path:
     if steps_per_epoch == 0 or total_steps == 0:
         raise ValueError(f"dpo: {len(grouped)} pairs are fewer than one optimizer step of "
                          f"{cfg.batch_size} x {cfg.grad_accum} x {world.world_size}")
-    params = modeling.trainable_parameters(net)
+    # reference log-probs first: a plain forward pass, before the model is sharded
+    ref_table = precompute_reference(net, grouped, processor, cfg, world) if cfg.precompute_ref else None
+    objective = wrap_objective(DPOObjective(net, cfg, ref_table), cfg, world)
+    params = modeling.trainable_parameters(objective)  # after sharding: the DTensor parameters
     optimizer, scheduler = make_optimizer(params, cfg.lr, cfg.weight_decay, total_steps, cfg.warmup_ratio)
     global_batch = cfg.batch_size * cfg.grad_accum * world.world_size
-    start_step = resume_point(cfg, out, net, optimizer, scheduler, world)
+    start_step = resume_point(cfg, out, objective, optimizer, scheduler, world)
     metrics = start_run(out, cfg, world, (
         f"dpo stage {cfg.stage}: {len(grouped)} pairs; {total_steps} steps; global batch {global_batch} pairs "
         f"= {cfg.batch_size} x {cfg.grad_accum} accum x {world.world_size} ranks; reference = "
         f"{cfg.adapter or cfg.model} ({'precomputed' if cfg.precompute_ref else 'adapters off, per step'})"))
-    ref_table = precompute_reference(net, grouped, processor, cfg, world) if cfg.precompute_ref else None
-
     # The unit is a pair: its box and answer samples share one batch, so its images are encoded once.
     batches = (to_device(dpo.collate_pairs([s for i in indices for s in grouped[i]], processor.image_processor,
                                            pad_id, image_token_id), world.device)
@@ -682,10 +726,7 @@ def dpo_train(cfg: DPOConfig) -> Path:
         stats = torch.zeros(len(DPO_KINDS), len(DPO_STATS), device=world.device)
         for batch in micro:
             with autocast_for(world.device):
-                features = dpo.encode_images(net, batch)  # once per unique image: policy and reference share them
-                policy = dpo.sequence_logps(net, batch, features, cfg.logp_chunk)
-                reference = reference_logps(net, batch, features, cfg, ref_table)
-                loss, batch_stats = dpo_step_loss(cfg, policy, reference, batch, kind_counts)
+                loss, batch_stats = objective(batch, kind_counts)
             loss.backward()
             step_loss += loss.detach()
             stats += batch_stats
@@ -701,9 +742,9 @@ def dpo_train(cfg: DPOConfig) -> Path:
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             progress.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['box/rewards/margins']:.3f}")
-        if end_of_step(cfg, out, step + 1, total_steps, net, optimizer, scheduler, world, stopper):
+        if end_of_step(cfg, out, step + 1, total_steps, objective, optimizer, scheduler, world, stopper):
             break
-    return finish_run(out, net, lora_cfg, world, metrics, stopper, "dpo")
+    return finish_run(out, objective, lora_cfg, world, metrics, stopper, "dpo")
 
 
 # --------------------------------------------------------------------------------------------

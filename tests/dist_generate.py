@@ -1,0 +1,27 @@
+"""Worker for test_distributed.py: greedy generation with an FSDP2-sharded model.
+
+Run under torchrun; rank 0 writes the replies (JSON) to OUT. The model is sharded exactly as
+training shards it (decoder layers, the vision tower, the objective as root).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import data  # noqa: E402
+import model  # noqa: E402
+import visrl  # noqa: E402
+
+out, data_path = sys.argv[1], sys.argv[2]
+world = visrl.setup_distributed("cpu")
+net, processor = model.load_model("tiny")
+objective = visrl.SFTObjective(net)
+if world.world_size > 1:
+    model.shard(objective, net, mixed_precision=False)
+records = data.read_records(data_path)[:2]
+prompts = [(data.focus_messages(r.question), [data.load_image(r)]) for r in records]
+with model.unsharded(objective):
+    replies = model.generate(net, processor, prompts, model.Sampling(max_new_tokens=6))
+if world.is_main:
+    Path(out).write_text(json.dumps(replies))
