@@ -276,8 +276,10 @@ class StopOnSignal:
 
     def should_stop(self, world: Dist) -> bool:
         """Agreed across ranks: one rank's signal stops all of them at the same step."""
-        flag = torch.tensor(float(self.requested))
-        return bool(all_reduce_sum(flag, world) > 0) if world.world_size > 1 else self.requested
+        if world.world_size == 1:
+            return self.requested
+        flag = torch.tensor(float(self.requested), device=world.device)  # nccl reduces device tensors only
+        return bool(all_reduce_sum(flag, world) > 0)
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
