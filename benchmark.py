@@ -386,9 +386,9 @@ def read_items(data_arg: str, sets=(), image_root=None, limit: int | None = None
                seed: int = 0) -> list[Item]:
     """--data: a Visual-CoT release directory, a directory with test.jsonl, one file, or `synth` (its test split)."""
     if data_arg == "synth":
-        import visrl  # lazy: visrl imports torch and the trainers
+        import train  # lazy: train imports torch
 
-        path = visrl.resolve_data("synth", "test", seed)
+        path = train.resolve_data("synth", "test", seed)
         items = items_from_records(path, image_root, limit, skip_bad)
     else:
         path = Path(data_arg)

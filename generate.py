@@ -261,10 +261,10 @@ class LocalSampler:
 
     def __init__(self, cfg: GenerateConfig):
         import model as modeling
-        import visrl
+        import train
 
-        device = visrl.setup_distributed(cfg.device).device
-        self.net, self.processor = modeling.load_model(cfg.model, dtype=visrl.resolve_dtype(cfg.dtype, device),
+        device = train.setup_distributed(cfg.device).device
+        self.net, self.processor = modeling.load_model(cfg.model, dtype=train.resolve_dtype(cfg.dtype, device),
                                                        device=device)
         if cfg.adapter:  # generation needs no separate adapter: merged weights are faster
             modeling.load_adapter(self.net, cfg.adapter)
@@ -495,7 +495,7 @@ def summarize(lines: list[dict]) -> dict:
 
 def generate(cfg: GenerateConfig, sampler: Sampler | None = None, judge: Judge | None = None) -> dict:
     """Make candidates and pairs for every question in cfg.data into cfg.out, resuming; returns the summary."""
-    import visrl  # resolve_data (and `synth`); imported here so the pure functions above load without torch
+    import train  # resolve_data (and `synth`); imported here so the pure functions above load without torch
 
     if cfg.attempts < 1 or cfg.chunk < 1 or cfg.batch_size < 1:
         raise ValueError("--attempts, --chunk and --batch-size must be at least 1")
@@ -506,7 +506,7 @@ def generate(cfg: GenerateConfig, sampler: Sampler | None = None, judge: Judge |
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     check_resume(out, cfg)
-    data_path = visrl.resolve_data(cfg.data, cfg.split, cfg.seed)
+    data_path = train.resolve_data(cfg.data, cfg.split, cfg.seed)
     root = os.path.abspath(cfg.image_root if cfg.image_root is not None else Path(data_path).parent)
     records = data.read_records(data_path, image_root=cfg.image_root, skip_bad=cfg.skip_bad_records, limit=cfg.limit)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))

@@ -11,10 +11,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
 import model  # noqa: E402
+import train  # noqa: E402
 import visrl  # noqa: E402
 
 out, data_path = sys.argv[1], sys.argv[2]
-world = visrl.setup_distributed("cpu")
+world = train.setup_distributed("cpu")
 net, processor = model.load_model("tiny")
 objective = visrl.SFTObjective(net)
 if world.world_size > 1:

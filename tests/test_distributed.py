@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import visrl
+import train
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -93,7 +94,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_cleanly(synth_dir, tmp_path):
     _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=300) == 0
-    checkpoint = visrl.latest_checkpoint(tmp_path / "run")
+    checkpoint = train.latest_checkpoint(tmp_path / "run")
     stopped_at = json.loads((checkpoint / "meta.json").read_text())["step"]
     assert stopped_at == len(_rows(tmp_path / "run")) < 40
     assert not (tmp_path / "run" / "adapter").exists()  # no final adapter from an unfinished run
@@ -105,7 +106,7 @@ def test_a_torn_checkpoint_write_leaves_the_previous_one(synth_dir, tmp_path):
     out = tmp_path / "run"
     visrl.sft(visrl.SFTConfig(data=str(synth_dir / "train.jsonl"), out=str(out), max_steps=4, save_every=2,
                               batch_size=2, limit=16, lr=1e-3))
-    good = visrl.latest_checkpoint(out)
+    good = train.latest_checkpoint(out)
     assert good.name == "step_00000004"
     # a write killed half-way: a temporary directory with some shards and no meta.json
     torn = out / "checkpoints" / ".tmp_step_00000006"
@@ -113,11 +114,11 @@ def test_a_torn_checkpoint_write_leaves_the_previous_one(synth_dir, tmp_path):
     (torn / "meta.json").unlink()
     shard = next(torn.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])
-    assert visrl.latest_checkpoint(out) == good
+    assert train.latest_checkpoint(out) == good
     visrl.sft(visrl.SFTConfig(data=str(synth_dir / "train.jsonl"), out=str(out), max_steps=6, save_every=2,
                               batch_size=2, limit=16, lr=1e-3, resume=True))
     assert [r["step"] for r in _rows(out)] == list(range(1, 7))
-    assert visrl.latest_checkpoint(out).name == "step_00000006"
+    assert train.latest_checkpoint(out).name == "step_00000006"
     assert not torn.exists()
 
 
@@ -160,7 +161,7 @@ def test_fsdp_sigterm_then_resume_continues_exactly(synth_dir, tmp_path):
     _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, proc)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=300)
-    checkpoint = visrl.latest_checkpoint(tmp_path / "split")
+    checkpoint = train.latest_checkpoint(tmp_path / "split")
     assert checkpoint is not None, proc.stderr.read()[-3000:]
     stopped_at = json.loads((checkpoint / "meta.json").read_text())["step"]
     assert 2 <= stopped_at < 30

@@ -11,6 +11,7 @@ import torch
 import data
 import model
 import visrl
+import train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,12 +85,12 @@ def test_long_samples_are_dropped_or_rejected(synth_dir, tmp_path, capsys):
     records = data.read_records(synth_dir / "train.jsonl")[:6]
     answer_len = len(data.sft_samples(records[0], processor.tokenizer, processor.image_processor)[1].input_ids)
     cfg = _config(synth_dir, tmp_path, max_len=answer_len - 1)
-    samples = visrl.build_sft_samples(cfg, records, processor, visrl.Dist())
+    samples = visrl.build_sft_samples(cfg, records, processor, train.Dist())
     assert all(len(s.input_ids) <= answer_len - 1 for s in samples)
     assert "dropped" in capsys.readouterr().err
     cfg.error_on_long = True
     with pytest.raises(ValueError, match=r"train\.jsonl:\d+: answer sample has \d+ tokens"):
-        visrl.build_sft_samples(cfg, records, processor, visrl.Dist())
+        visrl.build_sft_samples(cfg, records, processor, train.Dist())
 
 
 def test_sft_reports_a_bad_record_with_file_and_line(synth_dir, tmp_path):
@@ -134,8 +135,8 @@ def test_data_synth_builds_the_cached_set_once(monkeypatch, tmp_path):
         return real(root, n_train=4, n_val=2, n_test=2, seed=seed)
 
     monkeypatch.setattr(synth, "make_synth", small)
-    path = visrl.resolve_data("synth", "train", seed=3)
+    path = train.resolve_data("synth", "train", seed=3)
     assert path.name == "train.jsonl" and path.exists() and str(tmp_path) in str(path)
-    assert visrl.resolve_data("synth", "test", seed=3).exists()
+    assert train.resolve_data("synth", "test", seed=3).exists()
     assert len(calls) == 1  # the second call reuses the cache
     assert len(data.read_records(path)) == 4
