@@ -5,6 +5,7 @@ resume, and stopping on a signal. The loops themselves, readable top to bottom, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -13,6 +14,7 @@ import random
 import shutil
 import signal
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,6 +169,14 @@ def start_run(out: Path, cfg, world: Dist, summary: str):
 CHECKPOINT_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)  # the frozen base is not saved
 
 
+@contextlib.contextmanager
+def single_process_quiet():
+    """DCP warns on every call without a process group that it assumes one process: true, and noise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     """The newest complete checkpoint under <out>/checkpoints (temporary directories are ignored)."""
     done = sorted(p for p in (out / "checkpoints").glob("step_*") if (p / "meta.json").exists())
@@ -183,7 +193,8 @@ def save_checkpoint(out: Path, step: int, module, optimizer, scheduler, world: D
     barrier(world)
     state = {"model": get_model_state_dict(module, options=CHECKPOINT_OPTIONS),
              "optim": get_optimizer_state_dict(module, optimizer, options=CHECKPOINT_OPTIONS)}
-    dcp.save(state, checkpoint_id=str(tmp))
+    with single_process_quiet():
+        dcp.save(state, checkpoint_id=str(tmp))
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -208,7 +219,8 @@ def load_checkpoint(path: Path, module, optimizer, scheduler, world: Dist) -> in
                          "the data split differs, so the run would not continue exactly")
     state = {"model": get_model_state_dict(module, options=CHECKPOINT_OPTIONS),
              "optim": get_optimizer_state_dict(module, optimizer, options=CHECKPOINT_OPTIONS)}
-    dcp.load(state, checkpoint_id=str(path))
+    with single_process_quiet():
+        dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(module, state["model"], options=CHECKPOINT_OPTIONS)
     set_optimizer_state_dict(module, optimizer, state["optim"], options=CHECKPOINT_OPTIONS)
     scheduler.load_state_dict(meta["scheduler"])
