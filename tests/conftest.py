@@ -112,3 +112,17 @@ def release(tmp_path):
     (tmp_path / "benchmark_det" / "gqa.jsonl").write_text(
         json.dumps(_det(3, "cot/gqa/d.png", [0, 0, 120, 120], "Is it red?", 240, 240)) + "\n")
     return tmp_path
+
+
+def write_rec_file(root):
+    """A RefCOCO-style file in the upstream layout (two expressions about one 100x100 image)."""
+    import json
+
+    from PIL import Image
+
+    Image.new("RGB", (100, 100)).save(root / "COCO_1.jpg")
+    rec = root / "REC_refcoco_unc_val.jsonl"
+    rec.write_text("".join(json.dumps({"img_path": "train2014/COCO_1.jpg", "expression": f"Left Dog {i}",
+                                       "bbox": [25.0, 25.0, 75.0, 75.0], "height": 100, "width": 100, "sent_id": i}) + "\n"
+                           for i in range(2)))
+    return rec

@@ -10,6 +10,7 @@ from PIL import Image
 
 import benchmark
 import data
+from conftest import write_rec_file
 
 # --------------------------------------------------------------------------------------------
 # Detection Acc@0.5 on hand-made boxes (expected values worked out by hand in the comments).
@@ -160,14 +161,8 @@ def test_files_without_question_ids_pair_by_position(release):
 
 
 def test_rec_file_is_box_only(tmp_path):
-    Image.new("RGB", (100, 100)).save(tmp_path / "COCO_1.jpg")
-    rec = tmp_path / "REC_refcoco_unc_val.jsonl"
-    rec.write_text("".join(json.dumps({"img_path": "train2014/COCO_1.jpg", "expression": f"Left Dog {i}",
-                                       "bbox": [25.0, 25.0, 75.0, 75.0], "height": 100, "width": 100, "sent_id": i}) + "\n"
-                           for i in range(2)))
+    rec = write_rec_file(tmp_path)
     items = benchmark.read_items(str(rec))  # upstream joins the file name to the image folder: so do we when needed
-    assert [(it.set, it.id, it.kind, it.answers) for it in items] == [
-        ("REC_refcoco_unc_val", "0", "rec", []), ("REC_refcoco_unc_val", "1", "rec", [])]
     assert [(it.set, it.id, it.kind, it.answers) for it in items] == [
         ("REC_refcoco_unc_val", "0", "rec", []), ("REC_refcoco_unc_val", "1", "rec", [])]
     # the locate prompt these items get is tested with evaluate.focus_prompt in test_evaluate.py

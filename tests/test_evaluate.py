@@ -15,6 +15,7 @@ from PIL import Image
 import benchmark
 import data
 import evaluate as ev
+from conftest import write_rec_file
 
 # --------------------------------------------------------------------------------------------
 # Offline answer scores on known pairs.
@@ -107,11 +108,7 @@ def test_cli_flags_parse():
 
 
 def test_rec_items_get_the_locate_prompt(tmp_path):
-    Image.new("RGB", (100, 100)).save(tmp_path / "COCO_1.jpg")
-    rec = tmp_path / "REC_refcoco_unc_val.jsonl"
-    rec.write_text("".join(json.dumps({"img_path": "train2014/COCO_1.jpg", "expression": f"Left Dog {i}",
-                                       "bbox": [25.0, 25.0, 75.0, 75.0], "height": 100, "width": 100, "sent_id": i}) + "\n"
-                           for i in range(2)))
+    rec = write_rec_file(tmp_path)
     items = benchmark.read_items(str(rec))  # upstream joins the file name to the image folder: so do we when needed
     text = ev.focus_prompt(items[0])[0]["content"][1]["text"]
     assert text == "Locate the region this sentence describes: left dog 0. Please provide the bounding box coordinates."
