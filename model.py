@@ -115,7 +115,7 @@ class TinyConfig:
     vision_depth: int = 2
     vision_heads: int = 2
     min_pixels: int = 56 * 56
-    max_pixels: int = 224 * 224  # the whole image is seen at ~224x224; a 224 px crop at native size
+    max_pixels: int = 112 * 112  # the whole 1344 px synthetic page is seen at 1/8 scale; its 224 px crop at 3/4
     # A frozen random lm_head at the usual std 0.02 caps logits near +-2.5 after the final RMSNorm,
     # so no adapter could make a confident prediction; real checkpoints have far larger output norms.
     lm_head_std: float = 0.3

@@ -5,6 +5,10 @@
     python visrl.py sft [flags]             supervised warm-up (focus + answer samples), LoRA
     python visrl.py dpo --stage 1|2 --data pairs.jsonl --init-adapter DIR   preference optimisation
     torchrun --nproc_per_node N visrl.py sft ...   the same loop, N processes
+    python visrl.py export --adapter DIR --out DIR [--format merged|peft]   a checkpoint/adapter for stock tools
+    python visrl.py infer --image PATH --question TEXT   two-step inference on one image, with a picture
+    python visrl.py serve [--port 8000]     an OpenAI-compatible server on the in-process model
+    python visrl.py demo --out DIR          the whole recipe on the tiny model, with a table and plots
 
 The path of data in `sft`: record -> two samples (data.sft_samples) -> tokens + pixels
 (data.encode / data.sample_pixels) -> batch (data.collate) -> forward to the last hidden states
@@ -27,8 +31,11 @@ import tyro
 from tqdm import tqdm
 
 import data
+import demo
 import dpo
+import export
 import model as modeling
+import serve
 import synth
 import train
 
@@ -466,7 +473,9 @@ def synth_command(args: SynthArgs) -> dict:
     return paths
 
 
-COMMANDS = {"sft": (SFTConfig, sft), "dpo": (DPOConfig, dpo_train), "tiny": (TinyArgs, tiny_command), "synth": (SynthArgs, synth_command)}
+COMMANDS = {"sft": (SFTConfig, sft), "dpo": (DPOConfig, dpo_train), "export": (export.ExportConfig, export.export_command),
+            "infer": (serve.InferConfig, serve.infer_command), "serve": (serve.ServeConfig, serve.serve_command),
+            "demo": (demo.DemoConfig, demo.demo), "tiny": (TinyArgs, tiny_command), "synth": (SynthArgs, synth_command)}
 
 
 def main() -> None:

@@ -1,6 +1,11 @@
-"""The synthetic set: deterministic, readable by the common reader, boxes exact."""
+"""The synthetic set: deterministic, readable by the common reader, boxes exact, and its premise holds:
+the pattern that answers the question vanishes in the model's view of the whole page but not in the crop."""
+
+import numpy as np
+from PIL import Image
 
 import data
+import model
 import synth
 
 
@@ -22,16 +27,37 @@ def test_synth(tmp_path):
         records = data.read_records(p1[split])
         assert len(records) == n and len({r.id for r in records}) == n
         for r in records:
-            assert r.answer in "0123456789" and len(r.answer) == 1
-            assert 448 <= r.width <= 672 and 448 <= r.height <= 672
+            assert r.answer in synth.SYNTH_PATTERNS
+            assert r.width == r.height == synth.SIDE
             color = next(c for c in synth.SYNTH_COLORS if f" {c} " in r.question)
             x1, y1, x2, y2 = map(int, r.box)
-            assert x1 >= 8 and y1 >= 8 and x2 <= r.width - 8 and y2 <= r.height - 8
+            # the frame lies inside one grid cell
+            assert x1 // synth.CELL == (x2 - 1) // synth.CELL and y1 // synth.CELL == (y2 - 1) // synth.CELL
             img = data.load_image(r)
             border = [(x1, y1), (x2 - 1, y1), (x1, y2 - 1), (x2 - 1, y2 - 1), ((x1 + x2) // 2, y1 + 2),
                       (x1 + 2, (y1 + y2) // 2)]
             assert all(img.getpixel(p) == synth.SYNTH_COLORS[color] for p in border)
             assert img.getpixel((x1 - 1, y1 - 1)) != synth.SYNTH_COLORS[color]  # the box is tight
             win = data.crop_window(r.box, r.width, r.height)
-            assert _contains(win, r.box) and win[2] - win[0] == 224 and win[3] - win[1] == 224
+            # an odd side may lose its last pixel, as upstream's floor division does
+            assert _contains(win, (x1, y1, x2 - 1, y2 - 1)) and win[2] - win[0] == win[3] - win[1] >= 224
 
+
+def test_the_pattern_is_gone_in_the_full_view_and_clear_in_the_crop(tmp_path):
+    paths = synth.make_synth(tmp_path, n_train=12, n_val=0, n_test=0, seed=3)
+    view = int(model.TinyConfig().max_pixels ** 0.5)  # the tiny model's view of a square image, in pixels
+    for r in data.read_records(paths["train"]):
+        img = data.load_image(r).convert("L")
+        x1, y1, x2, y2 = r.box
+        inner = (x1 + synth.BORDER + 8, y1 + synth.BORDER + 8, x2 - synth.BORDER - 8, y2 - synth.BORDER - 8)
+        scale = view / r.width
+        full = np.asarray(img.resize((view, view), Image.BICUBIC), np.float32)
+        full = full[round(inner[1] * scale):round(inner[3] * scale), round(inner[0] * scale):round(inner[2] * scale)]
+        win = data.crop_window(r.box, r.width, r.height)
+        crop_scale = view / (win[2] - win[0])
+        crop = np.asarray(img.crop(win).resize((view, view), Image.BICUBIC), np.float32)
+        crop = crop[round((inner[1] - win[1]) * crop_scale):round((inner[3] - win[1]) * crop_scale),
+                    round((inner[0] - win[0]) * crop_scale):round((inner[2] - win[0]) * crop_scale)]
+        # the full view: flat grey, about the same for every pattern; the crop: black and white texture
+        assert full.std() < 12 and 95 < full.mean() < 160, (r.answer, full.std(), full.mean())
+        assert crop.std() > 60, (r.answer, crop.std())

@@ -1,0 +1,61 @@
+"""The whole-recipe demo: --quick runs every phase, writes the table and plots, and a rerun resumes."""
+
+import json
+
+import pytest
+from PIL import Image
+
+import data
+import demo
+
+
+def test_line_plot_draws_each_series(tmp_path):
+    path = demo.line_plot({"a": [(1, 0.0), (2, 1.0)], "b": [(1, -1.0), (2, 2.0)]}, "t", tmp_path / "p.png")
+    image = Image.open(path).convert("RGB")
+    colors = set(image.getdata())
+    assert demo._COLORS[0] in colors and demo._COLORS[1] in colors
+
+
+def test_questions_for_the_rl_phases_carry_no_boxes(synth_dir, tmp_path):
+    records = data.read_records(synth_dir / "train.jsonl")[:5]
+    path = demo.write_questions_without_boxes(records, synth_dir / "q.jsonl")
+    rows = [json.loads(line) for line in path.open()]
+    assert all(not row.get("boxes") and not row.get("bboxs") for row in rows)
+    back = data.read_records(path)
+    assert [r.question for r in back] == [r.question for r in records] and all(r.box is None for r in back)
+    assert [r.answers for r in back] == [r.answers for r in records]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return out, demo.demo(demo.DemoConfig(out=str(out), quick=True))
+
+
+def test_quick_demo_runs_every_phase(quick_run):
+    out, results = quick_run
+    assert [p["phase"] for p in results["phases"]] == ["sft", "dpo stage 1", "dpo stage 2"]
+    for p in results["phases"]:
+        assert 0 <= p["acc@0.5"] <= 100 and 0 <= p["answer_acc"] <= 100 and 0 <= p["direct_acc"] <= 100
+        assert (out / p["adapter"].split(str(out) + "/")[-1] / "adapter.safetensors").exists()
+    # each DPO phase starts from the previous phase's adapter (and so is referenced against it)
+    assert results["phases"][1]["from"] == results["phases"][0]["adapter"]
+    assert results["phases"][2]["from"] == results["phases"][1]["adapter"]
+    table = (out / "results.md").read_text()
+    assert all(f"| {p['phase']} |" in table for p in results["phases"])
+    for name in ("loss.png", "margins.png"):
+        assert Image.open(out / name).size == (720, 420)
+    # generation saw only box-free questions: its crop scores come from answers alone
+    lines = [json.loads(line) for line in (out / "round1" / "generate" / "candidates.jsonl").open()]
+    assert lines and all(line["crop_score_source"] == "answer from crop alone" and line["gt_box"] is None for line in lines)
+    dpo2 = [json.loads(line) for line in (out / "round1" / "dpo2" / "metrics.jsonl").open()]
+    assert all("answer/rewards/margins" in row and "box/rewards/margins" in row for row in dpo2)
+
+
+def test_quick_demo_rerun_skips_finished_phases(quick_run, capsys):
+    out, results = quick_run
+    again = demo.demo(demo.DemoConfig(out=str(out), quick=True))
+    assert again["phases"] == results["phases"]
+    assert capsys.readouterr().out.count("done earlier") == 3
+    with pytest.raises(ValueError, match="other settings"):
+        demo.demo(demo.DemoConfig(out=str(out), quick=True, seed=1))
