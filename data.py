@@ -538,13 +538,15 @@ class Sample:
     input_ids: list[int]
     labels: list[int]
     record: Record
-    crop: tuple[int, int, int, int] | None  # second image = this window of the record's image
-    kind: str  # "focus" | "answer"
+    crop: tuple[int, int, int, int] | None  # second image (the only one for "crop") = this window of the image
+    kind: str  # "focus" | "answer" | "crop"
 
 
 def sft_samples(record: Record, tokenizer, image_processor, box_form: str = "square",
-                crop_rule: str = "vcot") -> list[Sample]:
-    """The two supervised samples of an annotated record: focus (box text) and answer (with the crop)."""
+                crop_rule: str = "vcot", crop_alone: bool = False) -> list[Sample]:
+    """The supervised samples of an annotated record: focus (box text) and answer (with the crop); with
+    crop_alone also the bare question on the crop alone, which generate.py's rule scorer asks when a
+    record has no box annotation."""
     box = record.box
     if box is None:
         return []
@@ -558,13 +560,19 @@ def sft_samples(record: Record, tokenizer, image_processor, box_form: str = "squ
     ids, labels = encode(tokenizer, image_processor, answer_messages(record.question), [size, crop_size],
                          record.answer)
     samples.append(Sample(ids, labels, record, window, "answer"))
+    if crop_alone:
+        ids, labels = encode(tokenizer, image_processor, direct_messages(record.question), [crop_size], record.answer)
+        samples.append(Sample(ids, labels, record, window, "crop"))
     return samples
 
 
 def sample_pixels(sample: Sample, image_processor) -> dict:
     """pixel_values [patches, C*T*P*P] and image_grid_thw [n_images, 3] for a sample's images."""
     image = load_image(sample.record)
-    images = [image] if sample.crop is None else [image, image.crop(sample.crop)]
+    if sample.kind == "crop":
+        images = [image.crop(sample.crop)]
+    else:
+        images = [image] if sample.crop is None else [image, image.crop(sample.crop)]
     out = image_processor(images=images, return_tensors="pt")
     return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
 

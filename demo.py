@@ -141,7 +141,8 @@ def demo(cfg: DemoConfig) -> dict:
     # 2. SFT warm-up (the only phase that reads box annotations)
     sft_cfg = visrl.SFTConfig(model=cfg.model, data=str(train_file), out=str(out / "sft"), seed=cfg.seed,
                               max_steps=cfg.sft_steps, lr=cfg.sft_lr, batch_size=cfg.batch_size,
-                              lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, log_every=10)
+                              lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, log_every=10,
+                              crop_alone_samples=True)  # generation's rule scorer asks the crop alone
     print("demo: " + command_line("visrl.py sft", sft_cfg))
     adapter = run_phase("sft", out / "sft", lambda: visrl.sft(sft_cfg), None)
 

@@ -1,9 +1,10 @@
 """The synthetic intention-driven VQA set: the built-in data every command can run on offline.
 
-A 1344 px square page holds 3-5 coloured frames on a 4 x 4 grid of 336 px cells, among grey clutter;
-each frame is filled with a black-and-white pattern (stripes, checks, dots, grid; a 12 px period).
-The question names a frame by its colour and asks for its pattern. The tiny model sees the whole page
-at 112 x 112 (1/12 scale): the frames' colours show, but every pattern averages to the same flat grey.
+A 1344 px square page holds 3-5 coloured frames centred in cells of a 4 x 4 grid of 336 px, among grey
+clutter; each frame is filled with a pattern (stripes, checks, dots, grid; a 12 px period) of black
+and a light colour that says where the cell is. The question names a frame by its colour and asks
+for its pattern. The tiny model sees the whole page at 112 x 112 (1/12 scale): the frames' colours
+show, but every pattern averages to a flat colour (the same for every pattern in a cell).
 The Visual-CoT crop around the frame (~288 px) is seen at ~0.39 scale, where the pattern's 4-5 px
 period is plain. So the answer needs the crop, and the crop needs the right box. Written in
 Visual-CoT's metadata format with PNG images, so `data.read_records` reads it like any other set.
@@ -27,8 +28,16 @@ SYNTH_PATTERNS = ("horizontal", "vertical", "diagonal", "checkered", "dotted", "
 _PERIOD = 12
 
 
-def _pattern(name: str, size: int, du: int, dv: int) -> np.ndarray:
-    """A black-and-white pattern, half dark on average, so that it averages to flat grey when downscaled."""
+def _tint(col: int, row: int) -> tuple[int, int, int]:
+    """The light colour of a frame's pattern, saying where its cell is: red falls along x, blue along y.
+    Vision tokens carry no absolute position (Qwen's ViT and LM use rotary positions only), so without
+    it a model must learn to turn "which token" into coordinates; with it, the frame's pixels say it."""
+    return (255 - 80 * col, 160, 255 - 80 * row)
+
+
+def _pattern(name: str, size: int, du: int, dv: int, light=(255, 255, 255)) -> np.ndarray:
+    """A black-and-`light` pattern, half dark on average, so that every pattern averages to the same flat
+    colour when downscaled."""
     v, u = np.mgrid[0:size, 0:size]
     u, v = (u + du) % _PERIOD, (v + dv) % _PERIOD
     half = _PERIOD / 2
@@ -36,16 +45,17 @@ def _pattern(name: str, size: int, du: int, dv: int) -> np.ndarray:
             "checkered": (u < half) ^ (v < half),
             "dotted": (u - half + 0.5) ** 2 + (v - half + 0.5) ** 2 < 0.16 * _PERIOD ** 2,
             "grid": (u < 3.5) | (v < 3.5)}[name]
-    return np.repeat(np.where(dark, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+    return np.where(dark[..., None], np.zeros(3, np.uint8), np.array(light, np.uint8))
 
 
 # Sizes. The page is a grid of CELL px cells so that, in the tiny model's 1/12 scale view, a cell is
-# one 28 px merged vision token; a frame sits near the centre of its cell (a few px of jitter).
+# one 28 px merged vision token; a frame sits at the centre of its cell (no jitter: the box text of
+# a cell is always the same string, so after SFT the loss left on a box is the cell choice alone).
 # Why patterns, not digits (the first version): in a few hundred LoRA steps the tiny model learns
 # what covers the whole crop (it reads a pattern after ~150 steps) but not a glyph's shape spread over
 # a few vision tokens (a 7-segment digit stayed at chance after 400 full-parameter steps).
 SIDE, CELL = 1344, 336
-_FRAME_SIDE, _JITTER, BORDER = 288, 6, 28
+_FRAME_SIDE, _JITTER, BORDER, _N_FRAMES = 288, 0, 28, (3, 5)
 
 
 def _synth_image(rng: random.Random):
@@ -53,14 +63,8 @@ def _synth_image(rng: random.Random):
     w = h = SIDE
     img = Image.new("RGB", (w, h))
     draw = ImageDraw.Draw(img)
-    # Each cell's background is a pale tint saying where it is (red grows along x, blue along y): a
-    # model's vision tokens carry no absolute position (Qwen's ViT and LM use rotary positions only),
-    # and a random tiny model cannot learn to turn "which token" into coordinates in a few hundred steps.
-    base = rng.randint(-6, 6)
-    for row in range(h // CELL):
-        for col in range(w // CELL):
-            tint = (196 + 16 * col + base, 214 + base, 196 + 16 * row + base)
-            draw.rectangle((col * CELL, row * CELL, (col + 1) * CELL - 1, (row + 1) * CELL - 1), fill=tint)
+    base = rng.randint(228, 245)
+    draw.rectangle((0, 0, w - 1, h - 1), fill=(base, base, base))
     for _ in range(rng.randint(40, 70)):  # clutter: grey lines ...
         g = rng.randint(110, 200)
         draw.line([(rng.uniform(0, w), rng.uniform(0, h)) for _ in range(2)], fill=(g, g, g),
@@ -75,7 +79,7 @@ def _synth_image(rng: random.Random):
     noise = noise.astype(np.int16).repeat(8, 0).repeat(8, 1)[:h, :w]
     img = Image.fromarray(np.clip(np.asarray(img, np.int16) + noise, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
-    n = rng.randint(3, 5)
+    n = rng.randint(*_N_FRAMES)
     colors = rng.sample(sorted(SYNTH_COLORS), n)
     target = rng.randrange(len(SYNTH_PATTERNS))
     kinds = [target] + rng.sample([d for d in range(len(SYNTH_PATTERNS)) if d != target], n - 1)  # a wrong crop reads wrong
@@ -90,7 +94,8 @@ def _synth_image(rng: random.Random):
         draw.rectangle((x, y, x + side - 1, y + side - 1), fill=(255, 255, 255),
                        outline=SYNTH_COLORS[color], width=BORDER)
         inner = side - 2 * BORDER
-        tile = Image.fromarray(_pattern(SYNTH_PATTERNS[kind], inner, rng.randrange(_PERIOD), rng.randrange(_PERIOD)))
+        light = _tint(cell % (w // CELL), cell // (w // CELL))
+        tile = Image.fromarray(_pattern(SYNTH_PATTERNS[kind], inner, rng.randrange(_PERIOD), rng.randrange(_PERIOD), light))
         img.paste(tile, (x + BORDER, y + BORDER))
         frames.append((color, SYNTH_PATTERNS[kind], (x, y, x + side, y + side)))
     return img, frames

@@ -68,6 +68,9 @@ class SFTConfig:
     lora_targets: str = "all"  # `all` linear layers of the language model, or e.g. `q_proj,v_proj`
     box_form: Literal["square", "axis", "pixel"] = "square"  # how boxes are written as text
     crop: Literal["vcot", "raw"] = "vcot"  # crop rule for the answer step's second image
+    # also train the bare question on the ground-truth crop alone: what generate.py's rule scorer asks
+    # (the answer from the crop alone) when the RL phases' questions carry no box annotation
+    crop_alone_samples: bool = False
     max_len: int = 2048  # longer samples are dropped whole (never cut through image tokens)
     error_on_long: bool = False  # raise instead of dropping over-long samples
     skip_bad_records: bool = False  # skip (and report) malformed records instead of stopping
@@ -97,10 +100,11 @@ class SFTDataset(torch.utils.data.Dataset):
 
 
 def build_sft_samples(cfg: SFTConfig, records: list[data.Record], processor, world: train.Dist) -> list[data.Sample]:
-    """Every record's focus and answer samples, over-long ones dropped (or an error) with a count."""
+    """Every record's focus and answer (and crop-alone) samples, over-long ones dropped (or an error) with a count."""
     samples, no_box, too_long = [], 0, []
     for record in records:
-        pair = data.sft_samples(record, processor.tokenizer, processor.image_processor, cfg.box_form, cfg.crop)
+        pair = data.sft_samples(record, processor.tokenizer, processor.image_processor, cfg.box_form, cfg.crop,
+                                cfg.crop_alone_samples)
         no_box += not pair
         for sample in pair:
             (too_long if len(sample.input_ids) > cfg.max_len else samples).append(sample)

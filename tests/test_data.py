@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -336,6 +337,24 @@ def test_only_assistant_tokens_are_supervised(processor, synth_dir):
         assert prompt.endswith("<|im_start|>assistant\n") and "<|im_start|>system\n" in prompt
     assert record.question + " " + data.FOCUS_INSTRUCTION in tok.decode(focus.input_ids)
     assert record.question + " " + data.VISRL_INSTRUCTION + "\n<|vision_start|>" in tok.decode(answer.input_ids)
+
+
+def test_crop_alone_sample_is_the_bare_question_on_the_crop(processor, synth_dir):
+    tok, image_processor = processor.tokenizer, processor.image_processor
+    record = data.read_records(synth_dir / "train.jsonl")[1]
+    focus, answer, crop = data.sft_samples(record, tok, image_processor, crop_alone=True)
+    assert crop.kind == "crop" and crop.crop == answer.crop
+    text = tok.decode(crop.input_ids)
+    assert text.count("<|vision_start|>") == 1 and "<|vision_end|>" + record.question + "<|im_end|>" in text
+    assert tok.decode([t for t, label in zip(crop.input_ids, crop.labels) if label != data.IGNORE_INDEX]) == \
+        record.answer + "<|im_end|>"
+    pixels = data.sample_pixels(crop, image_processor)  # one image: the crop, not the whole page
+    expected = image_processor(images=[data.load_image(record).crop(crop.crop)], return_tensors="pt")
+    assert pixels["image_grid_thw"].tolist() == expected["image_grid_thw"].tolist()
+    assert torch.equal(pixels["pixel_values"], expected["pixel_values"])
+    image_pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    merge = image_processor.merge_size ** 2
+    assert crop.input_ids.count(image_pad) == int(expected["image_grid_thw"].prod()) // merge
 
 
 def test_image_tokens_match_the_processor(processor, synth_dir):

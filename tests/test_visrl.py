@@ -89,7 +89,7 @@ def test_long_samples_are_dropped_or_rejected(synth_dir, tmp_path, capsys):
     assert all(len(s.input_ids) <= answer_len - 1 for s in samples)
     assert "dropped" in capsys.readouterr().err
     cfg.error_on_long = True
-    with pytest.raises(ValueError, match=r"train\.jsonl:\d+: answer sample has \d+ tokens"):
+    with pytest.raises(ValueError, match=r"train\.jsonl:\d+: (focus|answer) sample has \d+ tokens"):
         visrl.build_sft_samples(cfg, records, processor, train.Dist())
 
 
