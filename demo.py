@@ -29,7 +29,7 @@ import synth
 class DemoConfig:
     """The whole recipe on the tiny model: data, SFT, self-generated pairs, DPO stages 1 and 2, evaluations."""
 
-    out: str = "runs/demo"  # every phase's outputs, results.md, results.json and the plots
+    out: str = "runs/demo"  # every phase's outputs, results.md, results.json and plots/
     seed: int = 0  # data, training order and sampling
     quick: bool = False  # a few records and steps per phase: exercises every phase in ~1 minute (numbers meaningless)
     rounds: int = 1  # self-evolution rounds (generate -> stage 1 -> stage 2), each on fresh questions
@@ -90,10 +90,15 @@ def annotation_pairs(records: list[data.Record], path: Path, root: Path, seed: i
 
 
 def command_line(name: str, config) -> str:
-    """The equivalent CLI call of a phase (non-default fields only), printed for the reader to rerun."""
-    default = type(config)(**{k: v for k, v in asdict(config).items() if k == "data"}) if name.startswith("visrl.py dpo") \
-        else type(config)()
-    flags = [f"--{k.replace('_', '-')} {v}" for k, v in asdict(config).items() if v != getattr(default, k) and v is not None]
+    """The equivalent CLI call of a phase (--data and the non-default fields), printed for the reader to rerun."""
+    fields = asdict(config)
+    default = type(config)(data=fields["data"])  # DPOConfig has no default for data; the rest do
+    flags = [f"--data {fields['data']}"]
+    for key, value in fields.items():
+        if key == "data" or value == getattr(default, key) or value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        flags.append((flag if value else "--no-" + flag[2:]) if isinstance(value, bool) else f"{flag} {value}")
     return f"python {name} " + " ".join(flags)
 
 
@@ -219,19 +224,20 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_curves(out: Path) -> list[Path]:
-    """loss.png (every phase's loss per step) and margins.png (DPO reward margins per step)."""
-    losses, margins = {}, {}
+    """plots/<phase>-loss.png for every phase and plots/<phase>-margins.png (DPO reward margins) per DPO phase."""
+    paths = []
     for metrics_file in sorted(out.glob("**/metrics.jsonl")):
         phase = str(metrics_file.parent.relative_to(out))
+        slug = phase.replace("/", "-")
         rows = read_metrics(metrics_file)
-        losses[phase] = [(r["step"], r["loss"]) for r in rows]
-        for kind in ("box", "answer"):
-            points = [(r["step"], r[f"{kind}/rewards/margins"]) for r in rows if f"{kind}/rewards/margins" in r]
-            if points:
-                margins[f"{phase} {kind}"] = points
-    paths = [line_plot(losses, "loss per optimizer step", out / "loss.png")]
-    if margins:
-        paths.append(line_plot(margins, "DPO reward margin (chosen - rejected) per step", out / "margins.png"))
+        paths.append(line_plot({"loss": [(r["step"], r["loss"]) for r in rows]}, f"{phase}: loss per optimizer step",
+                               out / "plots" / f"{slug}-loss.png"))
+        margins = {kind: [(r["step"], r[f"{kind}/rewards/margins"]) for r in rows if f"{kind}/rewards/margins" in r]
+                   for kind in ("box", "answer")}
+        margins = {kind: points for kind, points in margins.items() if points}
+        if margins:
+            paths.append(line_plot(margins, f"{phase}: DPO reward margin (chosen - rejected) per step",
+                                   out / "plots" / f"{slug}-margins.png"))
     return paths
 
 

@@ -43,8 +43,8 @@ def test_quick_demo_runs_every_phase(quick_run):
     assert results["phases"][2]["from"] == results["phases"][1]["adapter"]
     table = (out / "results.md").read_text()
     assert all(f"| {p['phase']} |" in table for p in results["phases"])
-    for name in ("loss.png", "margins.png"):
-        assert Image.open(out / name).size == (720, 420)
+    for name in ("sft-loss", "round1-dpo1-loss", "round1-dpo1-margins", "round1-dpo2-loss", "round1-dpo2-margins"):
+        assert Image.open(out / "plots" / f"{name}.png").size == (720, 420)
     # generation saw only box-free questions: its crop scores come from answers alone
     lines = [json.loads(line) for line in (out / "round1" / "generate" / "candidates.jsonl").open()]
     assert lines and all(line["crop_score_source"] == "answer from crop alone" and line["gt_box"] is None for line in lines)
@@ -59,3 +59,18 @@ def test_quick_demo_rerun_skips_finished_phases(quick_run, capsys):
     assert capsys.readouterr().out.count("done earlier") == 3
     with pytest.raises(ValueError, match="other settings"):
         demo.demo(demo.DemoConfig(out=str(out), quick=True, seed=1))
+
+
+def test_printed_commands_parse_back_to_the_same_config():
+    import shlex
+
+    import tyro
+
+    import generate
+    import visrl
+
+    for name, config in (("visrl.py sft", visrl.SFTConfig(data="d.jsonl", lr=0.002, crop_alone_samples=True, fsdp=False)),
+                         ("visrl.py dpo", visrl.DPOConfig(data="p.jsonl", stage=2, lr=5e-4, adapter="a")),
+                         ("generate.py", generate.GenerateConfig(data="q.jsonl", attempts=2, out="o"))):
+        args = shlex.split(demo.command_line(name, config))[1 + len(name.split()):]
+        assert tyro.cli(type(config), args=args) == config
