@@ -6,7 +6,8 @@ with an evaluation on the held-out test split after every phase. Each phase star
 phase's adapter (merged into the base), which is also its DPO reference. The RL phases never see a box
 annotation: pairs are generated from a copy of the training questions with the boxes removed, so the
 rule scorer judges a box by the answers alone (the answer through its crop, and from the crop alone).
-Each phase's equivalent CLI command is printed; a rerun into the same --out skips finished phases.
+Each phase's equivalent CLI command is printed; a rerun into the same --out skips finished phases and
+resumes an interrupted one from its checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import data
 import evaluate
 import generate
 import synth
+import train
 
 
 @dataclass
@@ -124,7 +126,11 @@ def demo(cfg: DemoConfig) -> dict:
             print(f"demo: {name}: done earlier ({done[name]['seconds']:.0f} s)")
             return adapter
         start = time.time()
-        train_fn()
+        if train.latest_checkpoint(phase_dir) is None:  # a phase killed before its first checkpoint restarts clean
+            (phase_dir / "metrics.jsonl").unlink(missing_ok=True)
+        train_fn()  # resumes from the phase's newest checkpoint, if an earlier run left one
+        if not (adapter / "adapter.safetensors").exists():  # a signal stopped it: it saved a checkpoint instead
+            raise SystemExit(f"demo: {name} stopped before its end; run the same command again to resume it")
         row = {"phase": name, **evaluate_phase(cfg, adapter, test_file, phase_dir), "pairs": pairs,
                "seconds": time.time() - start + extra_seconds, "adapter": str(adapter), "from": str(adapter_in or cfg.model)}
         state["phases"].append(row)
@@ -147,7 +153,8 @@ def demo(cfg: DemoConfig) -> dict:
     sft_cfg = visrl.SFTConfig(model=cfg.model, data=str(train_file), out=str(out / "sft"), seed=cfg.seed,
                               max_steps=cfg.sft_steps, lr=cfg.sft_lr, batch_size=cfg.batch_size,
                               lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, log_every=10,
-                              crop_alone_samples=True)  # generation's rule scorer asks the crop alone
+                              crop_alone_samples=True,  # generation's rule scorer asks the crop alone
+                              save_every=50, resume=True)
     print("demo: " + command_line("visrl.py sft", sft_cfg))
     adapter = run_phase("sft", out / "sft", lambda: visrl.sft(sft_cfg), None)
 
@@ -179,7 +186,7 @@ def demo(cfg: DemoConfig) -> dict:
                                       image_root=str(data_dir), out=str(stage_dir), seed=cfg.seed,
                                       epochs=cfg.dpo_epochs, lr=cfg.dpo_lr, beta=cfg.dpo_beta,
                                       batch_size=cfg.dpo_batch_size, lora_rank=cfg.lora_rank,
-                                      lora_alpha=cfg.lora_alpha)
+                                      lora_alpha=cfg.lora_alpha, save_every=50, resume=True)
             print("demo: " + command_line(f"visrl.py dpo", dpo_cfg))
             adapter = run_phase(f"dpo stage {stage}{tag}", stage_dir, lambda c=dpo_cfg: visrl.dpo_train(c), adapter,
                                 pairs=n_pairs, extra_seconds=time.time() - gen_start if stage == 1 else 0.0)

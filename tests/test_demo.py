@@ -1,6 +1,7 @@
 """The whole-recipe demo: --quick runs every phase, writes the table and plots, and a rerun resumes."""
 
 import json
+import shutil
 
 import pytest
 from PIL import Image
@@ -59,6 +60,21 @@ def test_quick_demo_rerun_skips_finished_phases(quick_run, capsys):
     assert capsys.readouterr().out.count("done earlier") == 3
     with pytest.raises(ValueError, match="other settings"):
         demo.demo(demo.DemoConfig(out=str(out), quick=True, seed=1))
+
+
+def test_quick_demo_resumes_a_phase_that_was_stopped(quick_run, capsys):
+    out, results = quick_run
+    # as if DPO stage 2 had been stopped after its last checkpoint: no adapter, not in phases.json
+    state = json.loads((out / "phases.json").read_text())
+    state["phases"] = state["phases"][:2]
+    (out / "phases.json").write_text(json.dumps(state))
+    shutil.rmtree(out / "round1" / "dpo2" / "adapter")
+    again = demo.demo(demo.DemoConfig(out=str(out), quick=True))
+    assert capsys.readouterr().out.count("done earlier") == 2
+    redone, before = again["phases"][2], results["phases"][2]
+    assert redone["phase"] == "dpo stage 2" and (out / "round1" / "dpo2" / "adapter" / "adapter.safetensors").exists()
+    # restored from the checkpoint: the same weights, so the same evaluation
+    assert [redone[k] for k in ("acc@0.5", "answer_acc", "direct_acc")] == [before[k] for k in ("acc@0.5", "answer_acc", "direct_acc")]
 
 
 def test_printed_commands_parse_back_to_the_same_config():
