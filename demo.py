@@ -66,8 +66,11 @@ def evaluate_phase(cfg: DemoConfig, adapter: Path, test_file: Path, out: Path) -
     """Acc@0.5 and answer accuracy through the model's own crop, and the direct (no crop) answer accuracy."""
     common = dict(model=cfg.model, adapter=str(adapter), data=str(test_file), batch_size=cfg.eval_batch_size,
                   max_new_tokens=40, seed=cfg.seed, pictures=3)
-    two_step = evaluate.evaluate(evaluate.EvalConfig(out=str(out / "eval"), box="model", **common))["sets"]["synth"]
-    direct = evaluate.evaluate(evaluate.EvalConfig(out=str(out / "eval-direct"), box="none", **common))["sets"]["synth"]
+    two_step_cfg = evaluate.EvalConfig(out=str(out / "eval"), box="model", **common)
+    generate_fn = evaluate.model_generator(two_step_cfg)  # one model load for both evaluations
+    two_step = evaluate.evaluate(two_step_cfg, generate_fn)["sets"]["synth"]
+    direct_cfg = evaluate.EvalConfig(out=str(out / "eval-direct"), box="none", **common)
+    direct = evaluate.evaluate(direct_cfg, generate_fn)["sets"]["synth"]
     return {"acc@0.5": two_step["detection"]["acc"], "answer_acc": 100 * two_step["answer"]["exact_match"],
             "direct_acc": 100 * direct["answer"]["exact_match"]}
 
@@ -187,7 +190,7 @@ def demo(cfg: DemoConfig) -> dict:
                                       epochs=cfg.dpo_epochs, lr=cfg.dpo_lr, beta=cfg.dpo_beta,
                                       batch_size=cfg.dpo_batch_size, lora_rank=cfg.lora_rank,
                                       lora_alpha=cfg.lora_alpha, save_every=50, resume=True)
-            print("demo: " + command_line(f"visrl.py dpo", dpo_cfg))
+            print("demo: " + command_line("visrl.py dpo", dpo_cfg))
             adapter = run_phase(f"dpo stage {stage}{tag}", stage_dir, lambda c=dpo_cfg: visrl.dpo_train(c), adapter,
                                 pairs=n_pairs, extra_seconds=time.time() - gen_start if stage == 1 else 0.0)
 

@@ -279,18 +279,10 @@ def model_generator(cfg: "EvalConfig"):
                 return list(pool.map(call, prompts))
         return generate_endpoint
 
-    import torch
-
     import model as modeling
+    import serve  # imported here: serve imports this module; the same loading as `visrl.py infer|serve`
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
-        cfg.dtype, torch.bfloat16 if device == "cuda" else torch.float32)
-    net, processor = modeling.load_model(cfg.model, dtype=dtype, device=device)
-    if cfg.adapter:
-        modeling.load_adapter(net, cfg.adapter)
-        modeling.merge_lora(net)  # plain linears: faster inference, same outputs
-    net.eval()
+    net, processor = serve.load_net(cfg.model, cfg.adapter, cfg.device, cfg.dtype)  # adapter merged, eval mode
     sampling = modeling.Sampling(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
     return lambda prompts: modeling.generate(net, processor, prompts, sampling, batch_size=cfg.batch_size, seed=cfg.seed)
 

@@ -12,6 +12,7 @@ in PEFT's LoRA layout, for the raw base model. Both are written into a temporary
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -119,7 +120,8 @@ def copy_base_files(base: Path, out: Path, dtype: str) -> list[str]:
         shutil.copyfile(src, out / src.name)
         if src.suffix != ".json":
             continue
-        content, original = json.loads(src.read_text()), json.loads(src.read_text())
+        original = json.loads(src.read_text())
+        content = copy.deepcopy(original)
         if src.name == "config.json":
             for section in [content] + [v for v in content.values() if isinstance(v, dict)]:
                 for key in ("dtype", "torch_dtype"):

@@ -36,14 +36,13 @@ from PIL import Image
 import data
 import evaluate
 import model as modeling
+import train
 
 
 def load_net(model: str, adapter: str | None, device: str = "auto", dtype: str = "auto"):
     """(net, processor) for inference: the checkpoint with its adapter merged, in eval mode."""
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
-        dtype, torch.bfloat16 if device == "cuda" else torch.float32)
-    net, processor = modeling.load_model(model, dtype=torch_dtype, device=device)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    net, processor = modeling.load_model(model, dtype=train.resolve_dtype(dtype, device), device=device)
     if adapter:
         modeling.load_adapter(net, adapter)
         modeling.merge_lora(net)  # plain linears: faster inference, same outputs
