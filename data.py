@@ -566,15 +566,28 @@ def sft_samples(record: Record, tokenizer, image_processor, box_form: str = "squ
     return samples
 
 
-def sample_pixels(sample: Sample, image_processor) -> dict:
-    """pixel_values [patches, C*T*P*P] and image_grid_thw [n_images, 3] for a sample's images."""
-    image = load_image(sample.record)
-    if sample.kind == "crop":
-        images = [image.crop(sample.crop)]
-    else:
-        images = [image] if sample.crop is None else [image, image.crop(sample.crop)]
-    out = image_processor(images=images, return_tensors="pt")
-    return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+def sample_pixels(sample: Sample, image_processor, cache: dict | None = None) -> dict:
+    """pixel_values [patches, C*T*P*P] and image_grid_thw [n_images, 3] for a sample's images.
+
+    With a cache (a dict kept by the caller), each (image, crop window) is decoded and processed once
+    and reused: a record's samples share its full view, and later epochs decode nothing."""
+    import torch
+
+    views = [None] if sample.kind != "crop" else []  # None: the whole image; else a crop window
+    views += [sample.crop] if sample.crop is not None else []
+    keys = [(sample.record.image, view) for view in views]
+    if cache is None or any(key not in cache for key in keys):
+        image = load_image(sample.record)
+        images = [image if view is None else image.crop(view) for view in views]
+        if cache is None:
+            out = image_processor(images=images, return_tensors="pt")
+            return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+        for key, img in zip(keys, images):  # one by one, as the processor does inside a list
+            if key not in cache:
+                out = image_processor(images=[img], return_tensors="pt")
+                cache[key] = (out["pixel_values"], out["image_grid_thw"])
+    return {"pixel_values": torch.cat([cache[key][0] for key in keys]),
+            "image_grid_thw": torch.cat([cache[key][1] for key in keys])}
 
 
 def collate(items: list[dict], pad_id: int, image_token_id: int) -> dict:

@@ -115,7 +115,11 @@ class TinyConfig:
     vision_depth: int = 2
     vision_heads: int = 2
     min_pixels: int = 56 * 56
-    max_pixels: int = 112 * 112  # the whole 1344 px synthetic page is seen at 1/8 scale; its 224 px crop at 3/4
+    # Every square image over 113 px is seen at 112 x 112: the whole 1344 px synthetic page at 1/12 scale,
+    # a ~288 px crop at ~0.39. Not 112 * 112: at exactly that cap, smart_resize's floor(side / beta / 28)
+    # lands on 3.999... for some sides (246, 251, ..., 288, 295 px) and shrinks them to 84 px, so a
+    # crop's scale would jump with a pixel of its size (a trained reader then fails on the model's own crops).
+    max_pixels: int = 113 * 113
     # A frozen random lm_head at the usual std 0.02 caps logits near +-2.5 after the final RMSNorm,
     # so no adapter could make a confident prediction; real checkpoints have far larger output norms.
     lm_head_std: float = 0.3

@@ -1,13 +1,20 @@
 """The synthetic intention-driven VQA set: the built-in data every command can run on offline.
 
-A 1344 px square page holds 3-5 coloured frames centred in cells of a 4 x 4 grid of 336 px, among grey
-clutter; each frame is filled with a pattern (stripes, checks, dots, grid; a 12 px period) of black
-and a light colour that says where the cell is. The question names a frame by its colour and asks
-for its pattern. The tiny model sees the whole page at 112 x 112 (1/12 scale): the frames' colours
-show, but every pattern averages to a flat colour (the same for every pattern in a cell).
-The Visual-CoT crop around the frame (~288 px) is seen at ~0.39 scale, where the pattern's 4-5 px
-period is plain. So the answer needs the crop, and the crop needs the right box. Written in
-Visual-CoT's metadata format with PNG images, so `data.read_records` reads it like any other set.
+A 1344 px square page holds 3-5 square frames centred in cells of a 4 x 4 grid of 336 px, among grey
+clutter: the question's frame has a coloured border, the others (distractors) grey ones. Each frame is
+filled with a different pattern (stripes, checks, dots, grid; a 12 px period) of black and a light
+colour (the question frame's says where its cell is; the distractors' is grey). The question names the
+frame by its colour and asks for its pattern. The tiny model sees the whole page at 112 x 112
+(1/12 scale): the frames show, but every pattern averages to a flat colour (the same for every
+pattern in a cell). The Visual-CoT crop around the frame (~288 px) is seen at ~0.39 scale, where the
+pattern's 4-5 px period is plain. So the answer needs the crop, and the crop needs the right box: a
+wrong frame's crop reads another pattern. Written in Visual-CoT's metadata format with PNG images, so
+`data.read_records` reads it like any other set.
+
+Why the distractors are grey (version 3): with 3-5 frames of different named colours, picking the frame
+whose colour the question names (a colour word matched to a vision token) is not learnt by the random
+tiny model in thousands of full-parameter steps (measured: README, "What the tiny model learns");
+finding the one coloured frame among grey ones is learnt in a few hundred LoRA steps.
 """
 
 import json
@@ -19,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-SYNTH_VERSION = 2  # bump when the generator changes: cached copies are keyed by it
+SYNTH_VERSION = 3  # bump when the generator changes: cached copies are keyed by it
 SYNTH_COLORS = {"red": (220, 30, 30), "green": (20, 150, 40), "blue": (30, 60, 220),
                 "yellow": (225, 185, 0), "magenta": (200, 40, 200), "cyan": (0, 175, 195)}
 _QUESTIONS = ("What pattern is inside the {} frame?", "Which pattern fills the {} square?",
@@ -56,6 +63,7 @@ def _pattern(name: str, size: int, du: int, dv: int, light=(255, 255, 255)) -> n
 # a few vision tokens (a 7-segment digit stayed at chance after 400 full-parameter steps).
 SIDE, CELL = 1344, 336
 _FRAME_SIDE, _JITTER, BORDER, _N_FRAMES = 288, 0, 28, (3, 5)
+DISTRACTOR_BORDER, DISTRACTOR_LIGHT = (140, 140, 140), (200, 200, 200)
 
 
 def _synth_image(rng: random.Random):
@@ -84,17 +92,18 @@ def _synth_image(rng: random.Random):
     target = rng.randrange(len(SYNTH_PATTERNS))
     kinds = [target] + rng.sample([d for d in range(len(SYNTH_PATTERNS)) if d != target], n - 1)  # a wrong crop reads wrong
     cells = rng.sample(range((w // CELL) * (h // CELL)), n)
-    frames = []
+    frames = []  # (colour name, pattern, box); a distractor's colour name is what it would have been
     for color, kind, cell in zip(colors, kinds, cells):
         side = _FRAME_SIDE + rng.randint(-_JITTER, _JITTER)
         cx, cy = (cell % (w // CELL)) * CELL, (cell // (w // CELL)) * CELL  # centred in its cell, jittered
         x = cx + (CELL - side) // 2 + rng.randint(-_JITTER, _JITTER)
         y = cy + (CELL - side) // 2 + rng.randint(-_JITTER, _JITTER)
+        target = not frames  # the first frame drawn is the question's
         # PIL's rectangle includes its end pixel, so the frame covers exactly [x1, x2) x [y1, y2)
         draw.rectangle((x, y, x + side - 1, y + side - 1), fill=(255, 255, 255),
-                       outline=SYNTH_COLORS[color], width=BORDER)
+                       outline=SYNTH_COLORS[color] if target else DISTRACTOR_BORDER, width=BORDER)
         inner = side - 2 * BORDER
-        light = _tint(cell % (w // CELL), cell // (w // CELL))
+        light = _tint(cell % (w // CELL), cell // (w // CELL)) if target else DISTRACTOR_LIGHT
         tile = Image.fromarray(_pattern(SYNTH_PATTERNS[kind], inner, rng.randrange(_PERIOD), rng.randrange(_PERIOD), light))
         img.paste(tile, (x + BORDER, y + BORDER))
         frames.append((color, SYNTH_PATTERNS[kind], (x, y, x + side, y + side)))

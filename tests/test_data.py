@@ -370,6 +370,25 @@ def test_image_tokens_match_the_processor(processor, synth_dir):
             assert pixels["pixel_values"].shape[0] == int(grid.prod(-1).sum())
 
 
+def test_pixel_cache_gives_the_same_pixels_and_decodes_each_view_once(processor, synth_dir, monkeypatch):
+    image_processor = processor.image_processor
+    records = data.read_records(synth_dir / "train.jsonl")[:3]
+    samples = [s for r in records for s in data.sft_samples(r, processor.tokenizer, image_processor, crop_alone=True)]
+    plain = [data.sample_pixels(s, image_processor) for s in samples]
+    loads = []
+    real_load = data.load_image
+    monkeypatch.setattr(data, "load_image", lambda record: loads.append(record.image) or real_load(record))
+    cache = {}
+    for _ in range(2):  # two epochs
+        for s, expected in zip(samples, plain):
+            got = data.sample_pixels(s, image_processor, cache)
+            assert torch.equal(got["pixel_values"], expected["pixel_values"])
+            assert torch.equal(got["image_grid_thw"], expected["image_grid_thw"])
+    # per record: focus (page), answer (page + crop), crop alone: one decode for the page and its crop view
+    # is not guaranteed (the crop sample may come first), but never more than one per distinct view
+    assert len(cache) == 2 * len(records) and len(loads) <= 2 * len(records)
+
+
 def test_encode_rejects_extra_images(processor):
     with pytest.raises(ValueError, match="placeholders"):
         data.encode(processor.tokenizer, processor.image_processor, data.focus_messages("q"),

@@ -181,3 +181,12 @@ def test_building_the_tiny_model_leaves_the_random_stream_alone(tmp_path):
     torch.manual_seed(123)
     model.make_tiny(tmp_path / "tiny", model.TinyConfig(num_layers=1, hidden_size=64, intermediate_size=64))
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_tiny_view_of_a_square_does_not_depend_on_a_pixel_of_its_size():
+    # at max_pixels = 112 * 112 exactly, smart_resize turned a 288 px crop into 84 px and a 286 px one into 112
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    cfg = model.TinyConfig()
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)  # as make_tiny
+    assert {data.model_view_size(side, side, image_processor) for side in range(200, 1400)} == {(112, 112)}

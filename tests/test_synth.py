@@ -46,7 +46,7 @@ def test_synth(tmp_path):
 
 def test_the_pattern_is_gone_in_the_full_view_and_clear_in_the_crop(tmp_path):
     paths = synth.make_synth(tmp_path, n_train=12, n_val=0, n_test=0, seed=3)
-    view = int(model.TinyConfig().max_pixels ** 0.5)  # the tiny model's view of a square image, in pixels
+    view = int(model.TinyConfig().max_pixels ** 0.5) // 28 * 28  # the tiny model's view of a square page, in pixels
     for r in data.read_records(paths["train"]):
         img = data.load_image(r).convert("L")
         x1, y1, x2, y2 = r.box
@@ -62,3 +62,21 @@ def test_the_pattern_is_gone_in_the_full_view_and_clear_in_the_crop(tmp_path):
         # the full view: a flat colour (the cell's, whatever the pattern); the crop: a high-contrast texture
         assert full.std() < 12, (r.answer, full.std())
         assert crop.std() > 30 and crop.std() > 4 * full.std(), (r.answer, crop.std(), full.std())
+
+
+def test_only_the_question_frame_is_coloured():
+    import random
+
+    for k in range(6):
+        img, frames = synth._synth_image(random.Random(k))
+        pixels = np.asarray(img)
+        (color, pattern, box), distractors = frames[0], frames[1:]
+        assert 2 <= len(distractors) <= 4 and len({p for _, p, _ in frames}) == len(frames)  # every crop reads differently
+        for _, _, (x1, y1, x2, y2) in distractors:
+            assert tuple(pixels[y1, x1]) == tuple(pixels[(y1 + y2) // 2, x1 + 2]) == synth.DISTRACTOR_BORDER
+        # the named colour appears nowhere outside the question's frame
+        x1, y1, x2, y2 = box
+        outside = np.ones(pixels.shape[:2], bool)
+        outside[y1:y2, x1:x2] = False
+        assert not (pixels[outside] == synth.SYNTH_COLORS[color]).all(-1).any()
+        assert (pixels[y1:y2, x1:x2] == synth.SYNTH_COLORS[color]).all(-1).sum() > 4 * 288 * 20
