@@ -575,17 +575,18 @@ def sample_pixels(sample: Sample, image_processor, cache: dict | None = None) ->
 
     views = [None] if sample.kind != "crop" else []  # None: the whole image; else a crop window
     views += [sample.crop] if sample.crop is not None else []
-    keys = [(sample.record.image, view) for view in views]
-    if cache is None or any(key not in cache for key in keys):
+    if cache is None:
         image = load_image(sample.record)
         images = [image if view is None else image.crop(view) for view in views]
-        if cache is None:
-            out = image_processor(images=images, return_tensors="pt")
-            return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
-        for key, img in zip(keys, images):  # one by one, as the processor does inside a list
-            if key not in cache:
-                out = image_processor(images=[img], return_tensors="pt")
-                cache[key] = (out["pixel_values"], out["image_grid_thw"])
+        out = image_processor(images=images, return_tensors="pt")
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+    keys = [(sample.record.image, view) for view in views]
+    missing = [key for key in keys if key not in cache]
+    if missing:
+        image = load_image(sample.record)
+        for key in missing:  # one by one, as the processor does inside a list
+            out = image_processor(images=[image if key[1] is None else image.crop(key[1])], return_tensors="pt")
+            cache[key] = (out["pixel_values"], out["image_grid_thw"])
     return {"pixel_values": torch.cat([cache[key][0] for key in keys]),
             "image_grid_thw": torch.cat([cache[key][1] for key in keys])}
 

@@ -191,9 +191,9 @@ def demo(cfg: DemoConfig) -> dict:
             stage_dir = out / f"round{rnd}" / f"dpo{stage}"
             dpo_cfg = visrl.DPOConfig(data=str(pairs_file), stage=stage, model=cfg.model, adapter=str(adapter),
                                       image_root=str(data_dir), out=str(stage_dir), seed=cfg.seed,
-                                      epochs=cfg.dpo_epochs, lr=cfg.dpo_lr, beta=cfg.dpo_beta, nll_weight=cfg.dpo_nll_weight,
-                                      batch_size=cfg.dpo_batch_size, lora_rank=cfg.lora_rank,
-                                      lora_alpha=cfg.lora_alpha, save_every=50, resume=True)
+                                      epochs=cfg.dpo_epochs, lr=cfg.dpo_lr, beta=cfg.dpo_beta,
+                                      nll_weight=cfg.dpo_nll_weight, batch_size=cfg.dpo_batch_size,
+                                      lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, save_every=50, resume=True)
             print("demo: " + command_line("visrl.py dpo", dpo_cfg))
             adapter = run_phase(f"dpo stage {stage}{tag}", stage_dir, lambda c=dpo_cfg: visrl.dpo_train(c), adapter,
                                 pairs=n_pairs, extra_seconds=time.time() - gen_start if stage == 1 else 0.0)

@@ -98,12 +98,12 @@ def _synth_image(rng: random.Random):
         cx, cy = (cell % (w // CELL)) * CELL, (cell // (w // CELL)) * CELL  # centred in its cell, jittered
         x = cx + (CELL - side) // 2 + rng.randint(-_JITTER, _JITTER)
         y = cy + (CELL - side) // 2 + rng.randint(-_JITTER, _JITTER)
-        target = not frames  # the first frame drawn is the question's
+        is_question = not frames  # the first frame drawn is the question's
         # PIL's rectangle includes its end pixel, so the frame covers exactly [x1, x2) x [y1, y2)
         draw.rectangle((x, y, x + side - 1, y + side - 1), fill=(255, 255, 255),
-                       outline=SYNTH_COLORS[color] if target else DISTRACTOR_BORDER, width=BORDER)
+                       outline=SYNTH_COLORS[color] if is_question else DISTRACTOR_BORDER, width=BORDER)
         inner = side - 2 * BORDER
-        light = _tint(cell % (w // CELL), cell // (w // CELL)) if target else DISTRACTOR_LIGHT
+        light = _tint(cell % (w // CELL), cell // (w // CELL)) if is_question else DISTRACTOR_LIGHT
         tile = Image.fromarray(_pattern(SYNTH_PATTERNS[kind], inner, rng.randrange(_PERIOD), rng.randrange(_PERIOD), light))
         img.paste(tile, (x + BORDER, y + BORDER))
         frames.append((color, SYNTH_PATTERNS[kind], (x, y, x + side, y + side)))
