@@ -4,8 +4,10 @@
 
 with an evaluation on the held-out test split after every phase. Each phase starts from the previous
 phase's adapter (merged into the base), which is also its DPO reference. The RL phases never see a box
-annotation: pairs are generated from a copy of the training questions with the boxes removed, so the
-rule scorer judges a box by the answers alone (the answer through its crop, and from the crop alone).
+annotation: SFT reads the boxes of the first --sft-records training records only, and pairs are generated
+on *other* training records with their boxes removed, so the rule scorer judges a box by the answers
+alone (the answer through its crop, and from the crop alone), as in the recipe: few box annotations,
+then the model labels new questions for itself.
 Each phase's equivalent CLI command is printed; a rerun into the same --out skips finished phases and
 resumes an interrupted one from its checkpoint.
 """
@@ -36,19 +38,26 @@ class DemoConfig:
     quick: bool = False  # a few records and steps per phase: exercises every phase in ~1 minute (numbers meaningless)
     rounds: int = 1  # self-evolution rounds (generate -> stage 1 -> stage 2), each on fresh questions
     model: str = "tiny"  # `tiny` / `tiny-qwen2-vl`, or a checkpoint directory
-    n_train: int = 800  # synthetic training records (SFT uses all; generation takes its questions from them)
+    n_train: int = 500  # synthetic training records: the first sft_records annotated, the rest bare questions
+    sft_records: int = 64  # records SFT reads (question, box, answer); the RL phases never see a box
     n_test: int = 100  # held-out synthetic test records, evaluated after every phase
-    sft_steps: int = 1500  # ~4.5 min here; the box is learnt late (loss drops around steps 800-1000), see README
+    sft_steps: int = 1500
+    sft_focus_first_steps: int = 600  # box samples alone first: mixed from step 0 the box was not learnt
     sft_lr: float = 2e-3
     lora_rank: int = 16
     lora_alpha: float = 32.0
     batch_size: int = 8
-    questions: int = 240  # training questions (boxes removed) each generation round samples
+    questions: int = 320  # questions (records after the SFT ones, boxes removed) each generation round samples
     attempts: int = 2  # generate.py's K: each attempt a sampled and a diversity box
-    # DPO: lr 5e-4 without the NLL term (the 3-seed table in README) broke a localising SFT model (Acc@0.5
-    # 99 -> 30 -> 9) and collapsed the box format in stage 2; lr 5e-5 with NLL on the chosen kept it (97)
-    dpo_epochs: float = 1.0
-    dpo_lr: float = 5e-5
+    # upstream samples at temperature 2 (top-p 0.7); the tiny model's replies there are mostly junk
+    # ("[0.7320.518ant"), so the rejected answers taught nothing: at 1 they are its real confusions
+    gen_temperature: float = 1.0
+    gen_top_p: float = 1.0
+    # DPO: without the NLL term on the chosen, lr 5e-4 broke a localising SFT model (Acc@0.5 99 -> 30 -> 9)
+    # and collapsed the box format in stage 2; with it, lr 5e-5 changed nothing (36 -> 36) and lr 5e-4 for
+    # 2 epochs lifts Acc@0.5 52 -> 66 and answers 21 -> 32 (3-seed means; README, "The demo")
+    dpo_epochs: float = 2.0
+    dpo_lr: float = 5e-4
     dpo_beta: float = 0.1
     dpo_nll_weight: float = 1.0
     dpo_batch_size: int = 4
@@ -57,7 +66,8 @@ class DemoConfig:
 
 def quick_config(cfg: DemoConfig) -> DemoConfig:
     """The CI-sized version of cfg: every phase runs, on a handful of records and steps."""
-    return DemoConfig(**{**asdict(cfg), "n_train": 24, "n_test": 8, "sft_steps": 6, "questions": 8,
+    return DemoConfig(**{**asdict(cfg), "n_train": 24, "n_test": 8, "sft_records": 16, "sft_steps": 6,
+                         "sft_focus_first_steps": 2, "questions": 8,
                          "attempts": 1, "dpo_epochs": 1.0, "batch_size": 4, "dpo_batch_size": 2, "quick": True})
 
 
@@ -154,13 +164,19 @@ def demo(cfg: DemoConfig) -> dict:
         state["data_seconds"] = time.time() - start
     train_file, test_file = data_dir / "train.jsonl", data_dir / "test.jsonl"
     records = data.read_records(train_file)
+    if not 0 < cfg.sft_records < len(records):
+        raise ValueError(f"--sft-records {cfg.sft_records} must leave questions for generation among "
+                         f"the {len(records)} training records")
+    sft_file, bare_records = data_dir / "train_sft.jsonl", records[cfg.sft_records:]
+    data.write_records(sft_file, records[:cfg.sft_records])
 
     # 2. SFT warm-up (the only phase that reads box annotations)
-    sft_cfg = visrl.SFTConfig(model=cfg.model, data=str(train_file), out=str(out / "sft"), seed=cfg.seed,
-                              max_steps=cfg.sft_steps, lr=cfg.sft_lr, batch_size=cfg.batch_size,
+    sft_cfg = visrl.SFTConfig(model=cfg.model, data=str(sft_file), out=str(out / "sft"), seed=cfg.seed,
+                              max_steps=cfg.sft_steps, focus_first_steps=cfg.sft_focus_first_steps,
+                              lr=cfg.sft_lr, batch_size=cfg.batch_size,
                               lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, log_every=10,
                               crop_alone_samples=True,  # generation's rule scorer asks the crop alone
-                              cache_pixels=True,  # 800 records: ~0.5 GB, and later epochs decode nothing
+                              cache_pixels=True,  # 64 records: ~40 MB, and later epochs decode nothing
                               save_every=50, resume=True)
     print("demo: " + command_line("visrl.py sft", sft_cfg))
     adapter = run_phase("sft", out / "sft", lambda: visrl.sft(sft_cfg), None)
@@ -169,10 +185,11 @@ def demo(cfg: DemoConfig) -> dict:
     for rnd in range(1, cfg.rounds + 1):
         tag = "" if cfg.rounds == 1 else f" (round {rnd})"
         gen_dir = out / f"round{rnd}" / "generate"
-        chunk = records[(rnd - 1) * cfg.questions: rnd * cfg.questions] or records[:cfg.questions]
+        chunk = bare_records[(rnd - 1) * cfg.questions: rnd * cfg.questions] or bare_records[:cfg.questions]
         questions = write_questions_without_boxes(chunk, data_dir / f"questions_round{rnd}.jsonl")
         gen_cfg = generate.GenerateConfig(model=cfg.model, adapter=str(adapter), data=str(questions), out=str(gen_dir),
-                                          seed=cfg.seed + rnd, attempts=cfg.attempts, batch_size=64, chunk=32)
+                                          seed=cfg.seed + rnd, attempts=cfg.attempts, temperature=cfg.gen_temperature,
+                                          top_p=cfg.gen_top_p, batch_size=64, chunk=32)
         gen_start = time.time()
         if not (gen_dir / "summary.json").exists():  # written when generation finishes (it resumes itself)
             print("demo: " + command_line("generate.py", gen_cfg))

@@ -74,6 +74,10 @@ class SFTConfig:
     # keep every processed image (page view and crop) in memory after its first use: each is decoded once
     # instead of once per sample and epoch (~0.6 MB per record: for small sets such as the demo's)
     cache_pixels: bool = False
+    # a curriculum: the first N optimizer steps draw focus (box) samples only, then all kinds mixed. The
+    # random tiny model learns the box in ~500 steps on focus samples alone, but not within 1500 when the
+    # kinds are mixed from step 0, even with focus 5/8 of the samples (measured, README; why is not known)
+    focus_first_steps: int = 0
     max_len: int = 2048  # longer samples are dropped whole (never cut through image tokens)
     error_on_long: bool = False  # raise instead of dropping over-long samples
     skip_bad_records: bool = False  # skip (and report) malformed records instead of stopping
@@ -124,6 +128,18 @@ def build_sft_samples(cfg: SFTConfig, records: list[data.Record], processor, wor
     return samples
 
 
+def sft_index_stream(cfg: SFTConfig, samples: list[data.Sample], world: train.Dist, start_step: int):
+    """This rank's micro-batches of sample indices from optimizer step start_step on: focus samples only
+    for the first cfg.focus_first_steps steps, then every sample (each part resumes at its own position)."""
+    focus = [i for i, sample in enumerate(samples) if sample.kind == "focus"]
+    first, done = cfg.focus_first_steps * cfg.grad_accum, start_step * cfg.grad_accum  # in micro-batches
+    if done < first:
+        focus_batches = train.batch_stream(len(focus), cfg.batch_size, world, cfg.seed, start=done)
+        for _ in range(first - done):
+            yield [focus[i] for i in next(focus_batches)]
+    yield from train.batch_stream(len(samples), cfg.batch_size, world, cfg.seed, start=max(0, done - first))
+
+
 def sft_loss(net, batch: dict, n_tokens: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy over supervised tokens, divided by the step's token count.
 
@@ -171,6 +187,10 @@ def sft(cfg: SFTConfig) -> Path:
     if steps_per_epoch == 0 or total_steps == 0:
         raise ValueError(f"sft: {len(samples)} samples are fewer than one optimizer step of "
                          f"{cfg.batch_size} x {cfg.grad_accum} x {world.world_size}")
+    n_focus = sum(sample.kind == "focus" for sample in samples)
+    if cfg.focus_first_steps and (cfg.focus_first_steps >= total_steps or n_focus < cfg.batch_size * world.world_size):
+        raise ValueError(f"sft: --focus-first-steps {cfg.focus_first_steps} needs fewer than the {total_steps} "
+                         f"steps and one micro-batch of focus samples per rank ({n_focus})")
     objective = train.wrap_objective(SFTObjective(net), cfg, world)
     params = modeling.trainable_parameters(objective)  # after sharding: the DTensor parameters
     optimizer, scheduler = train.make_optimizer(params, cfg.lr, cfg.weight_decay, total_steps, cfg.warmup_ratio)
@@ -181,8 +201,7 @@ def sft(cfg: SFTConfig) -> Path:
         f"{global_batch} = {cfg.batch_size} x {cfg.grad_accum} accum x {world.world_size} ranks; "
         f"{sum(p.numel() for p in params):,} trainable parameters"))
     batches = (train.to_device(data.collate([dataset[i] for i in indices], pad_id, image_token_id), world.device)
-               for indices in train.batch_stream(len(samples), cfg.batch_size, world, cfg.seed,
-                                           start=start_step * cfg.grad_accum))
+               for indices in sft_index_stream(cfg, samples, world, start_step))
     progress = tqdm(range(start_step, total_steps), desc="sft", disable=not world.is_main, dynamic_ncols=True,
                     initial=start_step, total=total_steps)
     stopper = train.StopOnSignal()

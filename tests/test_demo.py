@@ -51,6 +51,12 @@ def test_quick_demo_runs_every_phase(quick_run):
     assert lines and all(line["crop_score_source"] == "answer from crop alone" and line["gt_box"] is None for line in lines)
     dpo2 = [json.loads(line) for line in (out / "round1" / "dpo2" / "metrics.jsonl").open()]
     assert all("answer/rewards/margins" in row and "box/rewards/margins" in row for row in dpo2)
+    # SFT read the annotated records only; generation asked other records' questions
+    sft_ids = {r.id for r in data.read_records(out / "data" / "train_sft.jsonl")}
+    question_ids = {r.id for r in data.read_records(out / "data" / "questions_round1.jsonl")}
+    assert len(sft_ids) == results["config"]["sft_records"] and question_ids and not sft_ids & question_ids
+    sft_config = json.loads((out / "sft" / "config.json").read_text())
+    assert sft_config["focus_first_steps"] == results["config"]["sft_focus_first_steps"] > 0
 
 
 def test_quick_demo_rerun_skips_finished_phases(quick_run, capsys):

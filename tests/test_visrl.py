@@ -140,3 +140,31 @@ def test_data_synth_builds_the_cached_set_once(monkeypatch, tmp_path):
     assert train.resolve_data("synth", "test", seed=3).exists()
     assert len(calls) == 1  # the second call reuses the cache
     assert len(data.read_records(path)) == 4
+
+
+def test_focus_first_curriculum_draws_box_samples_then_all_kinds_and_resumes_in_place(synth_dir, tmp_path):
+    _, processor = model.load_model("tiny")
+    records = data.read_records(synth_dir / "train.jsonl")[:12]
+    cfg = _config(synth_dir, tmp_path, crop_alone_samples=True, focus_first_steps=5, grad_accum=2, batch_size=2)
+    samples = visrl.build_sft_samples(cfg, records, processor, train.Dist())
+    kinds = {s.kind for s in samples}
+    assert kinds == {"focus", "answer", "crop"}
+
+    def first(n, start_step):
+        stream = visrl.sft_index_stream(cfg, samples, train.Dist(), start_step)
+        return [next(stream) for _ in range(n)]
+
+    whole = first(40, 0)  # micro-batches: 5 steps x 2 accumulation = 10 focus-only micro-batches first
+    assert all(samples[i].kind == "focus" for batch in whole[:10] for i in batch)
+    assert {samples[i].kind for batch in whole[10:] for i in batch} == kinds
+    for step in (3, 5, 9):  # resuming at an optimizer step gives exactly the rest of the uninterrupted stream
+        assert first(40 - 2 * step, step) == whole[2 * step:]
+    # with two ranks the focus batches do not overlap
+    ranks = [next(visrl.sft_index_stream(cfg, samples, train.Dist(rank=r, world_size=2), 0)) for r in (0, 1)]
+    assert not set(ranks[0]) & set(ranks[1])
+
+
+def test_focus_first_steps_must_leave_mixed_steps(synth_dir, tmp_path):
+    cfg = _config(synth_dir, tmp_path, limit=8, max_steps=4, focus_first_steps=4)
+    with pytest.raises(ValueError, match="focus-first-steps 4 needs fewer than the 4 steps"):
+        visrl.sft(cfg)
