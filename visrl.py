@@ -75,8 +75,8 @@ class SFTConfig:
     # instead of once per sample and epoch (~0.6 MB per record: for small sets such as the demo's)
     cache_pixels: bool = False
     # a curriculum: the first N optimizer steps draw focus (box) samples only, then all kinds mixed. The
-    # random tiny model learns the box in ~500 steps on focus samples alone, but not within 1500 when the
-    # kinds are mixed from step 0, even with focus 5/8 of the samples (measured, README; why is not known)
+    # random tiny model learns the box in ~500 steps on focus samples alone, but late or not at all when the
+    # kinds are mixed from step 0 (800 records: 7% at step 1500; 150: 58%; README; why is not known)
     focus_first_steps: int = 0
     max_len: int = 2048  # longer samples are dropped whole (never cut through image tokens)
     error_on_long: bool = False  # raise instead of dropping over-long samples
@@ -188,9 +188,10 @@ def sft(cfg: SFTConfig) -> Path:
         raise ValueError(f"sft: {len(samples)} samples are fewer than one optimizer step of "
                          f"{cfg.batch_size} x {cfg.grad_accum} x {world.world_size}")
     n_focus = sum(sample.kind == "focus" for sample in samples)
-    if cfg.focus_first_steps and (cfg.focus_first_steps >= total_steps or n_focus < cfg.batch_size * world.world_size):
-        raise ValueError(f"sft: --focus-first-steps {cfg.focus_first_steps} needs fewer than the {total_steps} "
-                         f"steps and one micro-batch of focus samples per rank ({n_focus})")
+    if cfg.focus_first_steps and not (0 < cfg.focus_first_steps < total_steps
+                                      and n_focus >= cfg.batch_size * world.world_size):
+        raise ValueError(f"sft: --focus-first-steps {cfg.focus_first_steps} must be positive, fewer than the "
+                         f"{total_steps} steps, with one micro-batch of focus samples per rank ({n_focus})")
     objective = train.wrap_objective(SFTObjective(net), cfg, world)
     params = modeling.trainable_parameters(objective)  # after sharding: the DTensor parameters
     optimizer, scheduler = train.make_optimizer(params, cfg.lr, cfg.weight_decay, total_steps, cfg.warmup_ratio)

@@ -165,6 +165,7 @@ def test_focus_first_curriculum_draws_box_samples_then_all_kinds_and_resumes_in_
 
 
 def test_focus_first_steps_must_leave_mixed_steps(synth_dir, tmp_path):
-    cfg = _config(synth_dir, tmp_path, limit=8, max_steps=4, focus_first_steps=4)
-    with pytest.raises(ValueError, match="focus-first-steps 4 needs fewer than the 4 steps"):
-        visrl.sft(cfg)
+    for steps in (4, -1):
+        cfg = _config(synth_dir, tmp_path, limit=8, max_steps=4, focus_first_steps=steps)
+        with pytest.raises(ValueError, match=f"focus-first-steps {steps} must be positive, fewer than the 4 steps"):
+            visrl.sft(cfg)
