@@ -42,7 +42,7 @@ class DemoConfig:
     sft_records: int = 64  # records SFT reads (question, box, answer); the RL phases never see a box
     n_test: int = 100  # held-out synthetic test records, evaluated after every phase
     sft_steps: int = 1500
-    sft_focus_first_steps: int = 600  # box samples alone first: mixed from step 0 the box was not learnt
+    sft_focus_first_steps: int = 600  # box samples alone first: mixed from step 0 the box comes late or not at all
     sft_lr: float = 2e-3
     lora_rank: int = 16
     lora_alpha: float = 32.0
