@@ -4,7 +4,7 @@
                                    [--focus-only] [--every 250]
 
 SFT on the synthetic set as `visrl.py sft --crop-alone-samples --cache-pixels` trains it (the same
-samples, batches of 8, LoRA r16, lr 2e-3, warm-up then cosine, the same loss), on one process; every
+samples, batches of 8, LoRA r16, lr 2e-3, the same optimizer, schedule and loss), on one process; every
 --every steps it prints, for the 200 test records of the cached set, the share of focus / answer /
 crop-alone samples whose every response token is the argmax (teacher-forced: the exact box text, the
 exact answer). README ("What the tiny model learns") quotes the numbers of its first version (a /tmp
@@ -15,7 +15,6 @@ script on the same training records, 256 test pages): mixed from step 0 the box 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -74,10 +73,7 @@ def main() -> None:
     pad_id, image_token_id = processor.tokenizer.pad_token_id, net.config.image_token_id
 
     params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    warmup = max(1, int(cfg.warmup_ratio * args.steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, max(0, s - warmup) / max(1, args.steps - warmup)))))
+    optimizer, scheduler = train.make_optimizer(params, cfg.lr, cfg.weight_decay, args.steps, cfg.warmup_ratio)
     stream = visrl.sft_index_stream(cfg, samples, world, 0)
     print(f"{len(samples)} samples from {len(records)} records; {args.steps} steps, "
           f"focus first {args.focus_first_steps}{', focus only' if args.focus_only else ''}", flush=True)
