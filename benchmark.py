@@ -165,19 +165,12 @@ class Item:
         return b is not None and (b[2] < b[0] or b[3] < b[1])
 
 
-class _BadField(Exception):
-    """One bad field of one item (internal): collected into a data.DataError naming file:line."""
-
-    def __init__(self, key, msg):
-        super().__init__(f"field '{key}': {msg}")
-
-
 def _need(obj: dict, key: str, types, what: str):
     if key not in obj:
-        raise _BadField(key, "missing")
+        raise data.BadField(key, "missing")
     value = obj[key]
     if not isinstance(value, types) or isinstance(value, bool):
-        raise _BadField(key, f"expected {what}, got {type(value).__name__} {str(value)[:40]!r}")
+        raise data.BadField(key, f"expected {what}, got {type(value).__name__} {str(value)[:40]!r}")
     return value
 
 
@@ -185,9 +178,9 @@ def _box4(value, key: str) -> list[float]:
     """[x1, y1, x2, y2], four finite numbers; inverted boxes are kept (the official scorer counts them)."""
     if not (isinstance(value, list) and len(value) == 4 and
             all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
-        raise _BadField(key, f"expected [x1, y1, x2, y2], got {str(value)[:60]}")
+        raise data.BadField(key, f"expected [x1, y1, x2, y2], got {str(value)[:60]}")
     if not all(math.isfinite(v) for v in value):
-        raise _BadField(key, f"non-finite coordinate in {value}")
+        raise data.BadField(key, f"non-finite coordinate in {value}")
     return [float(v) for v in value]
 
 
@@ -213,7 +206,7 @@ def _parse_file(path: Path, parse, errors: list[str]) -> list[dict]:
         else:
             try:
                 out.append({**parse(obj, source), "pos": pos})
-            except _BadField as e:
+            except data.BadField as e:
                 errors.append(f"{source}: {e}")
     return out
 
@@ -231,13 +224,13 @@ def _conv_fields(obj: dict, source: str) -> dict:
     """benchmark/<name>.json item: image [path, 'path###[x1, y1, x2, y2]'], 4 turns (question, box, <image>, answer)."""
     images = _need(obj, "image", list, "a list [path, 'path###[x1, y1, x2, y2]']")
     if len(images) < 2 or not all(isinstance(s, str) for s in images) or "###" not in images[1]:
-        raise _BadField("image", "expected a list [path, 'path###[x1, y1, x2, y2]']")
+        raise data.BadField("image", "expected a list [path, 'path###[x1, y1, x2, y2]']")
     numbers = [float(n) for n in _NUMBERS.findall(images[1].split("###", 1)[1])]
     if len(numbers) != 4:
-        raise _BadField("image", f"expected four numbers after '###', got {images[1].split('###', 1)[1][:60]!r}")
+        raise data.BadField("image", f"expected four numbers after '###', got {images[1].split('###', 1)[1][:60]!r}")
     turns = _need(obj, "conversations", list, "a list of turns")
     if len(turns) < 4 or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
-        raise _BadField("conversations", "expected 4 turns {from, value}: question, box, <image>, answer")
+        raise data.BadField("conversations", "expected 4 turns {from, value}: question, box, <image>, answer")
     first = turns[0]["value"]
     question = first.replace("<image>\n", "").replace("<image>", "")
     for cut in _FOCUS_CUTS:
@@ -257,13 +250,7 @@ def _det_fields(obj: dict, source: str) -> dict:
 
 def _image_path(rel: str, root: str, key: str) -> str:
     """Absolute image path inside root: as given, under cot/ (the release's layout), or by file name (REC files)."""
-    for cand in (rel, os.path.join("cot", rel), os.path.basename(rel)):
-        path = os.path.normpath(os.path.join(root, cand))
-        if os.path.commonpath([path, root]) != root:
-            raise _BadField(key, f"{rel!r} is outside the image root {root}")
-        if os.path.isfile(path):
-            return path
-    raise _BadField(key, f"file not found: {os.path.join(root, rel)}")
+    return data.find_image(rel, (os.path.join("cot", rel), os.path.basename(rel)), root, key)
 
 
 def _image_size(path: str, key: str) -> tuple[int, int]:
@@ -271,7 +258,7 @@ def _image_size(path: str, key: str) -> tuple[int, int]:
         with Image.open(path) as im:
             return im.size
     except Exception as e:  # PIL raises many types for bad files
-        raise _BadField(key, f"unreadable image {path}: {type(e).__name__}: {e}")
+        raise data.BadField(key, f"unreadable image {path}: {type(e).__name__}: {e}")
 
 
 def _unique_ids(items: list[Item]) -> list[Item]:
@@ -337,7 +324,7 @@ def read_benchmark_set(conv_path: Path | None, det_path: Path | None, name: str,
                 item = Item(name, qid, path, d["expression"], [], d["box"], width, height,
                             "det" if d["qid"] is not None else "rec", source=d["source"])
             items.append(item)
-        except _BadField as e:
+        except data.BadField as e:
             errors.append(f"{main['source']}: {e}")
     data.report_bad(errors, skip_bad, f"set {name!r}", len(items))
     return _unique_ids(items)

@@ -8,7 +8,9 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -206,11 +208,47 @@ class Record:
     def box(self) -> Box | None:
         return union_box(self.boxes) if self.boxes else None
 
-class DataError(ValueError):
+class UserError(ValueError):
+    """An expected error (bad data, flag, file, checkpoint or --out) that the user can act on: entry points
+    print its message alone and exit 2 (`cli`); anything else is a bug and keeps its traceback."""
+
+class DataError(UserError):
     """A bad data file or record; the message names the file, the line and the field."""
 
-class _Bad(Exception):
-    """One bad record (internal): read_records collects these into a DataError."""
+class PathError(DataError):
+    """An image path that is malformed or leaves its root (after resolving symlinks and '..').
+    The message names only the path as given, never the root: servers pass it on to clients."""
+    def __init__(self, message: str, outside: bool = False):
+        super().__init__(message)
+        self.outside = outside
+
+NAME_MAX = 255  # bytes in one path component (Linux's NAME_MAX)
+
+def path_inside(root, rel: str) -> Path:
+    """root / rel with symlinks and '..' resolved; PathError unless the result lies in root's own resolved
+    tree. What is checked is what is opened: a link inside the root pointing outside it is refused, a
+    root that is itself a link (or holds links within its resolved tree) works."""
+    if not isinstance(rel, str) or not rel:
+        raise PathError("empty image path")
+    if "\x00" in rel:
+        raise PathError(f"{rel[:60]!r}: NUL byte in the image path")
+    try:
+        too_long = len(rel.encode()) > 4096 or any(len(part.encode()) > NAME_MAX for part in Path(rel).parts)
+    except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800") names no file
+        raise PathError(f"{rel[:60]!r}: the image path is not valid text") from None
+    if too_long:
+        raise PathError(f"{rel[:60]!r}...: image path or one of its names too long")
+    base = Path(root).resolve()
+    try:
+        path = (base / rel).resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise PathError(f"{rel!r}: cannot resolve ({type(e).__name__})") from e
+    if not path.is_relative_to(base):
+        raise PathError(f"{rel!r} is outside the image root", outside=True)
+    return path
+
+class BadField(Exception):
+    """One bad field of one record: the readers collect these into one DataError naming file:line."""
     def __init__(self, key, msg):
         super().__init__(f"field '{key}': {msg}")
 
@@ -218,11 +256,11 @@ def _get(obj, key, types, what, required=True):
     """obj[key] checked against types (bools are never numbers)."""
     if key not in obj:
         if required:
-            raise _Bad(key, "missing")
+            raise BadField(key, "missing")
         return None
     v = obj[key]
     if not isinstance(v, types) or isinstance(v, bool):
-        raise _Bad(key, f"expected {what}, got {type(v).__name__} {str(v)[:40]!r}")
+        raise BadField(key, f"expected {what}, got {type(v).__name__} {str(v)[:40]!r}")
     return v
 
 def _answers(obj, key):
@@ -231,22 +269,22 @@ def _answers(obj, key):
     if isinstance(v, str):
         return [v]
     if not v or not all(isinstance(a, str) for a in v):
-        raise _Bad(key, "expected a string or a non-empty list of strings")
+        raise BadField(key, "expected a string or a non-empty list of strings")
     return list(v)
 
 def _boxes(value, key):
     """A list of [x1, y1, x2, y2]: right length, finite, not inverted."""
     if not isinstance(value, list):
-        raise _Bad(key, "expected a list of [x1, y1, x2, y2]")
+        raise BadField(key, "expected a list of [x1, y1, x2, y2]")
     out = []
     for b in value:
         if not (isinstance(b, (list, tuple)) and len(b) == 4 and
                 all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in b)):
-            raise _Bad(key, f"expected a list of [x1, y1, x2, y2], got {str(b)[:60]}")
+            raise BadField(key, f"expected a list of [x1, y1, x2, y2], got {str(b)[:60]}")
         if not all(math.isfinite(v) for v in b):
-            raise _Bad(key, f"non-finite coordinate in {b}")
+            raise BadField(key, f"non-finite coordinate in {b}")
         if b[2] < b[0] or b[3] < b[1]:
-            raise _Bad(key, f"inverted box {b} (x2 < x1 or y2 < y1)")
+            raise BadField(key, f"inverted box {b} (x2 < x1 or y2 < y1)")
         out.append(tuple(float(v) for v in b))
     return out
 
@@ -270,11 +308,11 @@ def _from_vcot_conv(obj, name):
     """Visual-CoT conversation .json item: image [path, 'path###[x1, y1, x2, y2]'], 4 turns."""
     images = _get(obj, "image", list, "a list [path, 'path###[x1, y1, x2, y2]']")
     if len(images) < 2 or not all(isinstance(s, str) for s in images) or "###" not in images[1]:
-        raise _Bad("image", "expected a list [path, 'path###[x1, y1, x2, y2]']")
+        raise BadField("image", "expected a list [path, 'path###[x1, y1, x2, y2]']")
     nums = [float(m.group()) for m in _NUMBER.finditer(images[1].split("###", 1)[1])]
     turns = _get(obj, "conversations", list, "a list of turns")
     if len(turns) < 4 or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
-        raise _Bad("conversations", "expected 4 turns {from, value}: question, box, <image>, answer")
+        raise BadField("conversations", "expected 4 turns {from, value}: question, box, <image>, answer")
     question = turns[0]["value"].replace("<image>\n", "").replace("<image>", "")
     for cut in _FOCUS_CUTS:  # the question is what precedes the focus instruction
         question = question.split(cut)[0]
@@ -293,16 +331,17 @@ def _from_ours(obj, name):
                 width=_get(obj, "width", int, "an integer", required=False),
                 height=_get(obj, "height", int, "an integer", required=False))
 
-def _resolve(rel, extra, root):
-    """Absolute image path inside root; a path that leaves the root is an error, not a lookup."""
-    for cand in (rel, *extra):
-        # lexical check (no symlink resolution), so a symlinked image folder inside the root still works
-        p = os.path.normpath(os.path.join(root, cand))
-        if os.path.commonpath([p, root]) != root:
-            raise _Bad("image", f"{rel!r} is outside the image root {root}")
-        if os.path.isfile(p):
-            return p
-    raise _Bad("image", f"file not found: {os.path.join(root, rel)}")
+def find_image(rel, candidates, root, key="image"):
+    """The first candidate path (rel, then the release's other layouts) that is a file inside root after
+    resolving links; a path that leaves the root is an error, not a lookup."""
+    for cand in (rel, *candidates):
+        try:
+            p = path_inside(root, cand)
+        except PathError as e:
+            raise BadField(key, f"{e} {root}" if e.outside else str(e)) from None
+        if p.is_file():
+            return str(p)
+    raise BadField(key, f"file not found: {os.path.join(root, rel)}")
 
 def _image_size(path):
     """(width, height) of an image after PIL's verify() (a cheap header + data check)."""
@@ -311,19 +350,19 @@ def _image_size(path):
             size = im.size
             im.verify()
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, struct.error ...) for bad files
-        raise _Bad("image", f"unreadable image {path}: {type(e).__name__}: {e}")
+        raise BadField("image", f"unreadable image {path}: {type(e).__name__}: {e}")
     return size
 
 def _record(r, root, source):
     """Check a parsed record against its image file and build the Record."""
-    path = _resolve(r["image"], r["extra"], root)
+    path = find_image(r["image"], r["extra"], root)
     w, h = _image_size(path)
     for key, given, actual in (("width", r["width"], w), ("height", r["height"], h)):
         if given is not None and given != actual:
-            raise _Bad(key, f"{r['width']}x{r['height']} in the file, but the image is {w}x{h}")
+            raise BadField(key, f"{r['width']}x{r['height']} in the file, but the image is {w}x{h}")
     for b in r["boxes"]:  # 1 px of slack for annotation rounding
         if b[0] < -1 or b[1] < -1 or b[2] > w + 1 or b[3] > h + 1:
-            raise _Bad(r["box_key"], f"box {list(b)} outside the {w}x{h} image")
+            raise BadField(r["box_key"], f"box {list(b)} outside the {w}x{h} image")
     return Record(r["id"], path, r["question"], r["answers"], r["boxes"], w, h, source)
 
 def json_items(text):
@@ -354,7 +393,7 @@ def json_items(text):
 def _read(path, image_root, skip_bad, limit, build) -> list:
     """Read a JSON list or JSONL file, building one item per object; errors collected with file:line."""
     path = Path(path)
-    root = os.path.abspath(image_root if image_root is not None else path.parent)
+    root = str(Path(image_root if image_root is not None else path.parent).resolve())
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -372,7 +411,7 @@ def _read(path, image_root, skip_bad, limit, build) -> list:
             continue
         try:
             items.append(build(obj, f"{path.stem}-{line}", root, source))
-        except _Bad as e:
+        except BadField as e:
             errors.append(f"{source}: {e}")
     report_bad(errors, skip_bad, path, len(items))
     return items
@@ -381,7 +420,8 @@ def report_bad(errors: list[str], skip_bad: bool, what, kept: int) -> None:
     """Raise one DataError listing bad items, or (skip_bad) warn on stderr and go on."""
     if errors and not skip_bad:
         more = f"\n... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        raise DataError(f"{len(errors)} bad record(s) in {what}:\n" + "\n".join(errors[:20]) + more)
+        raise DataError(f"{len(errors)} bad record(s) in {what} (--skip-bad-records skips them):\n"
+                        + "\n".join(errors[:20]) + more)
     if errors:
         print(f"warning: skipped {len(errors)} bad record(s) in {what}, kept {kept}; first:",
               *errors[:3], sep="\n  ", file=sys.stderr)
@@ -411,7 +451,7 @@ def write_records(path, records: list[Record]) -> None:
     (read those back with an image_root that contains them)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    base = os.path.abspath(path.parent)
+    base = str(path.parent.resolve())  # image paths are resolved (path_inside)
     with open(path, "w", encoding="utf-8") as f:
         for r in records:
             img = os.path.abspath(r.image)
@@ -443,11 +483,11 @@ def _pair(obj, name, root, source):
     for key in PAIR_FIELDS:
         text = _get(obj, key, str, "a string")
         if not text.strip():
-            raise _Bad(key, "empty response")
+            raise BadField(key, "empty response")
         texts.append(text)
     form = _get(obj, "box_form", str, "a string", required=False) or "square"
     if form not in BOX_FORMS:
-        raise _Bad("box_form", f"expected one of {BOX_FORMS}, got {form!r}")
+        raise BadField("box_form", f"expected one of {BOX_FORMS}, got {form!r}")
     return Pair(record, *texts, box_form=form)
 
 def read_pairs(path, image_root=None, skip_bad: bool = False, limit: int | None = None) -> list[Pair]:
@@ -456,7 +496,7 @@ def read_pairs(path, image_root=None, skip_bad: bool = False, limit: int | None 
 
 def pair_json(pair: Pair, base_dir) -> dict:
     """The JSON object of a pair; the image path relative to base_dir when inside it."""
-    r, base = pair.record, os.path.abspath(base_dir)
+    r, base = pair.record, str(Path(base_dir).resolve())
     img = os.path.abspath(r.image)
     rel = os.path.relpath(img, base) if os.path.commonpath([img, base]) == base else img
     return {"id": r.id, "image": rel, "question": r.question, "answers": r.answers,
@@ -639,7 +679,7 @@ def dpo_samples(pair: Pair, tokenizer, image_processor, stage: int, crop_rule: s
                      *encode(tokenizer, image_processor, focus_messages(r.question), [size], pair.rejected_box),
                      [None], [None], pair)
     if stage == 1:
-        return [box]
+        return _distinct([box])
     resized = model_view_size(r.width, r.height, image_processor) if pair.box_form == "pixel" else None
 
     def window(key):
@@ -657,4 +697,73 @@ def dpo_samples(pair: Pair, tokenizer, image_processor, stage: int, crop_rule: s
                         *encode(tokenizer, image_processor, messages, [size, sizes[0]], pair.chosen_answer),
                         *encode(tokenizer, image_processor, messages, [size, sizes[1]], pair.rejected_answer),
                         [None, chosen_window], [None, rejected_window], pair)
-    return [box, answer]
+    return _distinct([box, answer])
+
+def _distinct(samples: list[PairSample]) -> list[PairSample]:
+    """The samples whose chosen and rejected sequences differ: an identical one has loss ln 2 and zero gradient
+    (a stage-2 pair with one box for both answers keeps its answer step). None left is a DataError."""
+    kept = [s for s in samples if s.chosen_ids != s.rejected_ids or s.chosen_images != s.rejected_images]
+    if not kept:
+        what = samples[-1].kind
+        raise DataError(f"{samples[0].pair.record.source}: field 'rejected_{what}': the same as 'chosen_{what}' "
+                        f"({getattr(samples[0].pair, 'chosen_' + what)[:40]!r}): the pair teaches nothing")
+    return kept
+
+# -----------------------------------------------------------------------------
+# entry points: an expected error is one line a user can act on; an --out never destroys an input or a run
+
+def cli(parse, run) -> None:
+    """Run an entry point: run(parse()). An expected error (UserError) prints `error: <message>` once (rank 0
+    under torchrun) and exits 2; anything else is a bug and keeps its traceback. `--debug` anywhere on the
+    command line, or VISRL_DEBUG=1, prints the traceback of expected errors too."""
+    debug = "--debug" in sys.argv[1:] or os.environ.get("VISRL_DEBUG", "0") not in ("", "0")
+    sys.argv = [sys.argv[0]] + [a for a in sys.argv[1:] if a != "--debug"]
+    try:
+        run(parse())
+    except UserError as e:
+        if debug:
+            traceback.print_exc()
+        if int(os.environ.get("RANK", "0")) == 0 or debug:  # every rank meets the same check: say it once
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+def _overlaps(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+def check_out(out, run_files, *, inputs=(), data_files=(), resume=False, overwrite=False,
+              resumable=True) -> list[Path]:
+    """Refuse an --out that would destroy what this invocation did not create; returns the files of an earlier
+    run that --overwrite replaces (delete them with `clear_run` once every input has been checked).
+
+    inputs: directories read (model, adapter and its parents): --out may not equal, contain or lie inside one.
+    data_files: files read: --out may not hold one. run_files: the names this command writes into --out;
+    if any exists, --out holds a run: --resume continues it, --overwrite replaces it, else an error."""
+    out_path = Path(out)
+    if out_path.exists() and not out_path.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
+    resolved = out_path.resolve()
+    for name, path in inputs:
+        if path is not None and _overlaps(resolved, Path(path).resolve()):
+            raise UserError(f"--out {out} overlaps the {name} {path}: choose a directory outside it")
+    for name, path in data_files:
+        if path is not None and resolved in Path(path).resolve().parents:
+            raise UserError(f"--out {out} holds the {name} {path}: choose another directory")
+    found = [resolved / f for f in run_files if (resolved / f).exists()]
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --out, --overwrite replaces it: pass one of them")
+    if found and not resume and not overwrite:
+        ways = "pass --resume to continue it or --overwrite to replace it" if resumable else "pass --overwrite to replace it"
+        names = ", ".join(p.name for p in found[:6]) + (", ..." if len(found) > 6 else "")
+        raise UserError(f"--out {out} already holds a run ({names}); {ways} (or choose another --out)")
+    return found if overwrite else []
+
+def clear_run(paths: list[Path]) -> None:
+    """Delete an earlier run's files (what check_out returned for --overwrite)."""
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()

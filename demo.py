@@ -131,8 +131,8 @@ def demo(cfg: DemoConfig) -> dict:
     state_path = out / "phases.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {"config": asdict(cfg), "phases": []}
     if state["config"] != asdict(cfg):
-        raise ValueError(f"{state_path}: written by a demo with other settings; use a fresh --out "
-                         f"(differs in: {sorted(k for k in asdict(cfg) if state['config'].get(k) != asdict(cfg)[k])})")
+        raise data.UserError(f"{state_path}: written by a demo with other settings; use a fresh --out "
+                             f"(differs in: {sorted(k for k in asdict(cfg) if state['config'].get(k) != asdict(cfg)[k])})")
     done = {p["phase"]: p for p in state["phases"]}
 
     def run_phase(name: str, phase_dir: Path, train_fn, adapter_in: Path | None, pairs: int | None = None,
@@ -165,8 +165,8 @@ def demo(cfg: DemoConfig) -> dict:
     train_file, test_file = data_dir / "train.jsonl", data_dir / "test.jsonl"
     records = data.read_records(train_file)
     if not 0 < cfg.sft_records < len(records):
-        raise ValueError(f"--sft-records {cfg.sft_records} must leave questions for generation among "
-                         f"the {len(records)} training records")
+        raise data.UserError(f"--sft-records {cfg.sft_records} must leave questions for generation among "
+                             f"the {len(records)} training records")
     sft_file, bare_records = data_dir / "train_sft.jsonl", records[cfg.sft_records:]
     data.write_records(sft_file, records[:cfg.sft_records])
 
@@ -202,8 +202,8 @@ def demo(cfg: DemoConfig) -> dict:
             pairs_file = annotation_pairs(chunk, gen_dir / "pairs_from_annotations.jsonl", data_dir, cfg.seed)
             n_pairs = -sum(1 for line in pairs_file.open() if line.strip())
         elif n_pairs == 0:
-            raise RuntimeError(f"demo: generation kept no preference pair ({gen_dir / 'summary.json'}); "
-                               "the SFT model never answers right and wrong on the same question")
+            raise data.UserError(f"demo: generation kept no preference pair ({gen_dir / 'summary.json'}); "
+                                 "the SFT model never answers right and wrong on the same question")
         for stage in (1, 2):
             stage_dir = out / f"round{rnd}" / f"dpo{stage}"
             dpo_cfg = visrl.DPOConfig(data=str(pairs_file), stage=stage, model=cfg.model, adapter=str(adapter),

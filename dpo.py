@@ -57,7 +57,7 @@ def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, 
         losses = hinge_loss(h, beta)
     elif kind == "robust":
         if not 0 <= label_smoothing < 0.5:
-            raise ValueError(f"robust loss needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
+            raise data.UserError(f"robust loss needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
         losses = robust_loss(h, beta, label_smoothing)
     else:
         raise ValueError(f"unknown loss {kind!r}: expected sigmoid, ipo, hinge or robust")

@@ -15,11 +15,13 @@ import base64
 import dataclasses
 import io
 import json
+import math
 import os
 import random
 import re
 import string
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections import defaultdict
@@ -124,6 +126,16 @@ def to_openai_messages(messages: list[dict], images: list[Image.Image]) -> list[
     return out
 
 
+BUSY_RETRIES = 8  # tries after a 503/429 (server queue full) before the call fails
+
+
+def retry_after(header: str | None, attempt: int) -> float:
+    """Seconds to wait before retrying a 503/429: the server's Retry-After (in seconds), else 1, 2, 4 ...,
+    at most 30."""
+    seconds = float(header) if header and header.strip().isdigit() else 2.0 ** attempt
+    return min(max(seconds, 0.1), 30.0)
+
+
 def chat_completion(endpoint: str, messages: list[dict], model: str = "default", max_tokens: int = 64,
                     temperature: float = 0.0, top_p: float = 1.0, top_k: int | None = None,
                     timeout: float = 120.0) -> str:
@@ -137,13 +149,18 @@ def chat_completion(endpoint: str, messages: list[dict], model: str = "default",
         body["top_k"] = top_k  # vLLM's extension; other servers ignore unknown fields
     request = urllib.request.Request(url, data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            payload = json.loads(response.read().decode())
-    except urllib.error.HTTPError as e:
-        raise EndpointError(f"{url}: HTTP {e.code}: {e.read()[:300]!r}") from e
-    except (urllib.error.URLError, TimeoutError, OSError, json.JSONDecodeError) as e:
-        raise EndpointError(f"{url}: {type(e).__name__}: {e}") from e
+    for attempt in range(BUSY_RETRIES + 1):
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                payload = json.loads(response.read().decode())
+            break
+        except urllib.error.HTTPError as e:
+            if e.code in (429, 503) and attempt < BUSY_RETRIES:  # a busy server: wait as it asks, then try again
+                time.sleep(retry_after(e.headers.get("Retry-After"), attempt))
+                continue
+            raise EndpointError(f"{url}: HTTP {e.code}: {e.read()[:300]!r}") from e
+        except (urllib.error.URLError, TimeoutError, OSError, json.JSONDecodeError) as e:
+            raise EndpointError(f"{url}: {type(e).__name__}: {e}") from e
     try:
         return payload["choices"][0]["message"]["content"] or ""
     except (KeyError, IndexError, TypeError) as e:
@@ -216,9 +233,10 @@ def predict_batch(items: list[benchmark.Item], generate_fn, box: str = "model", 
     return rows
 
 
-def read_jsonl_rows(path: Path, repair: bool = False) -> list[dict]:
+def read_jsonl_rows(path: Path, repair: bool = False, numbered: bool = False) -> list:
     """Rows of a JSONL file we append to. A cut-off last line (a killed run) is dropped, and with repair cut
-    from the file so that appending goes on cleanly; a bad line elsewhere is a DataError naming file:line."""
+    from the file so that appending goes on cleanly; a bad line elsewhere is a DataError naming file:line.
+    numbered: (line number, row) pairs."""
     path = Path(path)
     if not path.exists():
         return []
@@ -233,14 +251,14 @@ def read_jsonl_rows(path: Path, repair: bool = False) -> list[dict]:
                 raise data.DataError(f"{path}:{number}: invalid JSON ({e}); fix or delete the line") from e
             if not isinstance(row, dict):
                 raise data.DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+            rows.append((number, row))
     if tail.strip():
         try:
             row = json.loads(tail)
         except ValueError:
             row = None
         if isinstance(row, dict):  # complete, only its newline is missing
-            rows.append(row)
+            rows.append((raw.count(b"\n") + 1, row))
             if repair:
                 with open(path, "ab") as f:
                     f.write(b"\n")
@@ -250,20 +268,58 @@ def read_jsonl_rows(path: Path, repair: bool = False) -> list[dict]:
             if repair:
                 with open(path, "r+b") as f:
                     f.truncate(len(raw) - len(tail))
-    return rows
+    return rows if numbered else [row for _, row in rows]
 
 
-def _check_rows(rows: list[dict], path) -> None:
-    """Predictions must name their item once each and carry what scoring reads."""
-    seen = {}
-    for n, row in enumerate(rows, 1):
-        for key, types in (("set", str), ("id", str), ("answers", list), ("width", int), ("height", int)):
-            if not isinstance(row.get(key), types):
-                raise data.DataError(f"{path}:{n}: field '{key}': expected {types.__name__}, got {row.get(key)!r:.60}")
+def _check_field(row: dict, key: str, kinds: str, required: bool = False):
+    """row[key] checked against kinds ('str', 'int', 'box', 'none', 'bool', 'strs'); bools are never numbers."""
+    if key not in row:
+        if required:
+            raise data.BadField(key, "missing")
+        return
+    value = row[key]
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    ok = {"str": isinstance(value, str), "int": isinstance(value, int) and not isinstance(value, bool),
+          "none": value is None, "bool": isinstance(value, bool),
+          "box": isinstance(value, list) and len(value) == 4 and all(number(v) for v in value),
+          "strs": isinstance(value, list) and all(isinstance(v, str) for v in value)}
+    if not any(ok[k] for k in kinds.split("|")):
+        expected = {"str": "a string", "int": "an integer", "none": "null", "bool": "true or false",
+                    "box": "[x1, y1, x2, y2] (four finite numbers)", "strs": "a list of strings"}
+        raise data.BadField(key, f"expected {' or '.join(expected[k] for k in kinds.split('|'))}, "
+                                 f"got {json.dumps(value)[:60]}")
+
+
+# what scoring, the judge and the pictures read from a prediction row, and what each may hold
+ROW_FIELDS = (("set", "str", True), ("id", "str|int", True), ("answers", "strs", True), ("width", "int", True),
+              ("height", "int", True), ("answer", "str|none", False), ("box_text", "str|none", False),
+              ("gt_box", "box|none", False), ("box", "box|none", False), ("crop", "box|none", False),
+              ("question", "str", False), ("judge_question", "str|none", False), ("image", "str", False),
+              ("degenerate", "bool", False))
+
+
+def _check_rows(numbered: list[tuple[int, dict]], path) -> list[dict]:
+    """Prediction rows checked field by field before any scoring, each error as file:line: field '...';
+    integer ids (as the Visual-CoT release has them) become strings. Returns the rows."""
+    seen, errors, rows = {}, [], []
+    for n, row in numbered:
+        try:
+            for key, kinds, required in ROW_FIELDS:
+                _check_field(row, key, kinds, required)
+            if row["width"] <= 0 or row["height"] <= 0:
+                raise data.BadField("width", f"image size {row['width']}x{row['height']} is not positive")
+        except data.BadField as e:
+            errors.append(f"{path}:{n}: {e}")
+            continue
+        row["id"] = str(row["id"])
         key = (row["set"], row["id"])
         if key in seen:
-            raise data.DataError(f"{path}:{n}: field 'id': {key} already at line {seen[key]} (duplicate prediction)")
+            errors.append(f"{path}:{n}: field 'id': {key} already at line {seen[key]} (duplicate prediction)")
+            continue
         seen[key] = n
+        rows.append(row)
+    data.report_bad(errors, False, path, len(rows))
+    return rows
 
 
 def model_generator(cfg: "EvalConfig"):
@@ -299,8 +355,8 @@ def _check_resume(out: Path, cfg: "EvalConfig") -> None:
         diff = {k: (old.get(k), getattr(cfg, k)) for k in PREDICTION_SETTINGS if old.get(k) != getattr(cfg, k)}
         if diff:
             changes = ", ".join(f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(f"{out}/predictions.jsonl was made with other settings ({changes}); "
-                             f"use another --out, or delete it to start over")
+            raise data.UserError(f"{out}/predictions.jsonl was made with other settings ({changes}); rerun with "
+                                 f"the same settings to resume it, pass --overwrite to replace it, or use another --out")
     path.write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
 
 
@@ -556,28 +612,46 @@ class EvalConfig:
     pictures: int = 6  # how many PNGs with boxes and crop to draw
     skip_bad_records: bool = False  # skip (and report) malformed items instead of stopping
     seed: int = 0  # random-box ablation and sampling; also picks the synthetic set
+    overwrite: bool = False  # replace the evaluation in --out (a rerun with the same settings resumes it instead)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+
+
+OUT_FILES = ("predictions.jsonl", "judge.jsonl", "results.json", "results.md", "pictures", "config.json")
+
+
+def check_eval_out(cfg: EvalConfig) -> list[Path]:
+    """Refuse an --out that overlaps the model, adapter or data; --overwrite returns the earlier run's files
+    to replace (without it, the same settings resume it and other settings are refused by _check_resume)."""
+    import model as modeling  # imported here: --predictions and --endpoint runs need no torch
+
+    inputs = [] if cfg.endpoint else modeling.input_dirs(cfg.model, cfg.adapter)
+    data_files = [] if cfg.data == "synth" else [("--data", cfg.data)]
+    return data.check_out(cfg.out, OUT_FILES, inputs=inputs, data_files=data_files,
+                          resume=not cfg.overwrite, overwrite=cfg.overwrite)
 
 
 def evaluate(cfg: EvalConfig, generate_fn=None) -> dict:
     """Run (or resume, or re-score) an evaluation; writes results.json, results.md and pictures into --out."""
     out = Path(cfg.out)
     if cfg.predictions:
-        rows = read_jsonl_rows(Path(cfg.predictions))
-        _check_rows(rows, cfg.predictions)
+        if not Path(cfg.predictions).is_file():
+            raise data.DataError(f"--predictions {cfg.predictions}: no such file")
+        rows = _check_rows(read_jsonl_rows(Path(cfg.predictions), numbered=True), cfg.predictions)
         if cfg.sets:
             rows = [r for r in rows if r["set"] in cfg.sets]
         out.mkdir(parents=True, exist_ok=True)
     else:
+        replaced = check_eval_out(cfg)
         items = benchmark.read_items(cfg.data, cfg.sets, cfg.image_root, cfg.limit, cfg.skip_bad_records, cfg.seed)
         if not items:
             raise data.DataError(f"{cfg.data}: nothing to evaluate")
         if cfg.box == "none" and any(it.kind != "vqa" for it in items):
-            raise ValueError("--box none answers without a box, but some items are box-only (no answers): nothing to do there")
+            raise data.UserError("--box none answers without a box, but some items are box-only (no answers): nothing to do there")
         if cfg.box == "gt" and any(it.gt_box is None for it in items):
             bad = next(it for it in items if it.gt_box is None)
             raise data.DataError(f"{bad.source}: --box gt needs a ground-truth box, this item has none")
+        data.clear_run(replaced)  # --overwrite: only now that the items have been read
         rows = predict(items, cfg, generate_fn)
     judge = run_judge(rows, cfg) if cfg.judge_endpoint else None
     results = summarize(rows, judge, cfg.parser)
@@ -600,7 +674,7 @@ def evaluate(cfg: EvalConfig, generate_fn=None) -> dict:
 def main() -> None:
     import tyro
 
-    evaluate(tyro.cli(EvalConfig))
+    data.cli(lambda: tyro.cli(EvalConfig), evaluate)
 
 
 if __name__ == "__main__":

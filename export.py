@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+import data
 import model as modeling
 
 
@@ -33,7 +34,7 @@ class ExportConfig:
     """Export a trained adapter and its parent chain: a merged checkpoint or one PEFT LoRA."""
 
     adapter: str  # trained adapter directory (adapter_config.json + adapter.safetensors)
-    out: str  # directory to write (must be absent or empty unless --overwrite)
+    out: str = "runs/export"  # directory to write (must be absent or empty unless --overwrite)
     model: str | None = None  # base checkpoint directory or `tiny`; default: the adapter config's base_model
     format: Literal["merged", "peft"] = "merged"  # merged weights, or a PEFT LoRA adapter for the raw base
     max_shard_size: str = "5GB"  # merged: weights are split into safetensors shards above this size
@@ -47,22 +48,6 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgp
 VISRL_PROCESSORS = {cls.__name__: cls.__bases__[0].__name__ for _, _, cls in modeling.ARCHS.values()}
 PROCESSOR_KEYS = ("do_convert_rgb", "do_normalize", "do_rescale", "do_resize", "image_mean", "image_std",
                   "merge_size", "patch_size", "temporal_patch_size", "resample", "rescale_factor", "size")
-
-
-def adapter_chain(adapter: str | Path) -> list[tuple[Path, modeling.LoRAConfig]]:
-    """The adapter and its `parent_adapter`s, root first (the order `model.load_adapter` applies them)."""
-    chain, path, child = [], Path(adapter), None
-    while True:
-        if not (path / "adapter_config.json").is_file() or not (path / "adapter.safetensors").is_file():
-            raise FileNotFoundError(f"{path}: not an adapter directory (needs adapter_config.json and "
-                                    f"adapter.safetensors)" + (f"; it is the parent_adapter of {child}" if child else ""))
-        if any(path.resolve() == p.resolve() for p, _ in chain):
-            raise ValueError(f"{path}: parent_adapter chain loops back on itself")
-        cfg = modeling.read_adapter_config(path)
-        chain.append((path, cfg))
-        if not cfg.parent_adapter:
-            return chain[::-1]
-        child, path = path, Path(cfg.parent_adapter)  # as model.load_adapter reads it: relative to the cwd
 
 
 def stacked_lora(chain: list[tuple[Path, modeling.LoRAConfig]]) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
@@ -85,8 +70,8 @@ def stacked_lora(chain: list[tuple[Path, modeling.LoRAConfig]]) -> tuple[dict[st
             if a_key in state:
                 a, b = state[a_key].float(), state[b_key].float()
                 if a.shape != (cfg.rank, fan_in) or b.shape != (fan_out, cfg.rank):
-                    raise ValueError(f"{path}: {name} has A {tuple(a.shape)}, B {tuple(b.shape)}; "
-                                     f"expected rank {cfg.rank} on a {fan_out}x{fan_in} linear")
+                    raise data.UserError(f"{path}: {name} has A {tuple(a.shape)}, B {tuple(b.shape)}; "
+                                         f"expected rank {cfg.rank} on a {fan_out}x{fan_in} linear")
                 a_parts.append(a)
                 b_parts.append(b * (cfg.alpha / cfg.rank))  # fold each adapter's scaling into its B
             else:
@@ -166,7 +151,7 @@ def write_peft(base: Path, chain: list[tuple[Path, modeling.LoRAConfig]], out: P
         linears = {n: m for n, m in model_cls(config_cls.from_pretrained(base)).named_modules() if isinstance(m, nn.Linear)}
     for name, (a, b) in stacked.items():
         if name not in linears or (linears[name].out_features, linears[name].in_features) != (b.shape[0], a.shape[1]):
-            raise ValueError(f"adapter module {name} ({b.shape[0]}x{a.shape[1]}) is not a linear of {base}")
+            raise data.UserError(f"adapter module {name} ({b.shape[0]}x{a.shape[1]}) is not a linear of {base}")
     leaves = sorted({n.rsplit(".", 1)[-1] for n in stacked})
     exclude = sorted(n for n in linears if n.rsplit(".", 1)[-1] in leaves and n not in stacked)
     weights = {}
@@ -187,14 +172,10 @@ def write_peft(base: Path, chain: list[tuple[Path, modeling.LoRAConfig]], out: P
 
 
 def _check_out(out: Path, overwrite: bool, inputs: list[Path]) -> None:
-    """Refuse an --out that would lose data: non-empty without --overwrite, or holding an input."""
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} is a file, not a directory")
-    for path in inputs:
-        if out == path.resolve() or out in path.resolve().parents:
-            raise ValueError(f"--out {out} holds an input of this export ({path}); choose another directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+    """Refuse an --out that would lose data: non-empty without --overwrite, or overlapping an input."""
+    existing = sorted(out.iterdir()) if out.is_dir() else []
+    data.check_out(out, [p.name for p in existing], inputs=[("input", path) for path in inputs],
+                   overwrite=overwrite, resumable=False)
 
 
 def _commit(tmp: Path, out: Path) -> None:
@@ -219,10 +200,10 @@ def _commit(tmp: Path, out: Path) -> None:
 
 def export_command(cfg: ExportConfig) -> Path:
     """Run `visrl.py export`: check the inputs, write into a temporary directory, rename it to --out."""
-    chain = adapter_chain(cfg.adapter)
+    chain = modeling.adapter_chain(cfg.adapter)
     model = cfg.model or chain[-1][1].base_model
     if not model:
-        raise ValueError(f"{cfg.adapter}/adapter_config.json records no base_model; pass --model")
+        raise data.UserError(f"{cfg.adapter}/adapter_config.json records no base_model; pass --model")
     base = modeling.resolve_model_path(model).resolve()
     out = Path(cfg.out).resolve()  # a real name and parent even for `--out .`
     _check_out(out, cfg.overwrite, [base] + [path for path, _ in chain])

@@ -79,9 +79,12 @@ class GenerateConfig:
     box_form: Literal["square", "axis", "pixel"] = "square"  # how the model writes boxes
     crop: Literal["vcot", "raw"] = "vcot"  # crop rule for the answer step's second image
     skip_bad_records: bool = False  # skip (and report) malformed records instead of stopping
+    overwrite: bool = False  # replace the run in --out (a rerun with the same settings resumes it instead)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
+
+OUT_FILES = ("candidates.jsonl", "pairs.jsonl", "summary.json", "config.json")  # what a run writes into --out
 
 # A rerun in the same --out must use the same settings, or finished and new questions would mix.
 RESUME_KEYS = ("model", "adapter", "data", "split", "seed", "attempts", "temperature", "top_p", "top_k",
@@ -300,7 +303,7 @@ class EndpointSampler:
 def endpoint_judge(cfg: GenerateConfig) -> Judge:
     """The judge behind --judge-endpoint, greedy (upstream: temperature 0)."""
     if not cfg.judge_endpoint:
-        raise ValueError("--scorer judge needs --judge-endpoint URL (an OpenAI-compatible server)")
+        raise data.UserError("--scorer judge needs --judge-endpoint URL (an OpenAI-compatible server)")
     return lambda messages: _retry(lambda: evaluate.chat_completion(
         cfg.judge_endpoint, messages, cfg.judge_model, cfg.judge_max_tokens, 0.0, 1.0, None, cfg.timeout), cfg.retries)
 
@@ -334,7 +337,7 @@ def run_chunk(cfg: GenerateConfig, items: list[tuple[int, data.Record]], sampler
         resized = None
         if cfg.box_form == "pixel":
             if processor is None:
-                raise ValueError("--box-form pixel needs the in-process model (its image processor sizes the view)")
+                raise data.UserError("--box-form pixel needs the in-process model (its image processor sizes the view)")
             resized = data.model_view_size(r.width, r.height, processor.image_processor)
 
         def parse(text, r=r, resized=resized):
@@ -396,7 +399,7 @@ def run_chunk(cfg: GenerateConfig, items: list[tuple[int, data.Record]], sampler
         sources = {q: "iou with gt box" if gt[q] is not None else "answer from crop alone" for q in range(len(items))}
     else:
         if judge is None:
-            raise ValueError("--scorer judge needs a judge (--judge-endpoint)")
+            raise data.UserError("--scorer judge needs a judge (--judge-endpoint)")
         requests = [m for q, cand, _, crop in live for m in (
             judge_answer_messages(items[q][1], cand["answer"], images[q]), judge_crop_messages(items[q][1], crop))]
         with ThreadPoolExecutor(max(1, cfg.workers)) as pool:
@@ -462,8 +465,8 @@ def check_resume(out: Path, cfg: GenerateConfig) -> None:
     changed = [k for k in RESUME_KEYS if k in old and old[k] != new[k]]
     if changed:
         detail = ", ".join(f"--{k.replace('_', '-')} {old[k]!r} -> {new[k]!r}" for k in changed)
-        raise ValueError(f"{out} holds a run with other settings ({detail}); resume with the same "
-                         f"settings or use a fresh --out")
+        raise data.UserError(f"--out {out} holds a run with other settings ({detail}); rerun with the same "
+                             f"settings to resume it, pass --overwrite to replace it, or choose another --out")
 
 
 def summarize(lines: list[dict]) -> dict:
@@ -495,20 +498,28 @@ def summarize(lines: list[dict]) -> dict:
 
 def generate(cfg: GenerateConfig, sampler: Sampler | None = None, judge: Judge | None = None) -> dict:
     """Make candidates and pairs for every question in cfg.data into cfg.out, resuming; returns the summary."""
-    import train  # resolve_data (and `synth`); imported here so the pure functions above load without torch
+    import model as modeling  # imported here so the pure functions above load without torch
+    import train  # resolve_data (and `synth`)
 
     if cfg.attempts < 1 or cfg.chunk < 1 or cfg.batch_size < 1:
-        raise ValueError("--attempts, --chunk and --batch-size must be at least 1")
+        raise data.UserError("--attempts, --chunk and --batch-size must be at least 1")
     if cfg.box_form == "pixel" and cfg.endpoint:
-        raise ValueError("--box-form pixel needs the in-process model (its image processor sizes the view), not --endpoint")
+        raise data.UserError("--box-form pixel needs the in-process model (its image processor sizes the view), not --endpoint")
     if cfg.scorer == "judge" and judge is None:
         judge = endpoint_judge(cfg)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    check_resume(out, cfg)
+    inputs = modeling.input_dirs(None if cfg.endpoint else cfg.model, cfg.adapter)
+    data_files = [] if cfg.data == "synth" else [("--data", train.resolve_data(cfg.data, cfg.split))]
+    # the same settings resume the run in --out; --overwrite replaces it once the data has been read
+    replaced = data.check_out(out, OUT_FILES, inputs=inputs, data_files=data_files,
+                              resume=not cfg.overwrite, overwrite=cfg.overwrite)
+    if not replaced:
+        check_resume(out, cfg)
     data_path = train.resolve_data(cfg.data, cfg.split, cfg.seed)
-    root = os.path.abspath(cfg.image_root if cfg.image_root is not None else Path(data_path).parent)
+    root = str(Path(cfg.image_root if cfg.image_root is not None else Path(data_path).parent).resolve())
     records = data.read_records(data_path, image_root=cfg.image_root, skip_bad=cfg.skip_bad_records, limit=cfg.limit)
+    data.clear_run(replaced)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
 
     cand_path, pair_path = out / "candidates.jsonl", out / "pairs.jsonl"
@@ -517,8 +528,8 @@ def generate(cfg: GenerateConfig, sampler: Sampler | None = None, judge: Judge |
     for line in lines:
         i = line["index"]
         if i < len(records) and records[i].id != line["id"]:
-            raise ValueError(f"{cand_path}: question {i} is {line['id']!r} there but {records[i].id!r} in "
-                             f"{data_path}: another data set; use a fresh --out")
+            raise data.UserError(f"{cand_path}: question {i} is {line['id']!r} there but {records[i].id!r} in "
+                                 f"{data_path}: another data set; use a fresh --out")
         done[i] = line
     # pairs.jsonl is derived from the finished lines (each holds its pair): rewriting it drops a pair
     # whose question was not finished and restores one lost between the two writes
@@ -562,13 +573,29 @@ def generate(cfg: GenerateConfig, sampler: Sampler | None = None, judge: Judge |
                              "candidates_per_s": round(new_candidates / elapsed, 3) if elapsed > 0 else None})
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
-    print(f"generate: {summary['pairs_kept']} pairs from {summary['questions']} questions in {pair_path}; "
-          f"train on them with: python visrl.py dpo --stage 1 --data {pair_path} --image-root {root}", file=sys.stderr)
+    if summary["pairs_kept"]:
+        print(f"generate: {summary['pairs_kept']} pairs from {summary['questions']} questions in {pair_path}; "
+              f"train on them with: python visrl.py dpo --stage 1 --data {pair_path} --image-root {root}",
+              file=sys.stderr)
     return summary
 
 
+def no_pairs_reason(summary: dict) -> str:
+    """Why a run kept no pair, from its counts, and what to change."""
+    verdicts = ", ".join(f"{n} {reason}" for reason, n in sorted(summary["verdicts"].items()))
+    return (f"generate: no preference pair kept from {summary['questions']} questions ({verdicts}); "
+            f"{summary['box_parse_failures']} of {summary['candidates']} candidates had a box that did not parse. "
+            "A pair needs a question the model answers both right and wrong: train the policy further, "
+            "lower --temperature, raise --attempts, or widen --answer-high/--answer-low")
+
+
 def main() -> None:
-    generate(tyro.cli(GenerateConfig))
+    def run(cfg: GenerateConfig) -> None:
+        summary = generate(cfg)
+        if summary["pairs_kept"] == 0:  # exit 0 only when it did what was asked
+            raise data.UserError(no_pairs_reason(summary))
+
+    data.cli(lambda: tyro.cli(GenerateConfig), run)
 
 
 if __name__ == "__main__":

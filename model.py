@@ -13,12 +13,14 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoProcessor,
@@ -32,6 +34,8 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.utils import logging as hf_logging
+
+import data
 
 hf_logging.disable_progress_bar()  # per-shard bars on a tiny checkpoint are noise; our own tqdm shows progress
 
@@ -232,32 +236,55 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VISRL_CACHE", Path.home() / ".cache" / "visrl"))
 
 
+TINY_NAMES = ("tiny", "tiny-qwen2.5-vl", "tiny-qwen2-vl")  # the built-in model's names for --model
+
+
 def resolve_model_path(model: str) -> Path:
     """`tiny` / `tiny-qwen2-vl` -> the cached tiny checkpoint (built on first use); else the path."""
-    if model in ("tiny", "tiny-qwen2.5-vl", "tiny-qwen2-vl"):
+    if model in TINY_NAMES:
         arch = "qwen2-vl" if model == "tiny-qwen2-vl" else "qwen2.5-vl"
         cfg = TinyConfig(arch=arch)
         # keyed by the config's contents, so a changed default never reuses a stale cached model
         key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:10]
         path = cache_dir() / f"tiny-{arch}-{key}"
         if not (path / "config.json").exists():
+            print(f"building the tiny {arch} checkpoint into {path} (once)", file=sys.stderr)
             make_tiny(path, cfg)
         return path
     path = Path(model)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json); use a path or 'tiny'")
+    if not (path / "config.json").is_file():
+        raise data.UserError(f"--model {path}: not a checkpoint directory (no config.json); "
+                             "pass a checkpoint directory, `tiny` or `tiny-qwen2-vl`")
     return path
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from a file we read as input; any failure is a UserError naming the file."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise data.UserError(f"{path}: cannot read the {what}: {e}") from e
+    if not isinstance(value, dict):
+        raise data.UserError(f"{path}: the {what} is not a JSON object")
+    return value
+
+
+# what a corrupt or mismatched checkpoint makes transformers / safetensors raise
+CHECKPOINT_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
 
 
 def load_model(model: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """Load (model, processor) from a Qwen2-VL / Qwen2.5-VL checkpoint directory or `tiny`."""
     path = resolve_model_path(model)
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    model_type = read_json(path / "config.json", "checkpoint config").get("model_type")
     if model_type not in ARCHS:
-        raise ValueError(f"{path}/config.json: model_type {model_type!r} is not one of {sorted(ARCHS)}")
+        raise data.UserError(f"{path}/config.json: model_type {model_type!r} is not one of {sorted(ARCHS)}")
     _, model_cls, processor_cls = ARCHS[model_type]
-    net = model_cls.from_pretrained(path, dtype=dtype).to(device)
-    processor = processor_cls.from_pretrained(path)
+    try:
+        net = model_cls.from_pretrained(path, dtype=dtype).to(device)
+        processor = processor_cls.from_pretrained(path)
+    except CHECKPOINT_ERRORS as e:
+        raise data.UserError(f"{path}: unusable checkpoint ({type(e).__name__}: {str(e)[:300]})") from e
     net.name_or_path = str(path)
     return net, processor
 
@@ -319,7 +346,7 @@ def lora_target_names(model: nn.Module, targets: str = "all") -> list[str]:
         if isinstance(module, nn.Linear) and (wanted is None or leaf in wanted):
             names.append(f"{prefix}.{name}")
     if not names:
-        raise ValueError(f"LoRA targets {targets!r} match no linear layer of the language model")
+        raise data.UserError(f"LoRA targets {targets!r} match no linear layer of the language model")
     return names
 
 
@@ -382,6 +409,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path, cfg: LoRAConfig,
                  state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write adapter.safetensors and adapter_config.json (`state`: an already gathered adapter state)."""
     out_dir = Path(out_dir)
+    if cfg.parent_adapter and Path(cfg.parent_adapter).resolve() == out_dir.resolve():
+        raise data.UserError(f"{out_dir}: an adapter cannot be its own parent_adapter")
     out_dir.mkdir(parents=True, exist_ok=True)
     state = adapter_state_dict(model) if state is None else state
     state = {k: v.float().contiguous().cpu() for k, v in state.items()}
@@ -393,29 +422,64 @@ def save_adapter(model: nn.Module, out_dir: str | Path, cfg: LoRAConfig,
 def read_adapter_config(adapter_dir: str | Path) -> LoRAConfig:
     """The LoRAConfig saved beside an adapter."""
     path = Path(adapter_dir) / "adapter_config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: missing; not an adapter directory")
-    return LoRAConfig(**json.loads(path.read_text()))
+    if not path.is_file():
+        raise data.UserError(f"{path}: missing; {adapter_dir} is not an adapter directory")
+    fields = read_json(path, "adapter config")
+    try:
+        return LoRAConfig(**fields)
+    except TypeError as e:
+        raise data.UserError(f"{path}: not an adapter config written by visrl ({e})") from e
+
+
+def adapter_chain(adapter: str | Path) -> list[tuple[Path, LoRAConfig]]:
+    """The adapter and its `parent_adapter`s, root first (the order `load_adapter` applies them)."""
+    chain, path, child = [], Path(adapter), None
+    while True:
+        if not (path / "adapter_config.json").is_file() or not (path / "adapter.safetensors").is_file():
+            raise data.UserError(f"{path}: not an adapter directory (needs adapter_config.json and "
+                                 f"adapter.safetensors)" + (f"; it is the parent_adapter of {child}" if child else ""))
+        if any(path.resolve() == p.resolve() for p, _ in chain):
+            raise data.UserError(f"{path}: parent_adapter chain loops back on itself")
+        cfg = read_adapter_config(path)
+        chain.append((path, cfg))
+        if not cfg.parent_adapter:
+            return chain[::-1]
+        child, path = path, Path(cfg.parent_adapter)  # relative to the working directory, as it was written
+
+
+def input_dirs(model: str | None, adapter: str | None) -> list[tuple[str, Path]]:
+    """The directories a command reads weights from, for the --out checks: the checkpoint (not the built-in
+    tiny one, which lives in the cache) and the adapter with every parent."""
+    dirs = [] if model is None or model in TINY_NAMES else [("--model", resolve_model_path(model))]
+    if adapter:
+        chain = adapter_chain(adapter)[::-1]  # this adapter first
+        dirs += [("--adapter" if i == 0 else "parent adapter", path) for i, (path, _) in enumerate(chain)]
+    return dirs
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAConfig:
-    """Wrap the model with the saved adapter's config and load its weights (every key must match)."""
-    cfg = read_adapter_config(adapter_dir)
-    if cfg.parent_adapter:  # this adapter was trained on top of a merged one: rebuild that base first
-        load_adapter(model, cfg.parent_adapter)
-        merge_lora(model)
-    add_lora(model, cfg)
-    state = load_file(str(Path(adapter_dir) / "adapter.safetensors"))
-    expected = adapter_state_dict(model)
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{adapter_dir}: adapter keys do not match the model "
-                         f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...)")
-    for key, value in state.items():
-        if value.shape != expected[key].shape:
-            raise ValueError(f"{adapter_dir}: {key} has shape {tuple(value.shape)}, model wants {tuple(expected[key].shape)}")
-    model.load_state_dict(state, strict=False)
-    return cfg
+    """Rebuild the adapter's stack on the model: each parent loaded and merged, root first, then this adapter
+    added (unmerged) with its weights (every key and shape must match)."""
+    chain = adapter_chain(adapter_dir)
+    for i, (path, cfg) in enumerate(chain):
+        add_lora(model, cfg)
+        try:
+            state = load_file(str(path / "adapter.safetensors"))
+        except (OSError, SafetensorError) as e:
+            raise data.UserError(f"{path}/adapter.safetensors: unreadable ({e})") from e
+        expected = adapter_state_dict(model)
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise data.UserError(f"{path}: adapter keys do not match the model "
+                                 f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...)")
+        for key, value in state.items():
+            if value.shape != expected[key].shape:
+                raise data.UserError(f"{path}: {key} has shape {tuple(value.shape)}, "
+                                     f"model wants {tuple(expected[key].shape)}")
+        model.load_state_dict(state, strict=False)
+        if i < len(chain) - 1:  # a parent: this adapter was trained on top of it, merged
+            merge_lora(model)
+    return chain[-1][1]
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

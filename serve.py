@@ -83,6 +83,7 @@ class InferConfig:
     model: str = "tiny"  # checkpoint directory, or `tiny` / `tiny-qwen2-vl`
     adapter: str | None = None  # a trained adapter (merged into the base for inference)
     out: str = "infer.png"  # the picture: the image with the box (red) and crop window (blue), the crop beside it
+    overwrite: bool = False  # replace an existing --out (never the input image itself)
     crop: Literal["vcot", "raw"] = "vcot"  # crop rule for the answer step's second image
     max_new_tokens: int = 64  # per step
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -103,7 +104,12 @@ def read_image(path: str | Path) -> Image.Image:
 
 def infer_command(cfg: InferConfig) -> dict:
     """Run focus -> crop -> answer on one image (greedy), print the box and answer, save the picture; the row."""
-    image = read_image(cfg.image)  # before loading the model: a typo fails at once
+    image = read_image(cfg.image)  # before loading the model: a typo or a taken --out fails at once
+    out = Path(cfg.out)
+    if out.resolve() == Path(cfg.image).resolve():
+        raise data.UserError(f"--out {cfg.out} is the input image; choose another --out")
+    if (out.exists() or out.is_symlink()) and not cfg.overwrite:
+        raise data.UserError(f"--out {cfg.out} exists; choose another --out or pass --overwrite")
     torch.manual_seed(cfg.seed)
     net, processor = load_net(cfg.model, cfg.adapter, cfg.device, cfg.dtype)
     sampling = modeling.Sampling(max_new_tokens=cfg.max_new_tokens)
@@ -134,8 +140,9 @@ class ServeConfig:
     image_root: str | None = None  # image paths / file:// URLs must resolve under it; without it only data URLs
     served_model_name: str = "visrl"  # the name /v1/models lists and responses carry
     batch_size: int = 8  # requests generated together (equal sampling settings)
-    max_queue: int = 64  # requests in progress at once (parsing, waiting or generating); more get 503
+    max_queue: int = 64  # requests in progress (decoding, waiting, generating) once their body is in; more get 503
     max_body_bytes: int = 20 * 1024 * 1024  # larger bodies get 413 before they are read
+    body_timeout: float = 30.0  # seconds for the whole body (not per read); a slower client gets 408 and is closed
     max_image_pixels: int = 4096 * 4096  # width * height, read from the header before decoding; more get 413
     max_images_per_request: int = 4
     max_new_tokens_limit: int = 1024  # the largest max_tokens a request may ask; also the default
@@ -171,8 +178,8 @@ def decode_image(source, what: str, cfg: ServeConfig, image_processor) -> Image.
         im = Image.open(source, formats=IMAGE_FORMATS)  # lazy: reads the header only
     except Image.DecompressionBombError as e:  # only when --max-image-pixels is above PIL's own limit
         raise RequestError(413, f"{what}: {e}", "image_too_large") from e
-    except Exception as e:
-        raise RequestError(400, f"{what}: not a decodable image ({e})", "bad_image") from e
+    except Exception as e:  # the type only: PIL's messages name the file, a server path
+        raise RequestError(400, f"{what}: not a decodable image ({type(e).__name__})", "bad_image") from e
     with im:
         w, h = im.size
         if w * h > cfg.max_image_pixels:  # before any pixel is decoded: a small file can claim a huge image
@@ -180,9 +187,12 @@ def decode_image(source, what: str, cfg: ServeConfig, image_processor) -> Image.
                                     f"(--max-image-pixels)", "image_too_large")
         try:
             data.image_token_count(w, h, image_processor)  # the processor's own size rules (aspect ratio <= 200)
+        except Exception as e:  # computed from (w, h) alone: its message names no file
+            raise RequestError(400, f"{what}: cannot use the image ({e})", "bad_image") from e
+        try:
             return im.convert("RGB")
         except Exception as e:
-            raise RequestError(400, f"{what}: cannot use the image ({e})", "bad_image") from e
+            raise RequestError(400, f"{what}: cannot decode the image ({type(e).__name__})", "bad_image") from e
 
 
 def load_request_image(url: str, what: str, cfg: ServeConfig, image_processor) -> Image.Image:
@@ -206,10 +216,11 @@ def load_request_image(url: str, what: str, cfg: ServeConfig, image_processor) -
     if cfg.image_root is None:
         raise RequestError(403, f"{what}: image paths are refused (the server runs without --image-root); "
                                 "send the image as a data URL", "image_paths_disabled")
-    root = Path(cfg.image_root).resolve()
-    path = (root / url).resolve()  # follows symlinks and '..'; an absolute path replaces the root
-    if not path.is_relative_to(root):
-        raise RequestError(403, f"{what}: {url!r} is outside --image-root", "path_outside_image_root")
+    try:  # follows symlinks and '..'; an absolute path replaces the root. Messages name the path as sent only
+        path = data.path_inside(cfg.image_root, url)
+    except data.PathError as e:  # malformed (a NUL byte, too long a name, a link loop): 400; outside the root: 403
+        status, code = (403, "path_outside_image_root") if e.outside else (400, "bad_image_path")
+        raise RequestError(status, f"{what}: {e}", code) from e
     if not path.is_file():  # checked after the root test: nothing outside the root can be probed
         raise RequestError(404, f"{what}: no image file {url!r} under --image-root", "image_not_found")
     return decode_image(path, what, cfg, image_processor)
@@ -410,8 +421,8 @@ class Worker(threading.Thread):
                 for job in batch:
                     self.run_batch([job])
                 return
-            traceback.print_exc(file=sys.stderr)
-            batch[0].error = RequestError(500, f"generation failed: {type(e).__name__}: {e}", "generation_failed")
+            traceback.print_exc(file=sys.stderr)  # the details go to the log only: they may name server paths
+            batch[0].error = RequestError(500, f"generation failed ({type(e).__name__})", "generation_failed")
             batch[0].done.set()
 
     def _fits(self, job: Job) -> bool:
@@ -506,9 +517,9 @@ def make_handler(cfg: ServeConfig, worker: Worker):
                 status, body = 200, routes[path][method]()
             except RequestError as e:
                 status, body = e.status, e.body()
-            except Exception as e:  # a bug here must not kill the server: report it as a 500
+            except Exception as e:  # a bug here must not kill the server: a 500, its details in the log only
                 traceback.print_exc(file=sys.stderr)
-                status, body = 500, RequestError(500, f"{type(e).__name__}: {e}", "internal_error").body()
+                status, body = 500, RequestError(500, f"internal error ({type(e).__name__})", "internal_error").body()
             note = (f"tokens {body['usage']['prompt_tokens']}+{body['usage']['completion_tokens']}" if "usage" in body
                     else body.get("error", {}).get("code", ""))
             # logged before the reply goes out, so a client that has its answer has its log line too
@@ -519,6 +530,8 @@ def make_handler(cfg: ServeConfig, worker: Worker):
                 self.send_response(status)
                 if status == 405:
                     self.send_header("Allow", ", ".join(routes[path]))
+                if status == 503:
+                    self.send_header("Retry-After", "1")  # seconds; a slot frees as soon as any request ends
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(raw)))
                 self.end_headers()
@@ -537,26 +550,43 @@ def make_handler(cfg: ServeConfig, worker: Worker):
                     break
                 left -= len(chunk)
 
+        def _read_body(self) -> bytes:
+            """The request body, all of which must arrive within --body-timeout seconds (408 otherwise): one
+            deadline for the whole body, as a socket timeout restarts with every byte a slow client sends."""
+            length = self.headers.get("Content-Length")
+            if length is None or "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                raise RequestError(411, "a Content-Length header is required", "length_required")
+            if not length.strip().isdigit():
+                raise RequestError(400, f"bad Content-Length {length!r:.40}", "bad_request")
+            if int(length) > cfg.max_body_bytes:  # refused unread (drained after the reply, see _drain)
+                self.unread = int(length)
+                raise RequestError(413, f"body of {int(length)} bytes is over the limit of {cfg.max_body_bytes} "
+                                        f"(--max-body-bytes)", "body_too_large")
+            deadline, chunks, left = time.monotonic() + cfg.body_timeout, [], int(length)
+            try:
+                while left > 0:
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError
+                    self.connection.settimeout(deadline - time.monotonic())
+                    chunk = self.rfile.read1(min(left, 1 << 20))
+                    if not chunk:
+                        raise RequestError(400, f"the body ended after {int(length) - left} of {length} bytes",
+                                           "bad_request")
+                    chunks.append(chunk)
+                    left -= len(chunk)
+            except TimeoutError as e:
+                raise RequestError(408, f"the body did not arrive within {cfg.body_timeout:g} s (--body-timeout)",
+                                   "timeout") from e
+            finally:
+                self.connection.settimeout(self.timeout)  # for writing the reply
+            return b"".join(chunks)
+
         def _chat(self) -> dict:
-            if not slots.acquire(blocking=False):  # before the body is read: decoding memory stays bounded
+            body = self._read_body()
+            if not slots.acquire(blocking=False):  # after the body (a slow client holds none), before decoding
                 raise RequestError(503, f"server busy: {cfg.max_queue} requests in progress (--max-queue); retry",
                                    "server_busy")
             try:
-                length = self.headers.get("Content-Length")
-                if length is None or "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-                    raise RequestError(411, "a Content-Length header is required", "length_required")
-                if not length.strip().isdigit():
-                    raise RequestError(400, f"bad Content-Length {length!r:.40}", "bad_request")
-                if int(length) > cfg.max_body_bytes:  # refused unread (drained after the reply, see _drain)
-                    self.unread = int(length)
-                    raise RequestError(413, f"body of {int(length)} bytes is over the limit of {cfg.max_body_bytes} "
-                                            f"(--max-body-bytes)", "body_too_large")
-                try:
-                    body = self.rfile.read(int(length))
-                except TimeoutError as e:
-                    raise RequestError(408, f"the body did not arrive within {self.timeout} s", "timeout") from e
-                if len(body) < int(length):
-                    raise RequestError(400, f"the body ended after {len(body)} of {length} bytes", "bad_request")
                 try:
                     payload = json.loads(body)
                 except (ValueError, RecursionError) as e:
@@ -573,24 +603,37 @@ def make_handler(cfg: ServeConfig, worker: Worker):
     return Handler
 
 
-def make_server(cfg: ServeConfig, net=None, processor=None) -> tuple[ThreadingHTTPServer, Worker]:
+class Server(ThreadingHTTPServer):
+    """A backlog for bursts (the stdlib's 5 reset clients under 30 at once); handler threads never block exit."""
+
+    request_queue_size = 128
+    daemon_threads = True
+
+
+def make_server(cfg: ServeConfig, net=None, processor=None) -> tuple[Server, Worker]:
     """The bound HTTP server (not yet serving: call serve_forever) and its started worker; net/processor
-    default to loading cfg.model (+ cfg.adapter). Port 0 picks a free port: see httpd.server_address."""
-    if net is None:
-        net, processor = load_net(cfg.model, cfg.adapter, cfg.device, cfg.dtype)
-    torch.manual_seed(cfg.seed)
-    worker = Worker(net, processor, cfg)
-    worker.start()
+    default to loading cfg.model (+ cfg.adapter). Port 0 picks a free port: see httpd.server_address.
+    A missing --image-root or a taken port is a UserError, raised before the model is loaded."""
+    if cfg.image_root is not None and not Path(cfg.image_root).is_dir():
+        raise data.UserError(f"--image-root {cfg.image_root}: no such directory")
+    try:  # bound first, so a taken port fails before a long load; connections wait in the backlog till serve_forever
+        httpd = Server((cfg.host, cfg.port), BaseHTTPRequestHandler)
+    except OSError as e:
+        raise data.UserError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from e
     try:
-        httpd = ThreadingHTTPServer((cfg.host, cfg.port), make_handler(cfg, worker))
-    except OSError:
-        worker.stop()
+        if net is None:
+            net, processor = load_net(cfg.model, cfg.adapter, cfg.device, cfg.dtype)
+        torch.manual_seed(cfg.seed)
+        worker = Worker(net, processor, cfg)
+    except BaseException:
+        httpd.server_close()
         raise
-    httpd.daemon_threads = True  # a hung client never blocks exit
+    worker.start()
+    httpd.RequestHandlerClass = make_handler(cfg, worker)
     return httpd, worker
 
 
-def stop_server(httpd: ThreadingHTTPServer, worker: Worker) -> None:
+def stop_server(httpd: Server, worker: Worker) -> None:
     """Stop accepting (serve_forever must be running in another thread), close the socket, finish queued jobs."""
     httpd.shutdown()
     httpd.server_close()

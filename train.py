@@ -77,6 +77,7 @@ def resolve_data(path: str, split: str = "train", seed: int = 0) -> Path:
     if path == "synth":
         root = modeling.cache_dir() / f"synth-v{synth.SYNTH_VERSION}-seed{seed}"
         if not (root / "test.jsonl").exists():
+            print(f"building the synthetic set into {root} (once; a few minutes on 2 cores)", file=sys.stderr)
             synth.make_synth(root, seed=seed)
         return root / f"{split}.jsonl"
     p = Path(path)
@@ -151,10 +152,37 @@ def optimizer_step(params, optimizer, scheduler, world: Dist, grad_clip: float) 
     return grad_norm, lr
 
 
-def start_run(out: Path, cfg, world: Dist, summary: str):
-    """Write the run's config.json and open metrics.jsonl (rank 0 only; None elsewhere)."""
+RUN_FILES = ("adapter", "checkpoints", "config.json", "metrics.jsonl")  # what a training run writes into --out
+
+
+def check_run_out(cfg) -> list[Path]:
+    """Refuse an --out that overlaps the model, the adapter chain or the data, or that holds a run unless
+    --resume or --overwrite says what to do with it; returns what --overwrite will replace. Cheap: it builds
+    no built-in asset (those live in the cache, never in an --out)."""
+    data_files = [] if cfg.data == "synth" else [("--data", resolve_data(cfg.data))]
+    replaced = data.check_out(cfg.out, RUN_FILES, inputs=modeling.input_dirs(cfg.model, cfg.adapter),
+                              data_files=data_files, resume=cfg.resume, overwrite=cfg.overwrite)
+    config = Path(cfg.out) / "config.json"
+    if cfg.resume and config.is_file():  # a resumed run goes on with the settings it was started with
+        old, new = json.loads(config.read_text()), dataclasses.asdict(cfg)
+        changed = [k for k in new if k not in RESUMABLE_CHANGES and k in old and old[k] != new[k]]
+        if changed:
+            detail = ", ".join(f"--{k.replace('_', '-')} {old[k]!r} -> {new[k]!r}" for k in changed)
+            raise data.UserError(f"--resume: the run in --out {cfg.out} was made with other settings ({detail}); "
+                                 "resume with the same settings, or --overwrite to replace it")
+    return replaced
+
+
+# what a resumed run may change: bookkeeping, and how long it runs (to extend a finished run)
+RESUMABLE_CHANGES = ("resume", "overwrite", "log_every", "save_every", "keep_checkpoints", "max_steps", "epochs")
+
+
+def start_run(out: Path, cfg, world: Dist, replaced: list[Path], summary: str):
+    """Replace an earlier run with --overwrite (its files only), write the run's config.json and open
+    metrics.jsonl (rank 0 only; None elsewhere)."""
     if not world.is_main:
         return None
+    data.clear_run(replaced)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     print(summary, file=sys.stderr)
@@ -215,8 +243,8 @@ def load_checkpoint(path: Path, module, optimizer, scheduler, world: Dist) -> in
     """Restore a checkpoint into the freshly built run; returns the step it was taken after."""
     meta = json.loads((path / "meta.json").read_text())
     if meta["world_size"] != world.world_size:
-        raise ValueError(f"{path}: written by {meta['world_size']} ranks, resuming with {world.world_size}; "
-                         "the data split differs, so the run would not continue exactly")
+        raise data.UserError(f"{path}: written by {meta['world_size']} ranks, resuming with {world.world_size}; "
+                             "the data split differs, so the run would not continue exactly")
     state = {"model": get_model_state_dict(module, options=CHECKPOINT_OPTIONS),
              "optim": get_optimizer_state_dict(module, optimizer, options=CHECKPOINT_OPTIONS)}
     with single_process_quiet():

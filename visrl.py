@@ -87,7 +87,8 @@ class SFTConfig:
     log_every: int = 1
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end or on SIGTERM/SIGINT)
     keep_checkpoints: int = 2
-    resume: bool = False  # continue from the newest complete checkpoint in --out
+    resume: bool = False  # continue the run in --out from its newest complete checkpoint
+    overwrite: bool = False  # replace the run in --out (its adapter, checkpoints, config and metrics)
     fsdp: bool = True  # under torchrun: shard with FSDP2 (--no-fsdp: replicate, all-reduce gradients)
 
 
@@ -118,13 +119,13 @@ def build_sft_samples(cfg: SFTConfig, records: list[data.Record], processor, wor
             (too_long if len(sample.input_ids) > cfg.max_len else samples).append(sample)
     if too_long and cfg.error_on_long:
         first = too_long[0]
-        raise ValueError(f"{first.record.source}: {first.kind} sample has {len(first.input_ids)} tokens "
-                         f"> --max-len {cfg.max_len} ({len(too_long)} such samples)")
+        raise data.UserError(f"{first.record.source}: {first.kind} sample has {len(first.input_ids)} tokens "
+                             f"> --max-len {cfg.max_len} ({len(too_long)} such samples)")
     if world.is_main and (too_long or no_box):
         print(f"sft: dropped {len(too_long)} samples longer than {cfg.max_len} tokens and "
               f"{no_box} records without a box", file=sys.stderr)
     if not samples:
-        raise ValueError("sft: no trainable samples (every record lacks a box or is too long)")
+        raise data.UserError("sft: no trainable samples (every record lacks a box or is too long)")
     return samples
 
 
@@ -172,11 +173,12 @@ def sft(cfg: SFTConfig) -> Path:
     world = train.setup_distributed(cfg.device)
     train.seed_everything(cfg.seed)
     out = Path(cfg.out)
+    replaced = train.check_run_out(cfg)  # before any work: a refused --out costs nothing
+    data_path = train.resolve_data(cfg.data, "train", cfg.seed)
     lora_cfg = modeling.LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     net, processor = train.prepare_model(cfg.model, cfg.adapter, lora_cfg, world, cfg.dtype, cfg.grad_checkpointing)
 
-    records = data.read_records(train.resolve_data(cfg.data, "train", cfg.seed), image_root=cfg.image_root,
-                                skip_bad=cfg.skip_bad_records, limit=cfg.limit)
+    records = data.read_records(data_path, image_root=cfg.image_root, skip_bad=cfg.skip_bad_records, limit=cfg.limit)
     samples = build_sft_samples(cfg, records, processor, world)
     dataset = SFTDataset(samples, processor.image_processor, cfg.cache_pixels)
     pad_id = processor.tokenizer.pad_token_id
@@ -185,19 +187,19 @@ def sft(cfg: SFTConfig) -> Path:
     steps_per_epoch = len(train.epoch_batches(len(samples), cfg.batch_size, world, cfg.seed, 0)) // cfg.grad_accum
     total_steps = cfg.max_steps if cfg.max_steps > 0 else int(cfg.epochs * steps_per_epoch)
     if steps_per_epoch == 0 or total_steps == 0:
-        raise ValueError(f"sft: {len(samples)} samples are fewer than one optimizer step of "
-                         f"{cfg.batch_size} x {cfg.grad_accum} x {world.world_size}")
+        raise data.UserError(f"sft: {len(samples)} samples are fewer than one optimizer step of "
+                             f"{cfg.batch_size} x {cfg.grad_accum} x {world.world_size}")
     n_focus = sum(sample.kind == "focus" for sample in samples)
     if cfg.focus_first_steps and not (0 < cfg.focus_first_steps < total_steps
                                       and n_focus >= cfg.batch_size * world.world_size):
-        raise ValueError(f"sft: --focus-first-steps {cfg.focus_first_steps} must be positive, fewer than the "
-                         f"{total_steps} steps, with one micro-batch of focus samples per rank ({n_focus})")
+        raise data.UserError(f"sft: --focus-first-steps {cfg.focus_first_steps} must be positive, fewer than the "
+                             f"{total_steps} steps, with one micro-batch of focus samples per rank ({n_focus})")
     objective = train.wrap_objective(SFTObjective(net), cfg, world)
     params = modeling.trainable_parameters(objective)  # after sharding: the DTensor parameters
     optimizer, scheduler = train.make_optimizer(params, cfg.lr, cfg.weight_decay, total_steps, cfg.warmup_ratio)
     global_batch = cfg.batch_size * cfg.grad_accum * world.world_size
     start_step = train.resume_point(cfg, out, objective, optimizer, scheduler, world)
-    metrics = train.start_run(out, cfg, world, (
+    metrics = train.start_run(out, cfg, world, replaced, (
         f"sft: {len(records)} records -> {len(samples)} samples; {total_steps} steps; global batch "
         f"{global_batch} = {cfg.batch_size} x {cfg.grad_accum} accum x {world.world_size} ranks; "
         f"{sum(p.numel() for p in params):,} trainable parameters"))
@@ -256,7 +258,7 @@ class DPOConfig:
     # load, so the reference (adapters off) is exactly the model at the start of this stage.
     adapter: Annotated[str | None, tyro.conf.arg(aliases=("--init-adapter",))] = None
     image_root: str | None = None  # image paths are relative to this (default: the data file's directory)
-    out: str = "runs/dpo"
+    out: str | None = None  # default runs/dpo1 or runs/dpo2, by --stage
     limit: int | None = None  # use the first N pairs only
     seed: int = 0
     epochs: float = 5.0
@@ -291,13 +293,18 @@ class DPOConfig:
     log_every: int = 1
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end or on SIGTERM/SIGINT)
     keep_checkpoints: int = 2
-    resume: bool = False  # continue from the newest complete checkpoint in --out
+    resume: bool = False  # continue the run in --out from its newest complete checkpoint
+    overwrite: bool = False  # replace the run in --out (its adapter, checkpoints, config and metrics)
     fsdp: bool = True  # under torchrun: shard with FSDP2 (--no-fsdp: replicate, all-reduce gradients)
+
+    def __post_init__(self):
+        if self.out is None:  # stages 1 and 2 never share a default --out: stage 2 reads stage 1's adapter
+            self.out = f"runs/dpo{self.stage}"
 
 
 def build_dpo_samples(cfg: DPOConfig, pairs: list[data.Pair], processor, world: train.Dist) -> list[list[data.PairSample]]:
     """Each pair's samples (1 in stage 1, 2 in stage 2), checked before training; bad pairs reported."""
-    grouped, errors, too_long = [], [], 0
+    grouped, errors, too_long, same_box = [], [], 0, 0
     for pair in pairs:
         try:
             samples = data.dpo_samples(pair, processor.tokenizer, processor.image_processor, cfg.stage,
@@ -305,18 +312,22 @@ def build_dpo_samples(cfg: DPOConfig, pairs: list[data.Pair], processor, world: 
         except data.DataError as e:
             errors.append(str(e))
             continue
+        same_box += len(samples) < cfg.stage
         longest = max(max(len(s.chosen_ids), len(s.rejected_ids)) for s in samples)
         if longest > cfg.max_len:
             if cfg.error_on_long:
-                raise ValueError(f"{pair.record.source}: a sequence of {longest} tokens > --max-len {cfg.max_len}")
+                raise data.UserError(f"{pair.record.source}: a sequence of {longest} tokens > --max-len {cfg.max_len}")
             too_long += 1
             continue
         grouped.append(samples)
     data.report_bad(errors, cfg.skip_bad_records, cfg.data, len(grouped))
     if too_long and world.is_main:
         print(f"dpo: dropped {too_long} pairs longer than {cfg.max_len} tokens", file=sys.stderr)
+    if same_box and world.is_main:
+        print(f"dpo: {same_box} pairs have the same chosen and rejected box: only their answer step is trained "
+              "(the box step's gradient is zero)", file=sys.stderr)
     if not grouped:
-        raise ValueError("dpo: no usable pairs")
+        raise data.UserError("dpo: no usable pairs")
     index = 0
     for samples in grouped:
         for sample in samples:
@@ -406,6 +417,10 @@ def dpo_train(cfg: DPOConfig) -> Path:
     world = train.setup_distributed(cfg.device)
     train.seed_everything(cfg.seed)
     out = Path(cfg.out)
+    replaced = train.check_run_out(cfg)
+    if cfg.stage == 2 and not cfg.adapter and world.is_main:
+        print("warning: dpo --stage 2 without --init-adapter: the policy and the reference start from the base "
+              "model, not from the stage-1 model", file=sys.stderr)
     lora_cfg = modeling.LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     net, processor = train.prepare_model(cfg.model, cfg.adapter, lora_cfg, world, cfg.dtype, cfg.grad_checkpointing)
     pairs = data.read_pairs(cfg.data, image_root=cfg.image_root, skip_bad=cfg.skip_bad_records, limit=cfg.limit)
@@ -415,8 +430,8 @@ def dpo_train(cfg: DPOConfig) -> Path:
     steps_per_epoch = len(train.epoch_batches(len(grouped), cfg.batch_size, world, cfg.seed, 0)) // cfg.grad_accum
     total_steps = cfg.max_steps if cfg.max_steps > 0 else int(cfg.epochs * steps_per_epoch)
     if steps_per_epoch == 0 or total_steps == 0:
-        raise ValueError(f"dpo: {len(grouped)} pairs are fewer than one optimizer step of "
-                         f"{cfg.batch_size} x {cfg.grad_accum} x {world.world_size}")
+        raise data.UserError(f"dpo: {len(grouped)} pairs are fewer than one optimizer step of "
+                             f"{cfg.batch_size} x {cfg.grad_accum} x {world.world_size}")
     # reference log-probs first: a plain forward pass, before the model is sharded
     ref_table = precompute_reference(net, grouped, processor, cfg, world) if cfg.precompute_ref else None
     objective = train.wrap_objective(DPOObjective(net, cfg, ref_table), cfg, world)
@@ -424,7 +439,7 @@ def dpo_train(cfg: DPOConfig) -> Path:
     optimizer, scheduler = train.make_optimizer(params, cfg.lr, cfg.weight_decay, total_steps, cfg.warmup_ratio)
     global_batch = cfg.batch_size * cfg.grad_accum * world.world_size
     start_step = train.resume_point(cfg, out, objective, optimizer, scheduler, world)
-    metrics = train.start_run(out, cfg, world, (
+    metrics = train.start_run(out, cfg, world, replaced, (
         f"dpo stage {cfg.stage}: {len(grouped)} pairs; {total_steps} steps; global batch {global_batch} pairs "
         f"= {cfg.batch_size} x {cfg.grad_accum} accum x {world.world_size} ranks; reference = "
         f"{cfg.adapter or cfg.model} ({'precomputed' if cfg.precompute_ref else 'adapters off, per step'})"))
@@ -459,7 +474,7 @@ def dpo_train(cfg: DPOConfig) -> Path:
                     row.update({f"{kind}/{name}": means[k][j] for j, name in enumerate(DPO_STATS)})
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
-            progress.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['box/rewards/margins']:.3f}")
+            progress.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row.get('box/rewards/margins', float('nan')):.3f}")
         if train.end_of_step(cfg, out, step + 1, total_steps, objective, optimizer, scheduler, world, stopper):
             break
     return train.finish_run(out, objective, lora_cfg, world, metrics, stopper, "dpo")
@@ -478,7 +493,14 @@ class TinyArgs:
     seed: int = 0
 
 
+def _check_new_dir(out: str) -> None:
+    """The asset commands write a whole directory: refuse one that exists and is not empty."""
+    if Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
+        raise data.UserError(f"--out {out} exists and is not empty; choose another --out (or delete it first)")
+
+
 def tiny_command(args: TinyArgs) -> Path:
+    _check_new_dir(args.out)
     path = modeling.make_tiny(args.out, modeling.TinyConfig(arch=args.arch, seed=args.seed))
     print(f"tiny {args.arch} checkpoint written to {path}")
     return path
@@ -496,6 +518,7 @@ class SynthArgs:
 
 
 def synth_command(args: SynthArgs) -> dict:
+    _check_new_dir(args.out)
     paths = synth.make_synth(args.out, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=args.seed)
     print(f"synthetic set written to {args.out}: " + ", ".join(str(p) for p in paths.values()))
     return paths
@@ -507,9 +530,10 @@ COMMANDS = {"sft": (SFTConfig, sft), "dpo": (DPOConfig, dpo_train), "export": (e
 
 
 def main() -> None:
-    args = tyro.extras.subcommand_cli_from_dict({name: cls for name, (cls, _) in COMMANDS.items()})
-    run = next(fn for cls, fn in COMMANDS.values() if isinstance(args, cls))
-    run(args)
+    def run(args) -> None:
+        next(fn for cls, fn in COMMANDS.values() if isinstance(args, cls))(args)
+
+    data.cli(lambda: tyro.extras.subcommand_cli_from_dict({name: cls for name, (cls, _) in COMMANDS.items()}), run)
 
 
 if __name__ == "__main__":

@@ -126,3 +126,47 @@ def write_rec_file(root):
                                        "bbox": [25.0, 25.0, 75.0, 75.0], "height": 100, "width": 100, "sent_id": i}) + "\n"
                            for i in range(2)))
     return rec
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points run as a user runs them, and the bytes of what a command must not touch.
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start_cli(*args, cwd=None):
+    """Start `python <script> args...` (script relative to the repository root) as a user would."""
+    import subprocess
+
+    script, *rest = args
+    return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, rest)], cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "VISRL_DEBUG": "0"})
+
+
+def finish_cli(process, timeout=600):
+    """(returncode, stdout, stderr) of a started command."""
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, out, err
+
+
+def run_cli(*args, cwd=None, timeout=600):
+    return finish_cli(start_cli(*args, cwd=cwd), timeout)
+
+
+def snapshot(*roots):
+    """{path: bytes} of every file under roots (a file root is itself): compare before and after a command."""
+    files = {}
+    for root in map(Path, roots):
+        for path in ([root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())):
+            files[str(path)] = path.read_bytes()
+    return files
+
+
+def assert_one_line_error(returncode, stderr, *fragments):
+    """An expected error: exit code 2, `error: ...` once, every fragment in it, no traceback."""
+    assert returncode == 2, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.count("error: ") == 1, stderr[-3000:]
+    message = stderr[stderr.index("error: "):]
+    for fragment in fragments:
+        assert fragment in message, (fragment, message[:2000])

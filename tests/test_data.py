@@ -411,3 +411,96 @@ def test_collate_pads_right_and_marks_image_tokens(processor, synth_dir):
     assert (batch["labels"][short, min(lengths):] == data.IGNORE_INDEX).all()
     assert batch["mm_token_type_ids"].sum() == (batch["input_ids"] == image_pad).sum()
     assert batch["image_grid_thw"].shape == (3, 3)  # focus: 1 image, answer: image + crop
+
+
+# -----------------------------------------------------------------------------
+# paths stay inside their root after resolving links; --out never overlaps an input or an earlier run
+
+def test_a_link_out_of_the_image_root_is_refused_a_linked_root_works(tmp_path):
+    outside = _png(tmp_path / "elsewhere" / "secret.png")
+    root = tmp_path / "data"
+    _png(root / "store" / "a.png")
+    (root / "images").symlink_to(root / "store")            # a link within the root's own tree
+    (root / "leak.png").symlink_to(outside)                 # a link inside the root pointing out of it
+    (root / "loop.png").symlink_to(root / "loop.png")
+    f = _write_jsonl(root / "ours.jsonl", [
+        {"image": "images/a.png", "question": "Q?", "answers": "a"},
+        {"image": "leak.png", "question": "Q?", "answers": "a"},
+        {"image": "../elsewhere/secret.png", "question": "Q?", "answers": "a"},
+        {"image": "loop.png", "question": "Q?", "answers": "a"},
+        {"image": "a" * 300 + ".png", "question": "Q?", "answers": "a"},
+        {"image": "a.png\u0000.png", "question": "Q?", "answers": "a"}])
+    with pytest.raises(DataError) as e:
+        data.read_records(f)
+    msg = str(e.value)
+    for line in (2, 3):
+        assert f"ours.jsonl:{line}: field 'image':" in msg and "is outside the image root" in msg
+    assert "ours.jsonl:4: field 'image'" in msg and "ours.jsonl:5: field 'image'" in msg and "too long" in msg
+    assert "ours.jsonl:6: field 'image'" in msg and "NUL byte" in msg and "5 bad record" in msg
+    (good,) = data.read_records(f, skip_bad=True)
+    assert good.image == str((root / "store" / "a.png").resolve())
+    # the root itself a link: its target's tree is the root
+    (tmp_path / "linked").symlink_to(root)
+    assert data.read_records(tmp_path / "linked" / "ours.jsonl", skip_bad=True)[0].image == good.image
+    # a wider root allows what a narrower one refuses
+    wide = _write_jsonl(tmp_path / "wide.jsonl", [{"image": "data/leak.png", "question": "Q?", "answers": "a"}])
+    assert data.read_records(wide)[0].image == str(outside.resolve())
+
+
+def test_path_inside_resolves_before_it_checks(tmp_path):
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "up").symlink_to(tmp_path)
+    assert data.path_inside(tmp_path / "root", "x/../y.png") == (tmp_path / "root" / "y.png").resolve()
+    assert data.path_inside(tmp_path / "root", "up/root/z.png") == (tmp_path / "root" / "z.png").resolve()
+    for rel in ("up/y.png", "/etc/passwd", "../root2/y.png"):
+        with pytest.raises(data.PathError) as e:
+            data.path_inside(tmp_path / "root", rel)
+        assert e.value.outside and str(tmp_path) not in str(e.value)  # names the path, never the root
+
+
+def test_check_out_refuses_overlaps_and_earlier_runs(tmp_path):
+    model_dir, run = tmp_path / "model", tmp_path / "run"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    for out in (model_dir, model_dir / "sub", tmp_path):
+        with pytest.raises(data.UserError, match="overlaps the --model"):
+            data.check_out(out, ("adapter",), inputs=[("--model", model_dir)])
+    with pytest.raises(data.UserError, match="holds the --data"):
+        data.check_out(tmp_path, ("adapter",), data_files=[("--data", model_dir / "config.json")])
+    assert data.check_out(run, ("adapter", "metrics.jsonl")) == []  # a fresh --out
+    (run / "adapter").mkdir(parents=True)
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(data.UserError, match=r"already holds a run \(adapter\); pass --resume .* or --overwrite"):
+        data.check_out(run, ("adapter", "metrics.jsonl"))
+    assert data.check_out(run, ("adapter", "metrics.jsonl"), resume=True) == []
+    with pytest.raises(data.UserError, match="pass one of them"):
+        data.check_out(run, ("adapter",), resume=True, overwrite=True)
+    replaced = data.check_out(run, ("adapter", "metrics.jsonl"), overwrite=True)
+    assert replaced == [(run / "adapter").resolve()]
+    data.clear_run(replaced)
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]  # only the run's own files go
+    with pytest.raises(data.UserError, match="is a file"):
+        data.check_out(run / "notes.txt", ("adapter",))
+
+
+def test_cli_prints_expected_errors_on_one_line_and_keeps_bugs_loud(monkeypatch, capsys):
+    def fail(_):
+        raise data.DataError("x.jsonl:3: field 'image': missing")
+
+    monkeypatch.setattr(sys, "argv", ["visrl.py"])
+    monkeypatch.delenv("VISRL_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as e:
+        data.cli(lambda: None, fail)
+    assert e.value.code == 2 and capsys.readouterr().err == "error: x.jsonl:3: field 'image': missing\n"
+    monkeypatch.setattr(sys, "argv", ["visrl.py", "--debug"])
+    with pytest.raises(SystemExit):
+        data.cli(lambda: None, fail)
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.endswith("error: x.jsonl:3: field 'image': missing\n")
+    monkeypatch.setattr(sys, "argv", ["visrl.py"])
+    monkeypatch.setenv("RANK", "1")  # other ranks meet the same check: rank 0 says it
+    with pytest.raises(SystemExit):
+        data.cli(lambda: None, fail)
+    assert capsys.readouterr().err == ""
+    with pytest.raises(KeyError):  # a bug is not caught
+        data.cli(lambda: None, lambda _: {}["missing"])

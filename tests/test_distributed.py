@@ -170,3 +170,16 @@ def test_fsdp_sigterm_then_resume_continues_exactly(synth_dir, tmp_path):
     assert [r["step"] for r in split] == list(range(1, 31))
     for a, b in zip(whole, split):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
+
+
+def test_an_expected_error_under_torchrun_is_said_once(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q"}\n')
+    result = subprocess.run(TORCHRUN + ["visrl.py", "sft", "--data", str(bad), "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode != 0
+    assert result.stderr.count(f"error: 1 bad record(s) in {bad}") == 1, result.stderr[-3000:]
+    assert f"{bad}:1: field 'image': missing" in result.stderr
+    # torchrun's launcher adds its own failure summary (a traceback of torch.distributed.run); none from visrl
+    assert not any(name in result.stderr for name in ('visrl.py", line', 'data.py", line', 'train.py", line'))
+    assert not (tmp_path / "run").exists()

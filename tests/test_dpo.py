@@ -294,6 +294,8 @@ def _bad_pairs(pairs_file, tmp_path, edit):
     (lambda o: o.update(chosen_box="  "), 1, "chosen_box"),
     (lambda o: o.update(chosen_box="[0.9, 0.9, 0.1, 0.1]"), 2, "chosen_box"),
     (lambda o: o.update(chosen_box="somewhere on the left"), 2, "chosen_box"),
+    (lambda o: o.update(rejected_box=o["chosen_box"]), 1, "rejected_box"),  # the same: loss ln 2, no gradient
+    (lambda o: o.update(rejected_box=o["chosen_box"], rejected_answer=o["chosen_answer"]), 2, "rejected_answer"),
 ])
 def test_bad_pairs_are_reported_with_file_and_line(pairs_file, tmp_path, edit, stage, field):
     path = _bad_pairs(pairs_file, tmp_path, edit)
@@ -303,5 +305,18 @@ def test_bad_pairs_are_reported_with_file_and_line(pairs_file, tmp_path, edit, s
         out = visrl.dpo_train(visrl.DPOConfig(data=str(path), stage=stage, out=str(tmp_path / "y"), max_steps=2,
                                               skip_bad_records=True))
         assert len(_rows(tmp_path / "y")) == 2 and (out / "adapter.safetensors").exists()
+    finally:
+        path.unlink()
+
+
+def test_stage2_pair_with_one_box_for_both_answers_trains_its_answer_step_only(pairs_file, tmp_path, capsys):
+    path = _bad_pairs(pairs_file, tmp_path, lambda o: o.update(rejected_box=o["chosen_box"]))
+    try:
+        _, processor = model.load_model("tiny")
+        pairs = data.read_pairs(path, image_root=pairs_file.parent)
+        cfg = visrl.DPOConfig(data=str(path), stage=2)
+        grouped = visrl.build_dpo_samples(cfg, pairs, processor, train.Dist())
+        assert [[s.kind for s in g] for g in grouped] == [["box", "answer"]] * 2 + [["answer"]] + [["box", "answer"]] * 3
+        assert "1 pairs have the same chosen and rejected box" in capsys.readouterr().err
     finally:
         path.unlink()

@@ -135,8 +135,13 @@ def test_run_on_the_release_with_ablations(release, tmp_path):
     none = ev.evaluate(_config(tmp_path / "none", release, sets=("docvqa",), box="none"), direct)
     assert "detection" not in none["sets"]["docvqa"] and none["means"].get("detection") is None
     assert [_text(m) for m, _ in direct.prompts] == ["What is the date?", "What is on the y axis?", "Who signed?"]
-    with pytest.raises(ValueError, match="--box"):  # same --out, other settings: refuse to mix predictions
+    before = (tmp_path / "none" / "predictions.jsonl").read_bytes()
+    with pytest.raises(data.UserError, match="--box.*pass --overwrite to replace it"):  # same --out, other settings
         ev.evaluate(_config(tmp_path / "none", release, sets=("docvqa",), box="center"), FakeModel())
+    assert (tmp_path / "none" / "predictions.jsonl").read_bytes() == before
+    center = ev.evaluate(_config(tmp_path / "none", release, sets=("docvqa",), box="center", overwrite=True), FakeModel())
+    rows = [json.loads(line) for line in (tmp_path / "none" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["box_mode"] for r in rows] == ["center"] * 3 and "detection" in center["sets"]["docvqa"]
 
 
 def test_interrupted_run_resumes_without_duplicates(synth_dir, tmp_path):
@@ -288,3 +293,67 @@ def test_endpoint_failure_stops_the_run_and_keeps_what_is_done(server, synth_dir
     with pytest.raises(ev.EndpointError, match="HTTP 500"):
         ev.evaluate(cfg)
     assert (tmp_path / "predictions.jsonl").read_text() == ""
+
+
+# --------------------------------------------------------------------------------------------
+# Bad prediction rows and a busy endpoint.
+
+
+def _prediction(**fields):
+    row = {"set": "docvqa", "id": "1", "answers": ["May 5"], "width": 300, "height": 200, "gt_box": [30, 40, 90, 100],
+           "box_text": "[0.100, 0.300, 0.300, 0.500]", "answer": "May 5", "question": "What is the date?"}
+    return {k: v for k, v in {**row, **fields}.items() if v != "DROP"}
+
+
+def test_prediction_rows_are_checked_field_by_field(tmp_path):
+    path = tmp_path / "predictions.jsonl"
+    rows = [_prediction(id=1), _prediction(id=2, gt_box=[1, 2, 3]), _prediction(id=3, answer=7),
+            _prediction(id=4, answers="DROP"), _prediction(id=5, width=0), _prediction(id=6, box_text=[0.1]),
+            _prediction(id=7, gt_box=[1, 2, 3, float("nan")]), _prediction(id="1")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(data.DataError) as e:
+        ev.evaluate(_config(tmp_path / "out", tmp_path, predictions=str(path)))
+    message = str(e.value)
+    for line, field in ((2, "gt_box"), (3, "answer"), (4, "answers"), (5, "width"), (6, "box_text"), (7, "gt_box")):
+        assert f"predictions.jsonl:{line}: field '{field}'" in message, (line, field, message)
+    assert "predictions.jsonl:8: field 'id': ('docvqa', '1') already at line 1" in message and "7 bad record" in message
+    # integer ids, as the Visual-CoT release has them, are accepted
+    path.write_text(json.dumps(_prediction(id=1)) + "\n" + json.dumps(_prediction(id=491, answer="no")) + "\n")
+    results = ev.evaluate(_config(tmp_path / "out", tmp_path, predictions=str(path)))
+    assert results["sets"]["docvqa"]["detection"]["n"] == 2 and results["sets"]["docvqa"]["answer"]["exact_match"] == 0.5
+    with pytest.raises(data.DataError, match="no such file"):
+        ev.evaluate(_config(tmp_path / "out", tmp_path, predictions=str(tmp_path / "missing.jsonl")))
+
+
+def test_a_busy_endpoint_is_retried_after_its_retry_after(monkeypatch):
+    calls = []
+
+    class Busy(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            calls.append(self.path)
+            busy = len(calls) <= 2
+            body = json.dumps({"error": {"message": "queue full"}} if busy else
+                              {"choices": [{"message": {"content": "ok"}}]}).encode()
+            self.send_response(503 if busy else 200)
+            if busy:
+                self.send_header("Retry-After", "0")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Busy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert ev.chat_completion(url, [{"role": "user", "content": "hi"}]) == "ok" and len(calls) == 3
+        calls.clear()
+        monkeypatch.setattr(ev, "BUSY_RETRIES", 1)  # still busy after the last retry: the call fails
+        with pytest.raises(ev.EndpointError, match="HTTP 503"):
+            ev.chat_completion(url, [{"role": "user", "content": "hi"}])
+    finally:
+        server.shutdown()
+    assert ev.retry_after("3", 0) == 3 and ev.retry_after(None, 2) == 4 and ev.retry_after("soon", 9) == 30

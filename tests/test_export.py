@@ -238,23 +238,23 @@ def test_peft_export_loads_in_peft(chain, reference, tiny_path, tmp_path):
 
 
 def test_bad_inputs_are_refused_with_clear_errors(chain, tmp_path):
-    with pytest.raises(FileNotFoundError, match="not an adapter directory"):
+    with pytest.raises(data.UserError, match="not an adapter directory"):
         export.export_command(export.ExportConfig(adapter=str(tmp_path / "missing"), out=str(tmp_path / "x")))
     orphan = tmp_path / "orphan"  # a child whose parent has gone
     orphan.mkdir()
     (orphan / "adapter.safetensors").write_bytes((chain / "a2" / "adapter.safetensors").read_bytes())
     (orphan / "adapter_config.json").write_text(json.dumps({**A2.__dict__, "parent_adapter": str(tmp_path / "gone")}))
-    with pytest.raises(FileNotFoundError, match="parent_adapter of"):
+    with pytest.raises(data.UserError, match="parent_adapter of"):
         export.export_command(export.ExportConfig(adapter=str(orphan), out=str(tmp_path / "x")))
     with pytest.raises(ValueError, match="no base_model"):  # nothing names the base, and no --model
         export.export_command(export.ExportConfig(adapter=str(_no_base(chain, tmp_path)), out=str(tmp_path / "x")))
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(data.UserError, match="--overwrite"):
         export.export_command(export.ExportConfig(adapter=str(chain / "a2"), out=str(busy)))
     assert (busy / "keep.txt").read_text() == "mine"
-    with pytest.raises(ValueError, match="holds an input"):  # --overwrite must never delete the adapter itself
+    with pytest.raises(ValueError, match="overlaps the input"):  # --overwrite must never delete the adapter itself
         export.export_command(export.ExportConfig(adapter=str(chain / "a2"), out=str(chain), overwrite=True))
     assert (chain / "a1" / "adapter.safetensors").exists()
 

@@ -501,3 +501,20 @@ def test_unreachable_judge_stops_the_run_and_keeps_nothing_half_done(synth_dir, 
     assert (tmp_path / "out" / "candidates.jsonl").read_text() == ""
     with pytest.raises(ValueError, match="--judge-endpoint"):
         generate.generate(_cfg(path, synth_dir, tmp_path / "out2", scorer="judge"), Scripted(records))
+
+
+def test_a_run_that_keeps_no_pair_says_why_and_exits_non_zero(synth_dir, tmp_path, monkeypatch, capsys):
+    """The random tiny model writes no parseable box: nothing to pair. The command says so and fails."""
+    out = tmp_path / "gen"
+    monkeypatch.setattr("sys.argv", ["generate.py", "--data", str(synth_dir), "--limit", "2", "--attempts", "1",
+                                     "--max-new-tokens", "8", "--out", str(out)])
+    with pytest.raises(SystemExit) as e:
+        generate.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and "train on them with" not in err
+    message = err[err.index("error: "):]
+    summary = json.loads((out / "summary.json").read_text())  # the work done is kept, and the counts say why
+    assert summary["pairs_kept"] == 0 and summary["questions"] == 2
+    assert f"no preference pair kept from 2 questions" in message
+    assert f"{summary['box_parse_failures']} of {summary['candidates']} candidates had a box that did not parse" in message
+    assert "--temperature" in message

@@ -47,7 +47,7 @@ def test_tiny_checkpoint_reloads_like_a_real_one(which, request):
 
 
 def test_load_model_rejects_a_non_checkpoint(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(data.UserError, match="config.json"):
         model.load_model(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="model_type"):

@@ -1,9 +1,11 @@
 """serve.py: `infer` on one image, and the OpenAI-compatible server over real HTTP on localhost."""
 
 import base64
+import contextlib
 import http.client
 import io
 import json
+import socket
 import struct
 import threading
 import time
@@ -40,6 +42,7 @@ def root(tmp_path_factory):
     _picture().save(base / "outside" / "b.png")
     (base / "root" / "link.png").symlink_to(base / "outside" / "b.png")
     (base / "root" / "broken.png").write_bytes(b"not a png at all")
+    (base / "root" / "loop.png").symlink_to("loop.png")
     return base / "root"
 
 
@@ -68,8 +71,8 @@ def server(tiny_path, root):
     assert not worker.is_alive()
 
 
-def _call(url, method="GET", path="/health", body=None, headers=None, raw=None):
-    """(status, parsed JSON) of one request; raw bytes go out as they are."""
+def _call(url, method="GET", path="/health", body=None, headers=None, raw=None, reply_headers=False):
+    """(status, parsed JSON[, reply headers]) of one request; raw bytes go out as they are."""
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
     payload = raw if raw is not None else None if body is None else json.dumps(body).encode()
@@ -77,7 +80,29 @@ def _call(url, method="GET", path="/health", body=None, headers=None, raw=None):
     response = conn.getresponse()
     status, text = response.status, response.read()
     conn.close()
-    return status, json.loads(text)
+    return (status, json.loads(text), dict(response.getheaders())) if reply_headers else (status, json.loads(text))
+
+
+@contextlib.contextmanager
+def _own_server(reference, **settings):
+    """A server on the reference model with these ServeConfig settings; yields (url, worker)."""
+    net, processor = reference
+    httpd, worker = serve.make_server(serve.ServeConfig(port=0, max_new_tokens_limit=MAX_TOKENS, **settings),
+                                      net, processor)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", worker
+    finally:
+        serve.stop_server(httpd, worker)
+        thread.join(timeout=10)
+
+
+def _wait_for(condition, seconds=20):
+    """Poll until condition() holds or the seconds pass (the caller asserts what it needs)."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _request(url_or_path, question=QUESTION, **extra):
@@ -125,6 +150,37 @@ def test_infer_names_a_missing_or_corrupt_image(root):
             serve.infer_command(serve.InferConfig(image=str(path), question="q"))
 
 
+def test_infer_refuses_to_overwrite_unless_asked_and_never_its_input(tiny_path, root, tmp_path):
+    image = root / "sub" / "a.png"
+    before = image.read_bytes()
+    for out, overwrite in ((image, False), (image, True), (root / "sub" / ".." / "sub" / "a.png", True)):
+        with pytest.raises(data.UserError, match="is the input image"):
+            serve.infer_command(serve.InferConfig(image=str(image), question="q", out=str(out), overwrite=overwrite))
+    assert image.read_bytes() == before
+    taken = tmp_path / "taken.png"
+    taken.write_bytes(b"mine")
+    with pytest.raises(data.UserError, match="--overwrite"):  # refused before the model loads
+        serve.infer_command(serve.InferConfig(image=str(image), question="q", out=str(taken)))
+    assert taken.read_bytes() == b"mine"
+    serve.infer_command(serve.InferConfig(image=str(image), question="q", model=str(tiny_path), out=str(taken),
+                                          overwrite=True, max_new_tokens=2))
+    with Image.open(taken) as pic:
+        assert pic.width > 320
+
+
+def test_serve_refuses_a_bad_image_root_or_a_taken_port_with_a_user_error(tmp_path):
+    (tmp_path / "file.png").write_bytes(b"x")
+    with socket.socket() as taken:  # taken: a check that went missing fails here instead of serving forever
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for bad in (tmp_path / "nope", tmp_path / "file.png"):
+            with pytest.raises(data.UserError, match=r"^--image-root .*: no such directory$"):
+                serve.serve_command(serve.ServeConfig(image_root=str(bad), port=port))
+        with pytest.raises(data.UserError, match=f"^cannot listen on 127.0.0.1:{port}: Address already in use$"):
+            serve.serve_command(serve.ServeConfig(port=port))  # raised before the model would load
+
+
 def test_cli_flags_parse():
     import tyro
 
@@ -133,7 +189,9 @@ def test_cli_flags_parse():
     assert (cfg.port, cfg.image_root, cfg.max_queue, cfg.served_model_name, cfg.batch_size, cfg.host) == (
         0, "/x", 3, "m", 2, "127.0.0.1")
     cfg = tyro.cli(serve.InferConfig, args=["--image", "a.png", "--question", "q?", "--crop", "raw"])
-    assert (cfg.image, cfg.question, cfg.crop, cfg.out) == ("a.png", "q?", "raw", "infer.png")
+    assert (cfg.image, cfg.question, cfg.crop, cfg.out, cfg.overwrite) == ("a.png", "q?", "raw", "infer.png", False)
+    assert tyro.cli(serve.InferConfig, args=["--image", "a", "--question", "q", "--overwrite"]).overwrite
+    assert tyro.cli(serve.ServeConfig, args=["--body-timeout", "2.5"]).body_timeout == 2.5
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,6 +286,16 @@ def _errors(root):
                                                                        body=_request(str(root.parent / "outside" / "b.png")))),
         "symlink outside root": (403, "path_outside_image_root", dict(method="POST", path="/v1/chat/completions",
                                                                       body=_request("link.png"))),
+        "NUL byte in a file URL": (400, "bad_image_path", dict(method="POST", path="/v1/chat/completions",
+                                                               body=_request((root / "sub").as_uri() + "/a%00.png"))),
+        "NUL byte in the JSON": (400, "bad_image_path", dict(method="POST", path="/v1/chat/completions",
+                                                             body=_request("sub/a\u0000.png"))),
+        "a 300-char name": (400, "bad_image_path", dict(method="POST", path="/v1/chat/completions",
+                                                        body=_request("sub/" + "x" * 300 + ".png"))),
+        "a lone surrogate": (400, "bad_image_path", dict(method="POST", path="/v1/chat/completions",
+                                                         body=_request("sub/\ud800.png"))),
+        "a symlink loop": (400, "bad_image_path", dict(method="POST", path="/v1/chat/completions",
+                                                       body=_request("loop.png"))),
         "missing file": (404, "image_not_found", dict(method="POST", path="/v1/chat/completions", body=_request("sub/nope.png"))),
         "remote url": (400, "bad_image_url", dict(method="POST", path="/v1/chat/completions",
                                                   body=_request("https://example.com/a.png"))),
@@ -266,6 +334,8 @@ def test_each_bad_request_gets_an_error_json_and_the_server_keeps_serving(server
         got, body = _call(url, **request)
         assert (got, body["error"]["code"]) == (status, code), (name, body)
         assert set(body["error"]) == {"message", "type", "code"} and body["error"]["message"], name
+        if str(root.parent) not in str(request):  # no server path, unless the client sent it
+            assert str(root.parent) not in json.dumps(body) and str(root.parent.resolve()) not in json.dumps(body), name
         if name == "over the pixel limit":  # refused by our check on the header's size, before decoding
             assert "3000x3000" in body["error"]["message"] and "--max-image-pixels" in body["error"]["message"]
         assert _call(url) == (200, {"status": "ok"}), name
@@ -298,13 +368,13 @@ def test_body_over_the_limit_or_without_length_is_refused_unread(server):
     assert _call(url) == (200, {"status": "ok"})
 
 
-def test_a_failing_generation_is_a_500_for_that_request_only(server, reference, monkeypatch):
+def test_a_failing_generation_is_a_500_for_that_request_only(server, root, reference, monkeypatch):
     url, worker = server
     real = model.generate
 
     def flaky(net, processor, prompts, *args, **kwargs):
         if any("BOOM" in json.dumps(messages) for messages, _ in prompts):
-            raise RuntimeError("boom")
+            raise RuntimeError(f"boom in {root}/weights.bin")  # the server's paths stay in its log
         return real(net, processor, prompts, *args, **kwargs)
 
     monkeypatch.setattr(serve.modeling, "generate", flaky)
@@ -324,6 +394,7 @@ def test_a_failing_generation_is_a_500_for_that_request_only(server, reference, 
     for t in threads:
         t.join(timeout=60)
     assert results["BOOM"][0] == 500 and results["BOOM"][1]["error"]["code"] == "generation_failed"
+    assert "RuntimeError" in results["BOOM"][1]["error"]["message"] and str(root) not in json.dumps(results["BOOM"])
     assert results[QUESTION][0] == 200
     assert results[QUESTION][1]["choices"][0]["message"]["content"] == _generate(reference, [(_ours(), [image])])[0]
 
@@ -361,28 +432,95 @@ def test_our_openai_client_works_against_the_server(server, root, reference):
         evaluate.predict_batch([item, item], lambda prompts: _generate(reference, prompts))
 
 
-def test_a_full_queue_is_a_503_and_paths_need_an_image_root(reference):
-    net, processor = reference
-    cfg = serve.ServeConfig(port=0, max_queue=1, max_new_tokens_limit=MAX_TOKENS)  # no --image-root
-    httpd, worker = serve.make_server(cfg, net, processor)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    try:
+def _distinct(i):
+    """Request i of a burst: its own picture (frame, digit, colour) and its own question; all the same size."""
+    im = Image.new("RGB", (160, 120), (200 + i % 5 * 10, 230, 235 - i % 7 * 10))
+    draw = ImageDraw.Draw(im)
+    draw.rectangle((4 + i % 8 * 12, 6 + i // 8 * 10, 50 + i % 8 * 12, 40 + i // 8 * 10), outline=(220, 0, 4 * i), width=3)
+    draw.text((20 + i % 8 * 12, 15 + i // 8 * 10), str(i % 10), fill=(0, 0, 0))
+    return _request(evaluate.image_data_url(im), f"Question {i}: what digit is inside the frame?")
+
+
+def _burst(url, bodies, results=None, seconds=60):
+    """Send all bodies at once, one connection each; fills results with (status, body, headers) or the
+    exception, per request."""
+    results, go = [None] * len(bodies) if results is None else results, threading.Barrier(len(bodies))
+
+    def ask(i):
+        go.wait(timeout=seconds)
+        try:
+            results[i] = _call(url, "POST", "/v1/chat/completions", bodies[i], reply_headers=True)
+        except Exception as e:  # a reset or a timeout: the test reports it
+            results[i] = e
+
+    threads = [threading.Thread(target=ask, args=(i,), daemon=True) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    end = time.monotonic() + seconds
+    for t in threads:
+        t.join(timeout=max(0.0, end - time.monotonic()))
+    return results
+
+
+def test_64_concurrent_distinct_requests_each_get_their_own_single_answer(server):
+    url, worker = server  # --max-queue 64: all are accepted
+    assert serve.Server.request_queue_size >= 128
+    bodies = [_distinct(i) for i in range(64)]
+    alone = [_chat(url, body) for body in bodies]
+    key = [(r["choices"][0]["message"], r["choices"][0]["finish_reason"], r["usage"]) for r in alone]
+    assert len({json.dumps(k) for k in key}) > 1  # the answers differ, so a swapped reply would show
+    for burst in range(3):
+        results = _burst(url, bodies)
+        for i, result in enumerate(results):
+            assert isinstance(result, tuple) and result[0] == 200, (burst, i, result)
+            choice = result[1]["choices"][0]
+            assert (choice["message"], choice["finish_reason"], result[1]["usage"]) == key[i], (burst, i)
+        assert max(list(worker.batch_sizes)[-8:]) > 1  # they were batched
+
+
+def test_a_full_queue_is_a_503_with_retry_after_and_paths_need_an_image_root(reference):
+    with _own_server(reference, max_queue=2) as (url, worker):  # no --image-root
         status, body = _call(url, "POST", "/v1/chat/completions", _request("a.png"))
         assert (status, body["error"]["code"]) == (403, "image_paths_disabled")
-        first = {}
-        with worker.model_lock:  # the one slot stays taken while the model is held
-            ask = threading.Thread(target=lambda: first.update(
-                reply=_call(url, "POST", "/v1/chat/completions", _request(evaluate.image_data_url(_picture())))))
-            ask.start()
-            deadline = time.monotonic() + 20
-            while worker.pending() < 1 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            status, body = _call(url, "POST", "/v1/chat/completions", _request(evaluate.image_data_url(_picture())))
-            assert (status, body["error"]["code"]) == (503, "server_busy")
+        bodies = [_distinct(i) for i in range(10)]
+        with worker.model_lock:  # the two slots stay taken while the model is held
+            results = [None] * len(bodies)
+            thread = threading.Thread(target=_burst, args=(url, bodies, results), daemon=True)
+            thread.start()
+            _wait_for(lambda: sum(r is not None for r in results) == 8)  # the other two are waiting
             assert _call(url) == (200, {"status": "ok"})  # GETs need no slot
-        ask.join(timeout=60)
-        assert first["reply"][0] == 200  # the queued one is answered, not dropped
-    finally:
-        serve.stop_server(httpd, worker)
+        thread.join(timeout=60)
+    assert all(isinstance(r, tuple) for r in results), results  # answered, never reset
+    assert sorted(r[0] for r in results) == [200] * 2 + [503] * 8  # the queued ones are answered, not dropped
+    for status, body, headers in results:
+        if status == 503:
+            assert body["error"]["code"] == "server_busy" and headers["Retry-After"].isdigit()
+
+
+def test_a_slow_body_holds_no_slot_and_times_out(reference):
+    with _own_server(reference, max_queue=1, body_timeout=3.0) as (url, _):
+        good = _request(evaluate.image_data_url(_picture()))
+        assert _call(url, "POST", "/v1/chat/completions", good)[0] == 200  # warm
+        slow = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=1.0)
+        slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{")
+        start = time.monotonic()
+        # the one slot is free for a normal request, answered at once
+        assert _call(url, "POST", "/v1/chat/completions", good)[0] == 200
+        assert time.monotonic() - start < 2.0
+        reply = b""
+        while time.monotonic() - start < 15:  # one byte a second until the server answers or closes
+            try:
+                chunk = slow.recv(65536)
+            except TimeoutError:
+                slow.sendall(b" ")
+                continue
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            reply += chunk
+        slow.close()
+        assert 2.9 < time.monotonic() - start < 6
+        assert reply == b"" or (reply.startswith(b"HTTP/1.0 408") and b'"code": "timeout"' in reply), reply
+        assert _call(url, "POST", "/v1/chat/completions", good)[0] == 200  # its slot was never taken

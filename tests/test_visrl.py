@@ -12,6 +12,7 @@ import data
 import model
 import visrl
 import train
+from conftest import assert_one_line_error, finish_cli, run_cli, snapshot, start_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -169,3 +170,119 @@ def test_focus_first_steps_must_leave_mixed_steps(synth_dir, tmp_path):
         cfg = _config(synth_dir, tmp_path, limit=8, max_steps=4, focus_first_steps=steps)
         with pytest.raises(ValueError, match=f"focus-first-steps {steps} must be positive, fewer than the 4 steps"):
             visrl.sft(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# When things go wrong: no command destroys what it did not create; an expected error is one line, exit 2.
+
+
+def _main(monkeypatch, capsys, main, *argv):
+    """An entry point's main() on argv, as its command line; (exit code, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["prog", *map(str, argv)])
+    monkeypatch.delenv("VISRL_DEBUG", raising=False)
+    capsys.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def test_a_second_run_into_the_same_out_is_refused_until_resume_or_overwrite(synth_dir, tmp_path):
+    out = tmp_path / "run"
+    visrl.sft(_config(synth_dir, out, max_steps=2, limit=8))
+    (out / "notes.txt").write_text("the user's own file")
+    before = snapshot(out)
+    code, _, err = run_cli("visrl.py", "sft", "--data", synth_dir, "--out", out, "--max-steps", "2", "--limit", "8")
+    assert_one_line_error(code, err, f"--out {out} already holds a run", "--resume", "--overwrite")
+    assert snapshot(out) == before
+    with pytest.raises(data.UserError, match=r"other settings \(--lr 0.002 -> 0.001\)"):
+        visrl.sft(_config(synth_dir, out, max_steps=3, limit=8, resume=True, lr=1e-3))
+    assert snapshot(out) == before
+    visrl.sft(_config(synth_dir, out, max_steps=3, limit=8, overwrite=True))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]  # replaced, not appended to
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000003"]
+    assert (out / "notes.txt").read_text() == "the user's own file"  # --overwrite replaces the run's files only
+
+
+def test_an_out_overlapping_an_input_is_refused_and_nothing_changes(synth_dir, tiny_path, pairs_file, tmp_path,
+                                                                    monkeypatch, capsys):
+    import evaluate
+    import export
+    import generate
+
+    run = tmp_path / "sft"
+    visrl.sft(_config(synth_dir, run, max_steps=1, limit=8))
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    (gen / "pairs.jsonl").write_bytes(pairs_file.read_bytes())
+    before = snapshot(run, tiny_path, gen)
+    adapter = run / "adapter"
+    cases = [
+        (visrl.main, ["dpo", "--init-adapter", adapter, "--out", run, "--data", pairs_file], "overlaps the --adapter"),
+        (visrl.main, ["dpo", "--init-adapter", adapter, "--out", adapter / "x", "--data", pairs_file], "overlaps the --adapter"),
+        (visrl.main, ["sft", "--model", tiny_path, "--out", tiny_path, "--data", synth_dir], "overlaps the --model"),
+        (visrl.main, ["dpo", "--data", gen / "pairs.jsonl", "--out", gen], "holds the --data"),
+        (visrl.main, ["export", "--adapter", adapter, "--out", run, "--overwrite"], "overlaps the input"),
+        (generate.main, ["--adapter", adapter, "--out", run, "--data", synth_dir], "overlaps the --adapter"),
+        (evaluate.main, ["--adapter", adapter, "--out", adapter, "--data", synth_dir], "overlaps the --adapter"),
+    ]
+    for main, argv, message in cases:
+        code, err = _main(monkeypatch, capsys, main, *argv)
+        assert_one_line_error(code, err, message)
+    assert snapshot(run, tiny_path, gen) == before
+
+
+def test_default_outs_differ_per_stage():
+    import evaluate
+    import export
+    import generate
+    import tyro
+
+    outs = [visrl.SFTConfig().out, tyro.cli(visrl.DPOConfig, args=["--data", "p.jsonl"]).out,
+            tyro.cli(visrl.DPOConfig, args=["--data", "p.jsonl", "--stage", "2"]).out, generate.GenerateConfig().out,
+            evaluate.EvalConfig().out, export.ExportConfig(adapter="a").out]
+    assert outs[1:3] == ["runs/dpo1", "runs/dpo2"] and len(set(outs)) == len(outs)
+
+
+def test_an_adapter_is_never_its_own_parent(tiny_path, tmp_path):
+    net, _ = model.load_model(str(tiny_path))
+    model.add_lora(net, model.LoRAConfig(rank=2, alpha=4))
+    with pytest.raises(data.UserError, match="its own parent"):
+        model.save_adapter(net, tmp_path / "a", model.LoRAConfig(parent_adapter=str(tmp_path / "a" / ".")))
+    model.save_adapter(net, tmp_path / "a", model.LoRAConfig(rank=2, alpha=4))
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, "parent_adapter": str(tmp_path / "a")}))
+    with pytest.raises(data.UserError, match="loops back on itself"):  # a hand-edited loop: an error, not a recursion
+        model.load_adapter(net, tmp_path / "a")
+
+
+def test_every_entry_point_reports_an_expected_error_on_one_line(synth_dir, pairs_file, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text((synth_dir / "train.jsonl").read_text().splitlines()[0] + "\n{not json\n")
+    corrupt = tmp_path / "ckpt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text("{")
+    predictions = tmp_path / "predictions.jsonl"
+    predictions.write_text(json.dumps({"set": "s", "id": 3, "answers": ["a"], "width": 9, "height": 9,
+                                       "gt_box": [1, 2, 3], "box_text": "[0.1, 0.1, 0.2, 0.2]"}) + "\n")
+    cases = [  # (command line, what the message must name)
+        (["visrl.py", "sft", "--data", bad, "--out", tmp_path / "a"], [f"{bad}:2: invalid JSON"]),
+        (["visrl.py", "sft", "--model", corrupt, "--out", tmp_path / "b", "--data", synth_dir],
+         [f"{corrupt}/config.json: cannot read"]),
+        (["visrl.py", "dpo", "--data", pairs_file, "--out", tmp_path / "c", "--resume", "--overwrite"], ["pass one of them"]),
+        (["visrl.py", "export", "--adapter", tmp_path / "nowhere"], ["nowhere: not an adapter directory"]),
+        (["visrl.py", "infer", "--image", tmp_path / "missing.png", "--question", "?"], ["missing.png"]),
+        (["generate.py", "--data", tmp_path / "missing.jsonl", "--out", tmp_path / "d"], ["missing.jsonl"]),
+        (["generate.py", "--attempts", "0", "--out", tmp_path / "e"], ["--attempts"]),
+        (["evaluate.py", "--predictions", predictions, "--out", tmp_path / "f"],
+         [f"{predictions}:1: field 'gt_box'", "[1, 2, 3]"]),
+    ]
+    started = [(start_cli(*argv), fragments) for argv, fragments in cases]  # together: most of each is imports
+    for process, fragments in started:
+        assert_one_line_error(*finish_cli(process)[::2], *fragments)
+    code, _, err = run_cli("visrl.py", "sft", "--data", bad, "--out", tmp_path / "a", "--debug")
+    assert code == 2 and "Traceback" in err and f"{bad}:2: invalid JSON" in err  # --debug shows where it was raised
+    assert not any((tmp_path / name).exists() for name in "abcdef")  # a refused command writes nothing
