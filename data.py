@@ -341,7 +341,8 @@ def find_image(rel, candidates, root, key="image"):
             raise BadField(key, f"{e} {root}" if e.outside else str(e)) from None
         if p.is_file():
             return str(p)
-    raise BadField(key, f"file not found: {os.path.join(root, rel)}")
+    raise BadField(key, f"file not found: {os.path.join(root, rel)} (image paths are relative to the image "
+                        f"root {root}; another one is set with --image-root)")
 
 def _image_size(path):
     """(width, height) of an image after PIL's verify() (a cheap header + data check)."""
@@ -426,12 +427,36 @@ def report_bad(errors: list[str], skip_bad: bool, what, kept: int) -> None:
         print(f"warning: skipped {len(errors)} bad record(s) in {what}, kept {kept}; first:",
               *errors[:3], sep="\n  ", file=sys.stderr)
 
+def file_kind(obj: dict) -> str:
+    """Which of the project's JSON files an object comes from: records, pairs, candidates or predictions."""
+    if "chosen_box" in obj or "chosen_answer" in obj:
+        return "pairs"
+    if "candidates" in obj and "verdict" in obj:
+        return "candidates"
+    if "box_mode" in obj or ("set" in obj and "box_text" in obj):
+        return "predictions"
+    return "records"
+
+_KIND_HINTS = {
+    "records": "a records file (question, answer, image; written by you or `visrl.py synth`): train SFT on it, "
+               "or make pairs from it with generate.py",
+    "pairs": "a pairs file (written by generate.py): train on it with `visrl.py dpo --data`",
+    "candidates": "generate.py's candidates log: its pairs are in pairs.jsonl beside it",
+    "predictions": "evaluate.py's predictions: re-score them with `evaluate.py --predictions`"}
+
+def check_kind(obj: dict, expected: str, path) -> None:
+    """A file of the wrong kind is named as such, not reported as a record missing every field."""
+    kind = file_kind(obj)
+    if kind != expected:
+        raise DataError(f"{path}: this is {_KIND_HINTS[kind]}; a {expected} file is wanted here")
+
 def read_records(path, image_root=None, skip_bad: bool = False, limit: int | None = None) -> list[Record]:
     """Read Visual-CoT metadata .jsonl, Visual-CoT conversation .json or our .jsonl; every record checked."""
     kind = []  # the format is decided once per file, by its first object
 
     def build(obj, name, root, source):
         if not kind:
+            check_kind(obj, "records", path)
             kind.append(_from_vcot_conv if "conversations" in obj else
                         _from_ours if "answers" in obj or "boxes" in obj else _from_vcot_meta)
         return _record(kind[0](obj, name), root, source)
@@ -491,15 +516,28 @@ def _pair(obj, name, root, source):
     return Pair(record, *texts, box_form=form)
 
 def read_pairs(path, image_root=None, skip_bad: bool = False, limit: int | None = None) -> list[Pair]:
-    """Read preference pairs (JSONL); a missing or empty chosen/rejected text is an error with file:line."""
-    return _read(path, image_root, skip_bad, limit, _pair)
+    """Read preference pairs (JSONL); a missing or empty chosen/rejected text is an error with file:line.
+    Image paths are relative to image_root, else to the root each line records (generate.py writes it),
+    else to the file's folder."""
+    checked = []
+
+    def build(obj, name, root, source):
+        if not checked:
+            check_kind(obj, "pairs", path)
+            checked.append(True)
+        recorded = obj.get("image_root")
+        if image_root is None and isinstance(recorded, str) and recorded:
+            root = str(Path(recorded).resolve())
+        return _pair(obj, name, root, source)
+
+    return _read(path, image_root, skip_bad, limit, build)
 
 def pair_json(pair: Pair, base_dir) -> dict:
-    """The JSON object of a pair; the image path relative to base_dir when inside it."""
+    """The JSON object of a pair; the image path relative to base_dir when inside it, base_dir recorded."""
     r, base = pair.record, str(Path(base_dir).resolve())
     img = os.path.abspath(r.image)
     rel = os.path.relpath(img, base) if os.path.commonpath([img, base]) == base else img
-    return {"id": r.id, "image": rel, "question": r.question, "answers": r.answers,
+    return {"id": r.id, "image": rel, "image_root": base, "question": r.question, "answers": r.answers,
             "boxes": [list(b) for b in r.boxes], "width": r.width, "height": r.height,
             "chosen_box": pair.chosen_box, "rejected_box": pair.rejected_box,
             "chosen_answer": pair.chosen_answer, "rejected_answer": pair.rejected_answer,

@@ -15,6 +15,7 @@ resumes an interrupted one from its checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -33,35 +34,30 @@ import train
 class DemoConfig:
     """The whole recipe on the tiny model: data, SFT, self-generated pairs, DPO stages 1 and 2, evaluations."""
 
-    out: str = "runs/demo"  # every phase's outputs, results.md, results.json and plots/
+    out: str | None = None  # every phase's outputs, results.md, results.json, plots/ (default runs/demo, runs/demo-quick)
     seed: int = 0  # data, training order and sampling
     quick: bool = False  # a few records and steps per phase: exercises every phase in ~1 minute (numbers meaningless)
     rounds: int = 1  # self-evolution rounds (generate -> stage 1 -> stage 2), each on fresh questions
     model: str = "tiny"  # `tiny` / `tiny-qwen2-vl`, or a checkpoint directory
-    n_train: int = 500  # synthetic training records: the first sft_records annotated, the rest bare questions
+    n_train: int = 500  # synthetic training records: the first --sft-records annotated, the rest bare questions
     sft_records: int = 64  # records SFT reads (question, box, answer); the RL phases never see a box
-    n_test: int = 100  # held-out synthetic test records, evaluated after every phase
-    sft_steps: int = 1500
-    sft_focus_first_steps: int = 600  # box samples alone first: mixed from step 0 the box comes late or not at all
-    sft_lr: float = 2e-3
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    batch_size: int = 8
+    n_test: int = 500  # held-out synthetic test records, evaluated after every phase
+    sft_steps: int = 1500  # SFT optimizer steps
+    sft_focus_first_steps: int = 600  # SFT's first steps on box samples alone (sft --focus-first-steps)
+    sft_lr: float = 2e-3  # SFT learning rate
+    lora_rank: int = 16  # LoRA rank of every phase
+    lora_alpha: float = 32.0  # LoRA alpha of every phase
+    batch_size: int = 8  # SFT batch size
     questions: int = 320  # questions (records after the SFT ones, boxes removed) each generation round samples
-    attempts: int = 2  # generate.py's K: each attempt a sampled and a diversity box
-    # upstream samples at temperature 2 (top-p 0.7); the tiny model's replies there are mostly junk
-    # ("[0.7320.518ant"), so the rejected answers taught nothing: at 1 they are its real confusions
-    gen_temperature: float = 1.0
-    gen_top_p: float = 1.0
-    # DPO: without the NLL term on the chosen, lr 5e-4 broke a localising SFT model (Acc@0.5 99 -> 30 -> 9)
-    # and collapsed the box format in stage 2; with it, lr 5e-5 changed nothing (36 -> 36) and lr 5e-4 for
-    # 2 epochs lifts Acc@0.5 52 -> 66 and answers 21 -> 32 (3-seed means; README, "The demo")
-    dpo_epochs: float = 2.0
-    dpo_lr: float = 5e-4
-    dpo_beta: float = 0.1
-    dpo_nll_weight: float = 1.0
-    dpo_batch_size: int = 4
-    eval_batch_size: int = 32
+    attempts: int = 2  # generate.py --attempts: each attempt a sampled and a diversity box
+    gen_temperature: float = 1.0  # generation's sampling temperature (upstream: 2)
+    gen_top_p: float = 1.0  # generation's top-p (upstream: 0.7)
+    dpo_epochs: float = 2.0  # epochs of each DPO stage over the round's pairs
+    dpo_lr: float = 5e-4  # DPO learning rate (both stages)
+    dpo_beta: float = 0.1  # DPO beta (both stages)
+    dpo_nll_weight: float = 1.0  # dpo --nll-weight: NLL of the chosen responses added to the DPO loss
+    dpo_batch_size: int = 4  # pairs per DPO step
+    eval_batch_size: int = 32  # prompts per generate call in the evaluations
 
 
 def quick_config(cfg: DemoConfig) -> DemoConfig:
@@ -84,8 +80,14 @@ def evaluate_phase(cfg: DemoConfig, adapter: Path, test_file: Path, out: Path) -
     two_step = evaluate.evaluate(two_step_cfg, generate_fn)["sets"]["synth"]
     direct_cfg = evaluate.EvalConfig(out=str(out / "eval-direct"), box="none", **common)
     direct = evaluate.evaluate(direct_cfg, generate_fn)["sets"]["synth"]
+
+    def well_formed(run: str) -> float:  # answers that are one of the pattern names: DPO must not erode the format
+        rows = evaluate.read_jsonl_rows(out / run / "predictions.jsonl")
+        return 100 * sum(evaluate.normalize_answer(r["answer"] or "") in synth.SYNTH_PATTERNS for r in rows) / len(rows)
+
     return {"acc@0.5": two_step["detection"]["acc"], "answer_acc": 100 * two_step["answer"]["exact_match"],
-            "direct_acc": 100 * direct["answer"]["exact_match"]}
+            "direct_acc": 100 * direct["answer"]["exact_match"], "well_formed": well_formed("eval"),
+            "direct_well_formed": well_formed("eval-direct"), "n_test": two_step["items"]}
 
 
 def write_questions_without_boxes(records: list[data.Record], path: Path) -> Path:
@@ -126,6 +128,8 @@ def demo(cfg: DemoConfig) -> dict:
 
     if cfg.quick:
         cfg = quick_config(cfg)
+    if cfg.out is None:  # the quick run and the full one never share a folder
+        cfg = DemoConfig(**{**asdict(cfg), "out": "runs/demo-quick" if cfg.quick else "runs/demo"})
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "phases.json"
@@ -221,7 +225,7 @@ def demo(cfg: DemoConfig) -> dict:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     markdown = results_markdown(results)
     (out / "results.md").write_text(markdown)
-    plot_curves(out)
+    plot_curves(out, cfg.sft_focus_first_steps)
     print(markdown)
     return results
 
@@ -235,15 +239,17 @@ def results_markdown(results: dict) -> str:
     cfg = results["config"]
     lines = [f"# VisRL demo ({cfg['model']}, seed {cfg['seed']}{', quick' if cfg['quick'] else ''})", "",
              f"Held-out synthetic test split: {cfg['n_test']} questions. Acc@0.5: the predicted box's IoU with "
-             "the true frame >= 0.5. Answer: exact match, answering through the crop of the model's own box. "
-             "Direct: exact match answering from the full image alone. Seconds: training + evaluation "
+             "the true frame > 0.5 (strictly, as the benchmark counts it). Answer: exact match, answering through "
+             "the crop of the model's own box. Direct: exact match answering from the full image alone. "
+             "Well-formed: answers that are one of the six pattern names. Seconds: training + evaluation "
              "(+ generation for the first DPO phase of a round).", "",
-             "| phase | Acc@0.5 | answer (own crop) | answer (direct) | pairs | seconds |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| phase | Acc@0.5 | answer (own crop) | answer (direct) | well-formed answers (crop / direct) | pairs "
+             "| seconds |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for p in results["phases"]:
         pairs = "-" if p.get("pairs") is None else str(p["pairs"]) if p["pairs"] >= 0 else f"{-p['pairs']} (from annotations, --quick)"
         lines.append(f"| {p['phase']} | {p['acc@0.5']:.1f} | {p['answer_acc']:.1f} | {p['direct_acc']:.1f} | "
-                     f"{pairs} | {p['seconds']:.0f} |")
+                     f"{p['well_formed']:.0f} / {p['direct_well_formed']:.0f} | {pairs} | {p['seconds']:.0f} |")
     lines += ["", f"Total wall time: {results['total_seconds']:.0f} s (synthetic data: {results['data_seconds']:.0f} s; "
               "the tiny checkpoint, if built on this run, is not counted)."]
     return "\n".join(lines) + "\n"
@@ -254,21 +260,30 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.open()] if path.exists() else []
 
 
-def plot_curves(out: Path) -> list[Path]:
-    """plots/<phase>-loss.png for every phase and plots/<phase>-margins.png (DPO reward margins) per DPO phase."""
+def plot_curves(out: Path, focus_first_steps: int = 0) -> list[Path]:
+    """plots/<phase>-loss.png for every phase (a DPO phase's preference and NLL terms as separate lines) and
+    plots/<phase>-margins.png (reward margins) for every DPO phase."""
     paths = []
     for metrics_file in sorted(out.glob("**/metrics.jsonl")):
         phase = str(metrics_file.parent.relative_to(out))
         slug = phase.replace("/", "-")
         rows = read_metrics(metrics_file)
-        paths.append(line_plot({"loss": [(r["step"], r["loss"]) for r in rows]}, f"{phase}: loss per optimizer step",
-                               out / "plots" / f"{slug}-loss.png"))
+        if rows and "dpo_term" in rows[0]:
+            series = {"preference (DPO) term": [(r["step"], r["dpo_term"]) for r in rows]}
+            if any(r["nll_term"] for r in rows):
+                series["NLL term (x --nll-weight)"] = [(r["step"], r["nll_term"]) for r in rows]
+            marks = []
+        else:
+            series = {"cross-entropy": [(r["step"], r["loss"]) for r in rows]}
+            marks = [(focus_first_steps, "all sample kinds from here")] if focus_first_steps and phase == "sft" else []
+        paths.append(line_plot(series, f"{phase}: training loss", out / "plots" / f"{slug}-loss.png",
+                               ylabel="loss (nats per token)" if phase == "sft" else "loss", marks=marks))
         margins = {kind: [(r["step"], r[f"{kind}/rewards/margins"]) for r in rows if f"{kind}/rewards/margins" in r]
                    for kind in ("box", "answer")}
-        margins = {kind: points for kind, points in margins.items() if points}
+        margins = {f"{kind} step": points for kind, points in margins.items() if points}
         if margins:
-            paths.append(line_plot(margins, f"{phase}: DPO reward margin (chosen - rejected) per step",
-                                   out / "plots" / f"{slug}-margins.png"))
+            paths.append(line_plot(margins, f"{phase}: DPO reward margin, chosen - rejected",
+                                   out / "plots" / f"{slug}-margins.png", ylabel="reward margin", log_y=False))
     return paths
 
 
@@ -276,24 +291,55 @@ _COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 
            (140, 86, 75), (227, 119, 194)]
 
 
-def line_plot(series: dict[str, list[tuple[float, float]]], title: str, path: Path, size=(720, 420)) -> Path:
-    """A PNG line chart drawn with PIL (no plotting library): one line per series, axes with min/max labels."""
+def _ticks(low: float, high: float, log: bool) -> list[float]:
+    """Tick values: powers of ten on a log axis, else 1/2/5 x 10^k steps, about five of them."""
+    if log:
+        return [10.0 ** k for k in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+                if low <= 10.0 ** k <= high] or [low, high]
+    raw = (high - low) / 5
+    step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)), key=lambda s: abs(s - raw))
+    return [k * step for k in range(math.ceil(low / step), math.floor(high / step) + 1)]
+
+
+def line_plot(series: dict[str, list[tuple[float, float]]], title: str, path: Path, xlabel: str = "optimizer step",
+              ylabel: str = "loss", log_y: bool | None = None, marks=(), size=(760, 440)) -> Path:
+    """A PNG line chart drawn with PIL (no plotting library): one line per series with a legend, labelled axes
+    with ticks, a log y-axis when log_y (None: when the values are positive and span over 30x), and dashed
+    vertical marks [(x, label)] at phase boundaries."""
     width, height = size
-    left, right, top, bottom = 60, 200, 30, 40
+    left, right, top, bottom = 70, 220, 30, 50
     image = Image.new("RGB", size, (255, 255, 255))
     pen = ImageDraw.Draw(image)
     points = [p for s in series.values() for p in s]
     if points:
         x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
-        y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
-        x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+        low, high = min(p[1] for p in points), max(p[1] for p in points)
+        if log_y is None:
+            log_y = low > 0 and high / low > 30
+        x1 = x1 if x1 > x0 else x0 + 1
+        high = high if high > low else (low * 10 if log_y else low + 1)
+        y0, y1 = (math.log10(low), math.log10(high)) if log_y else (low, high)
 
         def xy(x, y):
+            y = math.log10(max(y, 1e-30)) if log_y else y
             return (left + (x - x0) / (x1 - x0) * (width - left - right),
                     height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom))
 
-        if y0 < 0 < y1:  # the zero line: where a reward margin changes sign
-            pen.line([xy(x0, 0), xy(x1, 0)], fill=(200, 200, 200))
+        for tick in _ticks(low, high, log_y):
+            _, ty = xy(x0, tick)
+            pen.line([(left, ty), (width - right, ty)], fill=(235, 235, 235))
+            pen.text((4, ty - 6), f"{tick:.3g}", fill=(0, 0, 0))
+        for tick in _ticks(x0, x1, False):
+            tx, _ = xy(tick, low)
+            pen.line([(tx, height - bottom), (tx, height - bottom + 4)], fill=(0, 0, 0))
+            pen.text((tx - 8, height - bottom + 6), f"{tick:g}", fill=(0, 0, 0))
+        if not log_y and low < 0 < high:  # the zero line: where a reward margin changes sign
+            pen.line([xy(x0, 0), xy(x1, 0)], fill=(160, 160, 160))
+        for x, label in marks:
+            mx, _ = xy(x, low)
+            for yy in range(top, height - bottom, 8):
+                pen.line([(mx, yy), (mx, min(yy + 4, height - bottom))], fill=(90, 90, 90))
+            pen.text((mx + 4, top + 18), label, fill=(90, 90, 90))
         for i, (name, s) in enumerate(series.items()):
             color = _COLORS[i % len(_COLORS)]
             if len(s) > 1:
@@ -301,13 +347,13 @@ def line_plot(series: dict[str, list[tuple[float, float]]], title: str, path: Pa
             elif s:
                 cx, cy = xy(*s[0])
                 pen.ellipse((cx - 2, cy - 2, cx + 2, cy + 2), fill=color)
-            pen.text((width - right + 10, top + 16 * i), name[:30], fill=color)
-        pen.text((4, top - 6), f"{y1:.3g}", fill=(0, 0, 0))
-        pen.text((4, height - bottom - 6), f"{y0:.3g}", fill=(0, 0, 0))
-        pen.text((left, height - bottom + 8), f"step {x0:g}", fill=(0, 0, 0))
-        pen.text((width - right - 60, height - bottom + 8), f"step {x1:g}", fill=(0, 0, 0))
+            pen.line([(width - right + 10, top + 16 * i + 6), (width - right + 30, top + 16 * i + 6)], fill=color, width=3)
+            pen.text((width - right + 36, top + 16 * i), name[:30], fill=(0, 0, 0))
     pen.rectangle((left, top, width - right, height - bottom), outline=(0, 0, 0))
     pen.text((left, 8), title, fill=(0, 0, 0))
+    pen.text(((left + width - right) // 2 - 40, height - 18), xlabel, fill=(0, 0, 0))
+    pen.text((left + 4, top + 4), ylabel + (" (log scale)" if log_y else ""), fill=(0, 0, 0))
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
+

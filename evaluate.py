@@ -302,6 +302,8 @@ def _check_rows(numbered: list[tuple[int, dict]], path) -> list[dict]:
     """Prediction rows checked field by field before any scoring, each error as file:line: field '...';
     integer ids (as the Visual-CoT release has them) become strings. Returns the rows."""
     seen, errors, rows = {}, [], []
+    if numbered:
+        data.check_kind(numbered[0][1], "predictions", path)
     for n, row in numbered:
         try:
             for key, kinds, required in ROW_FIELDS:
@@ -523,39 +525,73 @@ def _ascii(text: str, limit: int = 110) -> str:
     return text.encode("ascii", "replace").decode()  # PIL's built-in font may lack other glyphs
 
 
+# Marks that stand out on any image (the synthetic question frames alone are red, green, blue, yellow,
+# magenta or cyan): bands with black edges, orange for the prediction and white for the truth, and a
+# dashed black line for the crop window.
+PREDICTION, TRUTH, CROP = (255, 140, 0), (255, 255, 255), (0, 0, 0)
+
+
+def _band(draw: ImageDraw.ImageDraw, box, color) -> None:
+    """A 3 px band of color between 1 px black edges."""
+    x1, y1, x2, y2 = box
+    draw.rectangle((x1 - 1, y1 - 1, x2 + 1, y2 + 1), outline=(0, 0, 0), width=5)
+    draw.rectangle((x1, y1, x2, y2), outline=color, width=3)
+
+
+def _dashed_rect(draw: ImageDraw.ImageDraw, box, color, dash: int = 6) -> None:
+    x1, y1, x2, y2 = box
+    for a, b, fixed, horizontal in ((x1, x2, y1, True), (x1, x2, y2, True), (y1, y2, x1, False), (y1, y2, x2, False)):
+        for start in range(int(a), int(b), 2 * dash):
+            end = min(start + dash, b)
+            draw.line([(start, fixed), (end, fixed)] if horizontal else [(fixed, start), (fixed, end)], fill=color, width=2)
+
+
 def draw_picture(row: dict, path) -> Path:
-    """One PNG: the image with the true (green) and predicted (red) boxes and the crop window (blue), the crop beside it."""
+    """One PNG: the image with the predicted box (orange), the true box (black and white) and the crop window
+    (dashed), the crop beside it, a legend of what is drawn, and the question, box text and answer."""
     with Image.open(row["image"]) as im:
         image = im.convert("RGB")
     scale = 512 / max(image.size)
     left = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
     draw = ImageDraw.Draw(left)
 
-    def rect(box, color, width):
+    def scaled(box):
         x1, y1, x2, y2 = (v * scale for v in box)
-        draw.rectangle((min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)), outline=color, width=width)
+        return min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)
 
-    if row.get("crop"):
-        rect(row["crop"], (40, 90, 255), 1)
+    legend = []
     if row.get("gt_box"):
-        rect(row["gt_box"], (0, 200, 0), 3)
+        _band(draw, scaled(row["gt_box"]), TRUTH)
+        legend.append(("true box", TRUTH))
     if row.get("box"):
-        rect(row["box"], (230, 0, 0), 2)
+        _band(draw, scaled(row["box"]), PREDICTION)
+        legend.append(("predicted box", PREDICTION))
+    if row.get("crop"):  # on top: a crop window equal to the box still shows
+        _dashed_rect(draw, scaled(row["crop"]), CROP)
+        legend.append(("crop window", CROP))
     panels = [left]
     if row.get("crop"):
         crop = image.crop(tuple(row["crop"]))
         panels.append(crop.resize((max(1, round(crop.width * left.height / crop.height)), left.height)))
-    caption = [f"Q: {row['question']}", f"box: {row.get('box_text')}  (green: truth, red: predicted, blue: crop)",
+    box_note = "" if row.get("box") or not row.get("box_text") else "  (did not parse: the whole image was cropped)"
+    caption = [f"Q: {row['question']}", f"box text: {row.get('box_text')}{box_note}",
                f"answer: {row.get('answer')}   reference: {' | '.join(row.get('answers') or []) or '-'}"]
     width = sum(p.width for p in panels) + 8 * (len(panels) - 1)
-    canvas = Image.new("RGB", (max(width, 640), left.height + 16 * len(caption) + 8), (255, 255, 255))
+    canvas = Image.new("RGB", (max(width, 640), left.height + 16 * (len(caption) + 1) + 8), (255, 255, 255))
     x = 0
     for panel in panels:
         canvas.paste(panel, (x, 0))
         x += panel.width + 8
     pen = ImageDraw.Draw(canvas)
-    for i, text in enumerate(caption):
-        pen.text((4, left.height + 4 + 16 * i), _ascii(text), fill=(0, 0, 0))
+    y = left.height + 4
+    x = 4
+    for name, color in legend:  # only what was drawn, each swatch drawn as its mark is
+        (_dashed_rect(pen, (x, y + 2, x + 22, y + 11), color, dash=3) if color == CROP else
+         _band(pen, (x + 1, y + 3, x + 21, y + 10), color))
+        pen.text((x + 28, y), name, fill=(0, 0, 0))
+        x += 28 + 7 * len(name) + 20
+    for i, text in enumerate(caption, 1):
+        pen.text((4, y + 16 * i), _ascii(text), fill=(0, 0, 0))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)

@@ -63,9 +63,10 @@ class GenerateConfig:
     chunk: int = 8  # questions sampled together: each step's prompts of a chunk go to one model.generate call
     endpoint: str | None = None  # sample from this OpenAI-compatible server instead of the in-process model
     endpoint_model: str = "default"  # the `model` field sent to --endpoint
-    # rule: offline answer score + IoU with the gt box (or, without one, the answer from the crop alone);
-    # judge: upstream's two judge prompts sent to --judge-endpoint
+    # rule: offline answer score, crop score = the answer from the crop alone; judge: upstream's two judge
+    # prompts sent to --judge-endpoint
     scorer: Literal["rule", "judge"] = "rule"
+    use_annotated_boxes: bool = False  # rule scorer: crop score = IoU with a record's annotated box, where it has one
     judge_endpoint: str | None = None  # OpenAI-compatible server of the judge model (--scorer judge)
     judge_model: str = "default"  # the `model` field sent to --judge-endpoint
     judge_max_tokens: int = 64
@@ -88,7 +89,7 @@ OUT_FILES = ("candidates.jsonl", "pairs.jsonl", "summary.json", "config.json")  
 
 # A rerun in the same --out must use the same settings, or finished and new questions would mix.
 RESUME_KEYS = ("model", "adapter", "data", "split", "seed", "attempts", "temperature", "top_p", "top_k",
-               "max_new_tokens", "endpoint", "scorer", "judge_endpoint", "answer_high", "answer_low",
+               "max_new_tokens", "endpoint", "scorer", "use_annotated_boxes", "judge_endpoint", "answer_high", "answer_low",
                "crop_high", "crop_low", "box_form", "crop")
 
 # sampler(prompts=[(messages, images)], sampling, seed) -> replies; judge(openai messages) -> reply text
@@ -386,7 +387,8 @@ def run_chunk(cfg: GenerateConfig, items: list[tuple[int, data.Record]], sampler
     if cfg.scorer == "rule":
         for q, cand, box, _ in live:
             cand["answer_score"] = rule_answer_score(cand["answer"], items[q][1].answers)
-        gt = {q: items[q][1].box for q in range(len(items))}
+        # annotated boxes are read only when asked: the recipe's pairs need no box annotation
+        gt = {q: items[q][1].box if cfg.use_annotated_boxes else None for q in range(len(items))}
         probe = [x for x in live if gt[x[0]] is None]
         # no ground-truth box: the crop is relevant if the model can answer from the crop alone
         probe_prompts = [(data.direct_messages(items[q][1].question), [crop]) for q, _, _, crop in probe]
@@ -575,7 +577,8 @@ def generate(cfg: GenerateConfig, sampler: Sampler | None = None, judge: Judge |
     print(json.dumps(summary, indent=2))
     if summary["pairs_kept"]:
         print(f"generate: {summary['pairs_kept']} pairs from {summary['questions']} questions in {pair_path}; "
-              f"train on them with: python visrl.py dpo --stage 1 --data {pair_path} --image-root {root}",
+              f"train on them with: python visrl.py dpo --stage 1 --data {pair_path}"
+              + (f" --init-adapter {cfg.adapter}" if cfg.adapter else ""),
               file=sys.stderr)
     return summary
 

@@ -131,21 +131,36 @@ class TinyConfig:
 
 
 def _tokenizer_corpus() -> list[str]:
-    """Text the tiny BPE is trained on: the prompt table, synthetic questions, boxes, digits."""
+    """Text the tiny BPE is trained on: the prompt table, the synthetic set's questions and answers (colours,
+    patterns), boxes, judge replies."""
     import random
-
-    import data
 
     rng = random.Random(0)
     lines = [data.SYSTEM_PROMPT, data.FOCUS_INSTRUCTION, data.VISRL_INSTRUCTION, data.VCOT_ANSWER_TEXT]
-    words = "red green blue yellow magenta cyan orange purple white black digit number frame square box"
+    colours = "red green blue yellow magenta cyan".split()
+    patterns = "horizontal vertical diagonal checkered dotted grid".split()
+    questions = ("What pattern is inside the {} frame?", "Which pattern fills the {} square?",
+                 "What is the pattern in the {} box?", "Name the pattern the {} frame contains.")
     for _ in range(2000):
         box = sorted(round(rng.random(), 3) for _ in range(4))
         lines.append(f"[{box[0]:.3f}, {box[1]:.3f}, {box[2]:.3f}, {box[3]:.3f}]")
-        lines.append(" ".join(rng.sample(words.split(), 5)) + f" {rng.randint(0, 999)}?")
-    lines += ["What digit is inside the red frame? Which number is written in the blue square?"] * 50
+        lines.append(rng.choice(questions).format(rng.choice(colours)) + " " + rng.choice(patterns))
     lines += ["The answer is yes. No. A photo of a cat on a table. score: 1.0 {\"score\": 0.5}"] * 20
     return lines
+
+
+def tiny_cache_key(cfg: "TinyConfig") -> str:
+    """What determines the tiny checkpoint, hashed: its config, the tokenizer corpus, the code that builds it
+    and the library versions whose initialisers draw its random weights. A change in any gives a new cache
+    directory, so a fresh machine and an old one build the same model."""
+    import inspect
+
+    import transformers
+
+    parts = [json.dumps(asdict(cfg), sort_keys=True), "\n".join(_tokenizer_corpus()), QWEN_VL_CHAT_TEMPLATE,
+             json.dumps(QWEN_SPECIAL_TOKENS), QWEN_PRETOKENIZE_REGEX, torch.__version__, transformers.__version__]
+    parts += [inspect.getsource(fn) for fn in (build_tokenizer, tiny_model_config, make_tiny)]
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:12]
 
 
 def build_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
@@ -244,9 +259,7 @@ def resolve_model_path(model: str) -> Path:
     if model in TINY_NAMES:
         arch = "qwen2-vl" if model == "tiny-qwen2-vl" else "qwen2.5-vl"
         cfg = TinyConfig(arch=arch)
-        # keyed by the config's contents, so a changed default never reuses a stale cached model
-        key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:10]
-        path = cache_dir() / f"tiny-{arch}-{key}"
+        path = cache_dir() / f"tiny-{arch}-{tiny_cache_key(cfg)}"
         if not (path / "config.json").exists():
             print(f"building the tiny {arch} checkpoint into {path} (once)", file=sys.stderr)
             make_tiny(path, cfg)
@@ -326,7 +339,9 @@ class LoRAConfig:
     dropout: float = 0.0
     targets: str = "all"  # "all" linear layers of the language model, or comma-separated names (q_proj,v_proj)
     base_model: str = ""
-    parent_adapter: str = ""  # an adapter merged into the base before this one was trained
+    parent_adapter: str = ""  # an adapter merged into the base before this one was trained (a resolved path)
+    parent_sha256: str = ""  # the parent's content when this one was trained on it: a changed parent is an error
+    base_sha256: str = ""  # the base checkpoint's config and tokenizer files: another base model is an error
 
 
 def language_model(model: nn.Module) -> nn.Module:
@@ -431,8 +446,32 @@ def read_adapter_config(adapter_dir: str | Path) -> LoRAConfig:
         raise data.UserError(f"{path}: not an adapter config written by visrl ({e})") from e
 
 
+BASE_FINGERPRINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json")
+
+
+def base_fingerprint(checkpoint: str | Path) -> str:
+    """sha256 of a checkpoint's config and tokenizer files (cheap, unlike its weights): an adapter records it,
+    so loading it onto another base (a rebuilt tiny model, another checkpoint) is caught."""
+    digest = hashlib.sha256()
+    for name in BASE_FINGERPRINT_FILES:
+        path = Path(checkpoint) / name
+        digest.update(name.encode() + b"\x00" + (path.read_bytes() if path.is_file() else b"") + b"\x00")
+    return digest.hexdigest()
+
+
+def adapter_fingerprint(adapter: str | Path) -> str:
+    """sha256 of an adapter's weights and config: what a child adapter records of its parent."""
+    digest = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter.safetensors"):
+        with open(Path(adapter) / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def adapter_chain(adapter: str | Path) -> list[tuple[Path, LoRAConfig]]:
-    """The adapter and its `parent_adapter`s, root first (the order `load_adapter` applies them)."""
+    """The adapter and its `parent_adapter`s, root first (the order `load_adapter` applies them); a parent
+    whose content changed since its child was trained on it is an error naming both."""
     chain, path, child = [], Path(adapter), None
     while True:
         if not (path / "adapter_config.json").is_file() or not (path / "adapter.safetensors").is_file():
@@ -440,11 +479,14 @@ def adapter_chain(adapter: str | Path) -> list[tuple[Path, LoRAConfig]]:
                                  f"adapter.safetensors)" + (f"; it is the parent_adapter of {child}" if child else ""))
         if any(path.resolve() == p.resolve() for p, _ in chain):
             raise data.UserError(f"{path}: parent_adapter chain loops back on itself")
+        if child is not None and chain[-1][1].parent_sha256 and adapter_fingerprint(path) != chain[-1][1].parent_sha256:
+            raise data.UserError(f"{path}: changed since {child} was trained on it (its content hash differs): "
+                                 f"restore it, or retrain {child} on the new one")
         cfg = read_adapter_config(path)
         chain.append((path, cfg))
         if not cfg.parent_adapter:
             return chain[::-1]
-        child, path = path, Path(cfg.parent_adapter)  # relative to the working directory, as it was written
+        child, path = path, Path(cfg.parent_adapter)  # absolute; older adapters: relative to the working directory
 
 
 def input_dirs(model: str | None, adapter: str | None) -> list[tuple[str, Path]]:
@@ -461,7 +503,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAConfig:
     """Rebuild the adapter's stack on the model: each parent loaded and merged, root first, then this adapter
     added (unmerged) with its weights (every key and shape must match)."""
     chain = adapter_chain(adapter_dir)
+    base = getattr(model, "name_or_path", "")
     for i, (path, cfg) in enumerate(chain):
+        if cfg.base_sha256 and base and base_fingerprint(base) != cfg.base_sha256:
+            raise data.UserError(f"{path}: trained on another base model ({cfg.base_model}; its config or tokenizer "
+                                 f"differs from {base}'s): load it with the --model it was trained on")
         add_lora(model, cfg)
         try:
             state = load_file(str(path / "adapter.safetensors"))

@@ -82,7 +82,7 @@ class InferConfig:
     question: str
     model: str = "tiny"  # checkpoint directory, or `tiny` / `tiny-qwen2-vl`
     adapter: str | None = None  # a trained adapter (merged into the base for inference)
-    out: str = "infer.png"  # the picture: the image with the box (red) and crop window (blue), the crop beside it
+    out: str = "infer.png"  # the picture: the image with the predicted box (orange band) and crop window (dashed), the crop beside it
     overwrite: bool = False  # replace an existing --out (never the input image itself)
     crop: Literal["vcot", "raw"] = "vcot"  # crop rule for the answer step's second image
     max_new_tokens: int = 64  # per step

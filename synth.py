@@ -122,6 +122,18 @@ def _synth_one(out: Path, split: str, i: int, seed: int) -> str:
                        "bboxs": [list(box)], "width": img.width, "height": img.height})
 
 
+def cache_key(seed: int, n_train: int, n_val: int, n_test: int) -> str:
+    """What determines a synthetic set, hashed: this module's code (SYNTH_VERSION with it), the sizes, the seed
+    and the versions of the libraries that draw and encode the images. Any change gives a new cache directory."""
+    import hashlib
+
+    import PIL
+
+    parts = [Path(__file__).read_text(encoding="utf-8"), json.dumps([seed, n_train, n_val, n_test]),
+             PIL.__version__, np.__version__]
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:12]
+
+
 def make_synth(out_dir, n_train: int = 2000, n_val: int = 200, n_test: int = 200,
                seed: int = 0) -> dict[str, Path]:
     """Write the synthetic set (PNGs + train/val/test.jsonl in Visual-CoT's metadata format)."""

@@ -75,10 +75,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def resolve_data(path: str, split: str = "train", seed: int = 0) -> Path:
     """`synth` -> the cached synthetic set (built on first use); a directory -> its `<split>.jsonl`."""
     if path == "synth":
-        root = modeling.cache_dir() / f"synth-v{synth.SYNTH_VERSION}-seed{seed}"
+        sizes = {"n_train": 2000, "n_val": 200, "n_test": 200}
+        root = modeling.cache_dir() / f"synth-v{synth.SYNTH_VERSION}-seed{seed}-{synth.cache_key(seed, **sizes)}"
         if not (root / "test.jsonl").exists():
             print(f"building the synthetic set into {root} (once; a few minutes on 2 cores)", file=sys.stderr)
-            synth.make_synth(root, seed=seed)
+            synth.make_synth(root, seed=seed, **sizes)
         return root / f"{split}.jsonl"
     p = Path(path)
     return p / f"{split}.jsonl" if p.is_dir() else p
@@ -115,7 +116,10 @@ def prepare_model(model_path: str, adapter: str | None, lora: modeling.LoRAConfi
     if adapter:
         modeling.load_adapter(net, adapter)
         modeling.merge_lora(net)
-    lora.base_model, lora.parent_adapter = str(net.name_or_path), str(adapter or "")
+    lora.base_model = str(Path(net.name_or_path).resolve())  # resolved: the adapter loads from any directory
+    lora.base_sha256 = modeling.base_fingerprint(net.name_or_path)
+    if adapter:
+        lora.parent_adapter, lora.parent_sha256 = str(Path(adapter).resolve()), modeling.adapter_fingerprint(adapter)
     modeling.add_lora(net, lora)
     if grad_checkpointing:
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

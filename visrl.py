@@ -244,7 +244,7 @@ def sft(cfg: SFTConfig) -> Path:
 
 DPO_KINDS = ("box", "answer")  # stage-2 step types; index = PairSample kind code in dpo.collate_pairs
 DPO_STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-             "logps/chosen", "logps/rejected")
+             "logps/chosen", "logps/rejected", "nll/chosen")
 
 
 @dataclass
@@ -366,7 +366,7 @@ def precompute_reference(net, grouped, processor, cfg: DPOConfig, world: train.D
 
 def dpo_step_loss(cfg: DPOConfig, policy: torch.Tensor, reference: torch.Tensor, batch: dict,
                   kind_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """This micro-batch's share of the step objective, and its per-kind sums of DPO_STATS [2, 7].
+    """This micro-batch's share of the step objective, and its per-kind sums of DPO_STATS [2, 8].
 
     Stage 1: the mean pair loss. Stage 2: lambda_box * mean box loss + lambda_answer * mean answer
     loss, means over the whole optimizer step (kind_counts: samples per kind, all micro-batches, ranks).
@@ -389,13 +389,13 @@ def dpo_step_loss(cfg: DPOConfig, policy: torch.Tensor, reference: torch.Tensor,
         losses, lambdas = box_losses, torch.ones(2, device=policy.device)
     weights = lambdas[kind] / kind_counts.clamp(min=1)[kind]  # [B]
     loss = (weights * losses).sum()
-    if cfg.nll_weight > 0:  # RPO-style anchor: length-normalised NLL of the chosen responses
-        lengths = dpo.response_lengths(batch)[:n].clamp(min=1)
-        loss = loss + cfg.nll_weight * (-policy[:n] / lengths).sum() / kind_counts.sum()
+    nll = -policy[:n] / dpo.response_lengths(batch)[:n].clamp(min=1)  # [B] length-normalised NLL of the chosen
+    if cfg.nll_weight > 0:  # RPO-style anchor on the chosen responses
+        loss = loss + cfg.nll_weight * nll.sum() / kind_counts.sum()
     values = torch.stack([losses, chosen_rewards, rejected_rewards, chosen_rewards - rejected_rewards,
-                          (chosen_rewards > rejected_rewards).float(), policy[:n], policy[n:]], dim=1)  # [B, 7]
+                          (chosen_rewards > rejected_rewards).float(), policy[:n], policy[n:], nll], dim=1)  # [B, 8]
     one_hot = F.one_hot(kind, num_classes=2).to(values.dtype)  # [B, 2]
-    return loss, one_hot.T @ values.detach()  # [2, 7] per-kind sums
+    return loss, one_hot.T @ values.detach()  # [2, 8] per-kind sums
 
 
 class DPOObjective(nn.Module):
@@ -472,6 +472,9 @@ def dpo_train(cfg: DPOConfig) -> Path:
             for k, kind in enumerate(DPO_KINDS):
                 if kind_counts[k] > 0:
                     row.update({f"{kind}/{name}": means[k][j] for j, name in enumerate(DPO_STATS)})
+            # the two terms of the loss apart: the preference term, and nll_weight x the chosen's mean NLL
+            row["nll_term"] = cfg.nll_weight * stats[:, -1].sum().item() / kind_counts.sum().clamp(min=1).item()
+            row["dpo_term"] = row["loss"] - row["nll_term"]
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             progress.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row.get('box/rewards/margins', float('nan')):.3f}")

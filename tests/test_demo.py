@@ -37,7 +37,8 @@ def test_quick_demo_runs_every_phase(quick_run):
     out, results = quick_run
     assert [p["phase"] for p in results["phases"]] == ["sft", "dpo stage 1", "dpo stage 2"]
     for p in results["phases"]:
-        assert 0 <= p["acc@0.5"] <= 100 and 0 <= p["answer_acc"] <= 100 and 0 <= p["direct_acc"] <= 100
+        assert {"acc@0.5", "answer_acc", "direct_acc", "well_formed", "direct_well_formed"} <= p.keys()
+        assert p["n_test"] == results["config"]["n_test"]
         assert (out / p["adapter"].split(str(out) + "/")[-1] / "adapter.safetensors").exists()
     # each DPO phase starts from the previous phase's adapter (and so is referenced against it)
     assert results["phases"][1]["from"] == results["phases"][0]["adapter"]
@@ -45,7 +46,10 @@ def test_quick_demo_runs_every_phase(quick_run):
     table = (out / "results.md").read_text()
     assert all(f"| {p['phase']} |" in table for p in results["phases"])
     for name in ("sft-loss", "round1-dpo1-loss", "round1-dpo1-margins", "round1-dpo2-loss", "round1-dpo2-margins"):
-        assert Image.open(out / "plots" / f"{name}.png").size == (720, 420)
+        assert Image.open(out / "plots" / f"{name}.png").size == (760, 440)
+    # a DPO loss plot draws the preference term and the NLL term as two lines
+    colors = set(Image.open(out / "plots" / "round1-dpo2-loss.png").convert("RGB").getdata())
+    assert demo._COLORS[0] in colors and demo._COLORS[1] in colors
     # generation saw only box-free questions: its crop scores come from answers alone
     lines = [json.loads(line) for line in (out / "round1" / "generate" / "candidates.jsonl").open()]
     assert lines and all(line["crop_score_source"] == "answer from crop alone" and line["gt_box"] is None for line in lines)
@@ -64,7 +68,7 @@ def test_quick_demo_rerun_skips_finished_phases(quick_run, capsys):
     again = demo.demo(demo.DemoConfig(out=str(out), quick=True))
     assert again["phases"] == results["phases"]
     assert capsys.readouterr().out.count("done earlier") == 3
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(data.UserError, match="other settings"):
         demo.demo(demo.DemoConfig(out=str(out), quick=True, seed=1))
 
 

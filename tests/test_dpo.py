@@ -2,6 +2,9 @@
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +15,8 @@ import model
 import visrl
 import train
 from conftest import write_pairs
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,6 +219,18 @@ def test_first_step_loss_is_ln2_and_stage2_loss_is_the_weighted_sum(pairs_file, 
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                 "logps/chosen", "logps/rejected"):
         assert f"box/{key}" in first and f"answer/{key}" in first
+    assert all(row["nll_term"] == 0.0 and row["dpo_term"] == row["loss"] for row in rows)  # --nll-weight 0
+
+
+def test_the_nll_term_is_logged_apart_from_the_preference_term(pairs_file, tmp_path):
+    visrl.dpo_train(visrl.DPOConfig(data=str(pairs_file), stage=2, out=str(tmp_path / "s2"), max_steps=1,
+                                    nll_weight=2.0))
+    (row,) = _rows(tmp_path / "s2")
+    # at the reference: preference term 0.5 ln 2 + 0.5 ln 2; NLL term = 2 x the mean over all samples of
+    # -logp(chosen) / length, here both kinds have the same count, so the mean of the two kinds' means
+    assert row["dpo_term"] == pytest.approx(math.log(2), abs=1e-5)
+    assert row["nll_term"] == pytest.approx(2.0 * (row["box/nll/chosen"] + row["answer/nll/chosen"]) / 2, rel=1e-5)
+    assert row["loss"] == pytest.approx(row["dpo_term"] + row["nll_term"], rel=1e-6) and row["nll_term"] > 0
 
 
 def test_short_run_raises_the_reward_margin(pairs_file, tmp_path):
@@ -273,10 +290,21 @@ def test_init_adapter_is_the_reference_and_the_stack_reloads(tiny_path, pairs_fi
     base, _ = model.load_model(str(tiny_path))
     assert first["box/logps/chosen"] == pytest.approx(chosen_mean(net), abs=1e-3)  # the SFT model
     assert abs(first["box/logps/chosen"] - chosen_mean(base)) > 0.1  # not the base model
-    assert model.read_adapter_config(out).parent_adapter == str(tmp_path / "sft")
+    assert model.read_adapter_config(out).parent_adapter == str((tmp_path / "sft").resolve())
     stacked, _ = model.load_model(str(tiny_path))
     model.load_adapter(stacked, out)  # rebuilds: base + SFT merged, then the DPO adapter
     assert len(model.lora_modules(stacked)) == len(model.lora_target_names(stacked))
+    # from another working directory too: the parent is stored resolved
+    moved = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import model; "
+                            f"net, _ = model.load_model({str(tiny_path)!r}); model.load_adapter(net, {str(out)!r})"],
+                           cwd=tmp_path.parent, capture_output=True, text=True)
+    assert moved.returncode == 0, moved.stderr[-2000:]
+    # a parent changed after its child was trained on it is an error naming it, not a silently other model
+    for m in model.lora_modules(net).values():
+        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    model.save_adapter(net, tmp_path / "sft", cfg)
+    with pytest.raises(data.UserError, match=rf"{tmp_path / 'sft'}: changed since .*dpo.* was trained on it"):
+        model.load_adapter(model.load_model(str(tiny_path))[0], out)
 
 
 def _bad_pairs(pairs_file, tmp_path, edit):

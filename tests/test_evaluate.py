@@ -187,8 +187,6 @@ def test_tiny_model_run_writes_every_output_and_resumes(synth_dir, tiny_path, tm
     assert "| synth | 8 |" in markdown and "mean, official" in markdown and "mean, plain" in markdown
     pictures = sorted((tmp_path / "pictures").glob("*.png"))
     assert len(pictures) == 2
-    colors = {c for _, c in Image.open(pictures[0]).convert("RGB").getcolors(1 << 20)}
-    assert (0, 200, 0) in colors and (40, 90, 255) in colors  # the true box and the crop window are drawn
     # re-scoring the predictions through the real CLI (no model) gives the same numbers
     rescore = tmp_path / "rescore"
     subprocess.run([sys.executable, str(Path(ev.__file__)), "--predictions", str(tmp_path / "predictions.jsonl"),
@@ -357,3 +355,24 @@ def test_a_busy_endpoint_is_retried_after_its_retry_after(monkeypatch):
     finally:
         server.shutdown()
     assert ev.retry_after("3", 0) == 3 and ev.retry_after(None, 2) == 4 and ev.retry_after("soon", 9) == 30
+
+
+def test_a_picture_draws_each_mark_distinctly_and_only_what_is_there(tmp_path):
+    Image.new("RGB", (400, 300), (128, 128, 128)).save(tmp_path / "grey.png")
+    row = {"image": str(tmp_path / "grey.png"), "question": "Q?", "answers": ["a"], "answer": "a",
+           "gt_box": [50, 50, 150, 150], "box": [200, 60, 300, 160], "box_text": "[...]", "crop": [190, 40, 330, 180]}
+    scale = 512 / 400
+
+    def at(picture, x, y):  # the pixel at image coordinates (x, y) of the left panel
+        return Image.open(picture).convert("RGB").getpixel((round(x * scale), round(y * scale)))
+
+    both = ev.draw_picture(row, tmp_path / "both.png")
+    assert at(both, 200, 110) == ev.PREDICTION and at(both, 50, 100) == ev.TRUTH  # on each box's left edge
+    assert ev.CROP in {at(both, x, 40) for x in range(190, 330, 2)}  # the crop window's dashes
+    assert at(both, 100, 100) == (128, 128, 128)  # inside a box: the image itself
+    no_truth = ev.draw_picture({**row, "gt_box": None}, tmp_path / "no_truth.png")
+    assert at(no_truth, 50, 100) == (128, 128, 128) and at(no_truth, 200, 110) == ev.PREDICTION
+    # the legend's first swatch (left of the caption): the truth's when it is drawn, else the prediction's
+    swatch = (6, round(300 * scale) + 4 + 6)
+    assert Image.open(both).convert("RGB").getpixel(swatch) == ev.TRUTH
+    assert Image.open(no_truth).convert("RGB").getpixel(swatch) == ev.PREDICTION

@@ -35,7 +35,8 @@ def _records(synth_dir, tmp_path, n, drop_boxes=()):
 
 
 def _cfg(path, synth_dir, out, **overrides):
-    base = dict(data=str(path), image_root=str(synth_dir), out=str(out), attempts=3, chunk=2, seed=0)
+    base = dict(data=str(path), image_root=str(synth_dir), out=str(out), attempts=3, chunk=2, seed=0,
+                use_annotated_boxes=True)  # both crop scores exercised; the default reads no box (tested below)
     return generate.GenerateConfig(**{**base, **overrides})
 
 
@@ -349,8 +350,9 @@ def test_generated_pairs_train_with_dpo(synth_dir, tmp_path):
         data.iou(ln["candidates"][ln["chosen"]]["box"], ln["gt_box"]) > 0.5 for ln in with_gt) / len(with_gt)
     assert json.loads((out / "summary.json").read_text())["pairs_kept"] == len(pairs)
 
-    visrl.dpo_train(visrl.DPOConfig(data=str(out / "pairs.jsonl"), image_root=str(synth_dir), stage=2,
-                                    max_steps=1, batch_size=2, out=str(tmp_path / "dpo")))
+    # no --image-root: the pair file records the root its image paths are relative to
+    visrl.dpo_train(visrl.DPOConfig(data=str(out / "pairs.jsonl"), stage=2, max_steps=1, batch_size=2,
+                                    out=str(tmp_path / "dpo")))
     (row,) = _read_lines(tmp_path / "dpo" / "metrics.jsonl")
     assert row["step"] == 1 and row["loss"] == pytest.approx(0.6931, abs=1e-3)  # ln 2 at the reference
 
@@ -518,3 +520,31 @@ def test_a_run_that_keeps_no_pair_says_why_and_exits_non_zero(synth_dir, tmp_pat
     assert f"no preference pair kept from 2 questions" in message
     assert f"{summary['box_parse_failures']} of {summary['candidates']} candidates had a box that did not parse" in message
     assert "--temperature" in message
+
+
+def test_each_file_kind_is_named_when_given_where_another_is_wanted(synth_dir, tmp_path):
+    import evaluate
+    import visrl
+
+    path, records = _records(synth_dir, tmp_path, 4)
+    out = tmp_path / "gen"
+    generate.generate(_cfg(path, synth_dir, out, attempts=1), Scripted(records))
+    with pytest.raises(data.DataError, match="this is a pairs file .*train on it with `visrl.py dpo"):
+        visrl.sft(visrl.SFTConfig(data=str(out / "pairs.jsonl"), out=str(tmp_path / "sft"), max_steps=1))
+    with pytest.raises(data.DataError, match="candidates log: its pairs are in pairs.jsonl beside it"):
+        data.read_pairs(out / "candidates.jsonl")
+    with pytest.raises(data.DataError, match="this is a records file .*a pairs file is wanted here"):
+        data.read_pairs(path, image_root=synth_dir)
+    with pytest.raises(data.DataError, match="this is a pairs file"):
+        evaluate.evaluate(evaluate.EvalConfig(predictions=str(out / "pairs.jsonl"), out=str(tmp_path / "ev")))
+
+
+def test_by_default_the_rule_scorer_reads_no_annotated_box(synth_dir, tmp_path):
+    path, records = _records(synth_dir, tmp_path, 4)
+    assert all(r.box is not None for r in records)
+    summary = generate.generate(_cfg(path, synth_dir, tmp_path / "out", use_annotated_boxes=False), Scripted(records))
+    assert summary["crop_score_source"] == {"answer from crop alone": 4}
+    lines = _read_lines(tmp_path / "out" / "candidates.jsonl")
+    assert all(c["crop_score"] == generate.rule_answer_score(c["crop_answer"], line["answers"])
+               for line in lines for c in line["candidates"] if c["dropped"] is None)
+    assert generate.GenerateConfig().use_annotated_boxes is False

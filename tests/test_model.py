@@ -190,3 +190,41 @@ def test_tiny_view_of_a_square_does_not_depend_on_a_pixel_of_its_size():
     cfg = model.TinyConfig()
     image_processor = Qwen2VLImageProcessorPil(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)  # as make_tiny
     assert {data.model_view_size(side, side, image_processor) for side in range(200, 1400)} == {(112, 112)}
+
+
+def test_the_tiny_cache_key_changes_with_everything_that_builds_the_model(monkeypatch):
+    import transformers
+
+    base = model.tiny_cache_key(model.TinyConfig())
+    assert model.tiny_cache_key(model.TinyConfig()) == base  # deterministic
+    assert model.tiny_cache_key(model.TinyConfig(hidden_size=64)) != base
+    assert model.tiny_cache_key(model.TinyConfig(seed=1)) != base
+    real_corpus = model._tokenizer_corpus
+    monkeypatch.setattr(model, "_tokenizer_corpus", lambda: real_corpus() + ["one more line"])
+    assert model.tiny_cache_key(model.TinyConfig()) != base
+    monkeypatch.setattr(model, "_tokenizer_corpus", real_corpus)
+    monkeypatch.setattr(transformers, "__version__", "0.0.0")
+    assert model.tiny_cache_key(model.TinyConfig()) != base
+    monkeypatch.undo()
+
+    def make_tiny(out_dir, cfg=model.TinyConfig()):  # the builder's code itself
+        return out_dir
+
+    monkeypatch.setattr(model, "make_tiny", make_tiny)
+    assert model.tiny_cache_key(model.TinyConfig()) != base
+
+
+def test_an_adapter_loaded_onto_another_base_is_an_error(tiny_path, tmp_path):
+    import shutil
+
+    net, _ = model.load_model(str(tiny_path))
+    model.add_lora(net, model.LoRAConfig(rank=2, alpha=4))
+    cfg = model.LoRAConfig(rank=2, alpha=4, base_model=str(tiny_path), base_sha256=model.base_fingerprint(tiny_path))
+    model.save_adapter(net, tmp_path / "a", cfg)
+    model.load_adapter(model.load_model(str(tiny_path))[0], tmp_path / "a")  # its own base: fine
+    other = tmp_path / "other"  # same shapes, another tokenizer (as a rebuilt tiny model would have)
+    shutil.copytree(tiny_path, other)
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 1234}))
+    with pytest.raises(data.UserError, match="trained on another base model"):
+        model.load_adapter(model.load_model(str(other))[0], tmp_path / "a")

@@ -1,6 +1,8 @@
 """The synthetic set: deterministic, readable by the common reader, boxes exact, and its premise holds:
 the pattern that answers the question vanishes in the model's view of the whole page but not in the crop."""
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
@@ -80,3 +82,19 @@ def test_only_the_question_frame_is_coloured():
         outside[y1:y2, x1:x2] = False
         assert not (pixels[outside] == synth.SYNTH_COLORS[color]).all(-1).any()
         assert (pixels[y1:y2, x1:x2] == synth.SYNTH_COLORS[color]).all(-1).sum() > 4 * 288 * 20
+
+
+def test_the_synth_cache_key_changes_with_everything_that_draws_the_set(monkeypatch, tmp_path):
+    import PIL
+
+    base = synth.cache_key(0, 2000, 200, 200)
+    assert synth.cache_key(0, 2000, 200, 200) == base
+    assert len({base, synth.cache_key(1, 2000, 200, 200), synth.cache_key(0, 2001, 200, 200),
+                synth.cache_key(0, 2000, 200, 201)}) == 4
+    monkeypatch.setattr(PIL, "__version__", "0.0.0")
+    assert synth.cache_key(0, 2000, 200, 200) != base
+    monkeypatch.undo()
+    edited = tmp_path / "synth.py"  # the generator's code: one changed line is another set
+    edited.write_text(Path(synth.__file__).read_text().replace("_PERIOD = 12", "_PERIOD = 13"))
+    monkeypatch.setattr(synth, "__file__", str(edited))
+    assert synth.cache_key(0, 2000, 200, 200) != base

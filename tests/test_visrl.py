@@ -131,7 +131,7 @@ def test_data_synth_builds_the_cached_set_once(monkeypatch, tmp_path):
     calls = []
     real = synth.make_synth
 
-    def small(root, seed=0):
+    def small(root, seed=0, **sizes):
         calls.append(root)
         return real(root, n_train=4, n_val=2, n_test=2, seed=seed)
 
