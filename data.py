@@ -433,7 +433,7 @@ def file_kind(obj: dict) -> str:
         return "pairs"
     if "candidates" in obj and "verdict" in obj:
         return "candidates"
-    if "box_mode" in obj or ("set" in obj and "box_text" in obj):
+    if "box_mode" in obj or "set" in obj:
         return "predictions"
     return "records"
 
@@ -797,6 +797,33 @@ def check_out(out, run_files, *, inputs=(), data_files=(), resume=False, overwri
         names = ", ".join(p.name for p in found[:6]) + (", ..." if len(found) > 6 else "")
         raise UserError(f"--out {out} already holds a run ({names}); {ways} (or choose another --out)")
     return found if overwrite else []
+
+def check_settings(out, command: str, settings: dict, keys, how: str) -> None:
+    """Refuse to go on with the run in --out when its config.json was written by another command, or by this one
+    with other values of `keys` (what a rerun must keep); `how` says how this command goes on with a run."""
+    path = Path(out) / "config.json"
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: unreadable ({e}); pass --overwrite to replace the run, or choose another --out")
+    if not isinstance(old, dict):
+        raise UserError(f"{path}: not a run's config; pass --overwrite to replace the run, or choose another --out")
+    if old.get("command", command) != command:
+        raise UserError(f"--out {out} holds a `{old['command']}` run, not a `{command}` one; choose another --out")
+    changed = [k for k in keys if old.get(k, settings[k]) != settings[k]]
+    if changed:
+        detail = ", ".join(f"--{k.replace('_', '-')} {old[k]!r} -> {settings[k]!r}" for k in changed)
+        raise UserError(f"--out {out} holds a run made with other settings ({detail}); {how} with the same "
+                        "settings, pass --overwrite to replace it, or choose another --out")
+
+def write_config(out, command: str, settings: dict) -> None:
+    """<out>/config.json: the command and its settings, written whole (a kill leaves the old one or the new)."""
+    path = Path(out) / "config.json"
+    tmp = path.with_name(".config.json.tmp")
+    tmp.write_text(json.dumps({"command": command, **settings}, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
 
 def clear_run(paths: list[Path]) -> None:
     """Delete an earlier run's files (what check_out returned for --overwrite)."""

@@ -146,8 +146,6 @@ def demo(cfg: DemoConfig) -> dict:
             print(f"demo: {name}: done earlier ({done[name]['seconds']:.0f} s)")
             return adapter
         start = time.time()
-        if train.latest_checkpoint(phase_dir) is None:  # a phase killed before its first checkpoint restarts clean
-            (phase_dir / "metrics.jsonl").unlink(missing_ok=True)
         train_fn()  # resumes from the phase's newest checkpoint, if an earlier run left one
         if not (adapter / "adapter.safetensors").exists():  # a signal stopped it: it saved a checkpoint instead
             raise SystemExit(f"demo: {name} stopped before its end; run the same command again to resume it")
@@ -248,8 +246,9 @@ def results_markdown(results: dict) -> str:
              "|---|---:|---:|---:|---:|---:|---:|"]
     for p in results["phases"]:
         pairs = "-" if p.get("pairs") is None else str(p["pairs"]) if p["pairs"] >= 0 else f"{-p['pairs']} (from annotations, --quick)"
+        formed = f"{p['well_formed']:.0f} / {p['direct_well_formed']:.0f}" if "well_formed" in p else "-"  # older runs
         lines.append(f"| {p['phase']} | {p['acc@0.5']:.1f} | {p['answer_acc']:.1f} | {p['direct_acc']:.1f} | "
-                     f"{p['well_formed']:.0f} / {p['direct_well_formed']:.0f} | {pairs} | {p['seconds']:.0f} |")
+                     f"{formed} | {pairs} | {p['seconds']:.0f} |")
     lines += ["", f"Total wall time: {results['total_seconds']:.0f} s (synthetic data: {results['data_seconds']:.0f} s; "
               "the tiny checkpoint, if built on this run, is not counted)."]
     return "\n".join(lines) + "\n"
@@ -310,6 +309,7 @@ def line_plot(series: dict[str, list[tuple[float, float]]], title: str, path: Pa
     left, right, top, bottom = 70, 220, 30, 50
     image = Image.new("RGB", size, (255, 255, 255))
     pen = ImageDraw.Draw(image)
+    series = {name: [(x, y) for x, y in s if math.isfinite(x) and math.isfinite(y)] for name, s in series.items()}
     points = [p for s in series.values() for p in s]
     if points:
         x0, x1 = min(p[0] for p in points), max(p[0] for p in points)

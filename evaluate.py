@@ -102,8 +102,9 @@ def answer_scores(prediction: str, reference: str | list[str]) -> dict[str, floa
 # OpenAI-compatible chat endpoint (vLLM, our own server, a judge model): plain urllib, no SDK.
 
 
-class EndpointError(RuntimeError):
-    """A failed call to an OpenAI-compatible endpoint (network, HTTP status or response shape)."""
+class EndpointError(data.UserError):
+    """A failed call to an OpenAI-compatible endpoint (network, HTTP status or response shape): the user's to
+    fix (is the server up, the URL right?), so one line, not a traceback."""
 
 
 def image_data_url(image: Image.Image) -> str:
@@ -130,10 +131,9 @@ BUSY_RETRIES = 8  # tries after a 503/429 (server queue full) before the call fa
 
 
 def retry_after(header: str | None, attempt: int) -> float:
-    """Seconds to wait before retrying a 503/429: the server's Retry-After (in seconds), else 1, 2, 4 ...,
-    at most 30."""
-    seconds = float(header) if header and header.strip().isdigit() else 2.0 ** attempt
-    return min(max(seconds, 0.1), 30.0)
+    """Seconds to wait before retrying a 503/429: 1, 2, 4 ... or the server's Retry-After if longer, at most 30."""
+    asked = float(header) if header and header.strip().isdigit() else 0.0
+    return min(max(asked, 2.0 ** attempt, 0.1), 30.0)  # backs off even when the server always says 1 s
 
 
 def chat_completion(endpoint: str, messages: list[dict], model: str = "default", max_tokens: int = 64,
@@ -298,7 +298,7 @@ ROW_FIELDS = (("set", "str", True), ("id", "str|int", True), ("answers", "strs",
               ("degenerate", "bool", False))
 
 
-def _check_rows(numbered: list[tuple[int, dict]], path) -> list[dict]:
+def _check_rows(numbered: list[tuple[int, dict]], path, skip_bad: bool = False) -> list[dict]:
     """Prediction rows checked field by field before any scoring, each error as file:line: field '...';
     integer ids (as the Visual-CoT release has them) become strings. Returns the rows."""
     seen, errors, rows = {}, [], []
@@ -310,6 +310,9 @@ def _check_rows(numbered: list[tuple[int, dict]], path) -> list[dict]:
                 _check_field(row, key, kinds, required)
             if row["width"] <= 0 or row["height"] <= 0:
                 raise data.BadField("width", f"image size {row['width']}x{row['height']} is not positive")
+            crop = row.get("crop")
+            if crop is not None and not (crop[2] > crop[0] and crop[3] > crop[1]):
+                raise data.BadField("crop", f"empty or inverted window {crop}")
         except data.BadField as e:
             errors.append(f"{path}:{n}: {e}")
             continue
@@ -320,7 +323,7 @@ def _check_rows(numbered: list[tuple[int, dict]], path) -> list[dict]:
             continue
         seen[key] = n
         rows.append(row)
-    data.report_bad(errors, False, path, len(rows))
+    data.report_bad(errors, skip_bad, path, len(rows))
     return rows
 
 
@@ -350,25 +353,14 @@ PREDICTION_SETTINGS = ("model", "adapter", "endpoint", "endpoint_model", "data",
                        "crop", "max_new_tokens", "temperature", "top_p", "seed")
 
 
-def _check_resume(out: Path, cfg: "EvalConfig") -> None:
-    path = out / "config.json"
-    if path.exists() and (out / "predictions.jsonl").exists():
-        old = json.loads(path.read_text())
-        diff = {k: (old.get(k), getattr(cfg, k)) for k in PREDICTION_SETTINGS if old.get(k) != getattr(cfg, k)}
-        if diff:
-            changes = ", ".join(f"--{k.replace('_', '-')} {a!r} -> {b!r}" for k, (a, b) in diff.items())
-            raise data.UserError(f"{out}/predictions.jsonl was made with other settings ({changes}); rerun with "
-                                 f"the same settings to resume it, pass --overwrite to replace it, or use another --out")
-    path.write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-
-
 def predict(items: list[benchmark.Item], cfg: "EvalConfig", generate_fn=None) -> list[dict]:
     """Predictions for the items, in item order: those already in --out/predictions.jsonl are kept, the rest run."""
     from tqdm import tqdm
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    _check_resume(out, cfg)
+    data.check_settings(out, "evaluate", dataclasses.asdict(cfg), PREDICTION_SETTINGS, "rerun it")
+    data.write_config(out, "evaluate", dataclasses.asdict(cfg))
     path = out / "predictions.jsonl"
     done = {(r.get("set"), r.get("id")): r for r in read_jsonl_rows(path, repair=True)}
     todo = [it for it in items if (it.set, it.id) not in done]
@@ -403,7 +395,7 @@ def run_judge(rows: list[dict], cfg: "EvalConfig") -> dict:
     todo = [r for r in rows if r.get("answers") and r.get("answer") is not None and not cached(r)]
     if todo:
         with open(path, "a", encoding="utf-8") as f, ThreadPoolExecutor(max_workers=max(1, cfg.judge_workers)) as pool:
-            futures = {pool.submit(benchmark.judge_answer, cfg.judge_endpoint, r["judge_question"] or r["question"],
+            futures = {pool.submit(benchmark.judge_answer, cfg.judge_endpoint, r.get("judge_question") or r.get("question", ""),
                                    r["answers"][0], r["answer"], cfg.judge_model): r for r in todo}
             for future in tqdm(as_completed(futures), total=len(todo), desc="judge", dynamic_ncols=True):
                 r = futures[future]
@@ -574,7 +566,7 @@ def draw_picture(row: dict, path) -> Path:
         crop = image.crop(tuple(row["crop"]))
         panels.append(crop.resize((max(1, round(crop.width * left.height / crop.height)), left.height)))
     box_note = "" if row.get("box") or not row.get("box_text") else "  (did not parse: the whole image was cropped)"
-    caption = [f"Q: {row['question']}", f"box text: {row.get('box_text')}{box_note}",
+    caption = [f"Q: {row.get('question', '')}", f"box text: {row.get('box_text')}{box_note}",
                f"answer: {row.get('answer')}   reference: {' | '.join(row.get('answers') or []) or '-'}"]
     width = sum(p.width for p in panels) + 8 * (len(panels) - 1)
     canvas = Image.new("RGB", (max(width, 640), left.height + 16 * (len(caption) + 1) + 8), (255, 255, 255))
@@ -654,11 +646,12 @@ class EvalConfig:
 
 
 OUT_FILES = ("predictions.jsonl", "judge.jsonl", "results.json", "results.md", "pictures", "config.json")
+RESCORE_FILES = ("judge.jsonl", "results.json", "results.md", "pictures")  # what --predictions writes
 
 
 def check_eval_out(cfg: EvalConfig) -> list[Path]:
     """Refuse an --out that overlaps the model, adapter or data; --overwrite returns the earlier run's files
-    to replace (without it, the same settings resume it and other settings are refused by _check_resume)."""
+    to replace (without it, the same settings resume it and other settings are refused by data.check_settings)."""
     import model as modeling  # imported here: --predictions and --endpoint runs need no torch
 
     inputs = [] if cfg.endpoint else modeling.input_dirs(cfg.model, cfg.adapter)
@@ -673,9 +666,11 @@ def evaluate(cfg: EvalConfig, generate_fn=None) -> dict:
     if cfg.predictions:
         if not Path(cfg.predictions).is_file():
             raise data.DataError(f"--predictions {cfg.predictions}: no such file")
-        rows = _check_rows(read_jsonl_rows(Path(cfg.predictions), numbered=True), cfg.predictions)
+        rows = _check_rows(read_jsonl_rows(Path(cfg.predictions), numbered=True), cfg.predictions, cfg.skip_bad_records)
         if cfg.sets:
             rows = [r for r in rows if r["set"] in cfg.sets]
+        if out.resolve() != Path(cfg.predictions).resolve().parent:  # re-scoring in place replaces derived files only
+            data.clear_run(data.check_out(out, RESCORE_FILES, overwrite=cfg.overwrite, resumable=False))
         out.mkdir(parents=True, exist_ok=True)
     else:
         replaced = check_eval_out(cfg)
@@ -687,7 +682,9 @@ def evaluate(cfg: EvalConfig, generate_fn=None) -> dict:
         if cfg.box == "gt" and any(it.gt_box is None for it in items):
             bad = next(it for it in items if it.gt_box is None)
             raise data.DataError(f"{bad.source}: --box gt needs a ground-truth box, this item has none")
-        data.clear_run(replaced)  # --overwrite: only now that the items have been read
+        if replaced:  # --overwrite: only once the items are read and the model is loaded
+            generate_fn = generate_fn or model_generator(cfg)
+            data.clear_run(replaced)
         rows = predict(items, cfg, generate_fn)
     judge = run_judge(rows, cfg) if cfg.judge_endpoint else None
     results = summarize(rows, judge, cfg.parser)

@@ -457,20 +457,6 @@ def read_progress(path: Path) -> list[dict]:
     return lines
 
 
-def check_resume(out: Path, cfg: GenerateConfig) -> None:
-    """Refuse to mix runs: a rerun in an --out made with other settings is an error naming them."""
-    path = out / "config.json"
-    if not path.exists():
-        return
-    old = json.loads(path.read_text())
-    new = dataclasses.asdict(cfg)
-    changed = [k for k in RESUME_KEYS if k in old and old[k] != new[k]]
-    if changed:
-        detail = ", ".join(f"--{k.replace('_', '-')} {old[k]!r} -> {new[k]!r}" for k in changed)
-        raise data.UserError(f"--out {out} holds a run with other settings ({detail}); rerun with the same "
-                             f"settings to resume it, pass --overwrite to replace it, or choose another --out")
-
-
 def summarize(lines: list[dict]) -> dict:
     """Counts over finished questions (all runs in --out), and Acc@0.5 of chosen vs rejected boxes."""
     cands = [c for line in lines for c in line["candidates"]]
@@ -515,14 +501,16 @@ def generate(cfg: GenerateConfig, sampler: Sampler | None = None, judge: Judge |
     # the same settings resume the run in --out; --overwrite replaces it once the data has been read
     replaced = data.check_out(out, OUT_FILES, inputs=inputs, data_files=data_files,
                               resume=not cfg.overwrite, overwrite=cfg.overwrite)
-    if not replaced:
-        check_resume(out, cfg)
+    if not replaced:  # a rerun in the same --out resumes: with the same settings only
+        data.check_settings(out, "generate", dataclasses.asdict(cfg), RESUME_KEYS, "rerun it")
     data_path = train.resolve_data(cfg.data, cfg.split, cfg.seed)
     root = str(Path(cfg.image_root if cfg.image_root is not None else Path(data_path).parent).resolve())
     records = data.read_records(data_path, image_root=cfg.image_root, skip_bad=cfg.skip_bad_records, limit=cfg.limit)
+    if sampler is None:  # loaded before --overwrite deletes anything: an unusable model or adapter costs nothing
+        sampler = EndpointSampler(cfg) if cfg.endpoint else LocalSampler(cfg)
     data.clear_run(replaced)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    data.write_config(out, "generate", dataclasses.asdict(cfg))
 
     cand_path, pair_path = out / "candidates.jsonl", out / "pairs.jsonl"
     lines = read_progress(cand_path)
@@ -539,8 +527,6 @@ def generate(cfg: GenerateConfig, sampler: Sampler | None = None, judge: Judge |
     tmp.write_text("".join(json.dumps(line["pair"]) + "\n" for line in lines if line["pair"] is not None))
     os.replace(tmp, pair_path)
 
-    if sampler is None:
-        sampler = EndpointSampler(cfg) if cfg.endpoint else LocalSampler(cfg)
     todo = [i for i in range(len(records)) if i not in done]
     kept = sum(line["pair"] is not None for line in lines)
     progress = tqdm(total=len(records), initial=len(records) - len(todo), desc="generate", dynamic_ncols=True)

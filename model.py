@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -294,10 +294,13 @@ def load_model(model: str, dtype: torch.dtype = torch.float32, device: str | tor
         raise data.UserError(f"{path}/config.json: model_type {model_type!r} is not one of {sorted(ARCHS)}")
     _, model_cls, processor_cls = ARCHS[model_type]
     try:
-        net = model_cls.from_pretrained(path, dtype=dtype).to(device)
+        net = model_cls.from_pretrained(path, dtype=dtype)
         processor = processor_cls.from_pretrained(path)
+    except torch.OutOfMemoryError:
+        raise  # not the checkpoint's fault
     except CHECKPOINT_ERRORS as e:
         raise data.UserError(f"{path}: unusable checkpoint ({type(e).__name__}: {str(e)[:300]})") from e
+    net = net.to(device)
     net.name_or_path = str(path)
     return net, processor
 
@@ -341,6 +344,7 @@ class LoRAConfig:
     base_model: str = ""
     parent_adapter: str = ""  # an adapter merged into the base before this one was trained (a resolved path)
     parent_sha256: str = ""  # the parent's content when this one was trained on it: a changed parent is an error
+    parent_relative: str = ""  # the parent's path relative to this adapter's folder: found there after a move
     base_sha256: str = ""  # the base checkpoint's config and tokenizer files: another base model is an error
 
 
@@ -426,6 +430,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path, cfg: LoRAConfig,
     out_dir = Path(out_dir)
     if cfg.parent_adapter and Path(cfg.parent_adapter).resolve() == out_dir.resolve():
         raise data.UserError(f"{out_dir}: an adapter cannot be its own parent_adapter")
+    if cfg.parent_adapter:  # also relative to this folder: the chain survives moving the runs folder
+        cfg = replace(cfg, parent_relative=os.path.relpath(Path(cfg.parent_adapter).resolve(), out_dir.resolve()))
     out_dir.mkdir(parents=True, exist_ok=True)
     state = adapter_state_dict(model) if state is None else state
     state = {k: v.float().contiguous().cpu() for k, v in state.items()}
@@ -446,16 +452,22 @@ def read_adapter_config(adapter_dir: str | Path) -> LoRAConfig:
         raise data.UserError(f"{path}: not an adapter config written by visrl ({e})") from e
 
 
-BASE_FINGERPRINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json")
+BASE_FINGERPRINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")  # not the image processor's
 
 
 def base_fingerprint(checkpoint: str | Path) -> str:
-    """sha256 of a checkpoint's config and tokenizer files (cheap, unlike its weights): an adapter records it,
-    so loading it onto another base (a rebuilt tiny model, another checkpoint) is caught."""
+    """sha256 of a checkpoint's config and tokenizer files and a sample of its weights (each shard's size and
+    the MiB in its middle: cheap for 15 GB): an adapter records it, so loading it onto another base (a
+    rebuilt tiny model, another fine-tune of the same architecture) is caught."""
     digest = hashlib.sha256()
     for name in BASE_FINGERPRINT_FILES:
         path = Path(checkpoint) / name
         digest.update(name.encode() + b"\x00" + (path.read_bytes() if path.is_file() else b"") + b"\x00")
+    for shard in sorted(Path(checkpoint).glob("*.safetensors")):
+        size = shard.stat().st_size
+        with open(shard, "rb") as f:
+            f.seek(size // 2)
+            digest.update(f"{shard.name}:{size}".encode() + f.read(1 << 20))
     return digest.hexdigest()
 
 
@@ -487,6 +499,8 @@ def adapter_chain(adapter: str | Path) -> list[tuple[Path, LoRAConfig]]:
         if not cfg.parent_adapter:
             return chain[::-1]
         child, path = path, Path(cfg.parent_adapter)  # absolute; older adapters: relative to the working directory
+        if not path.exists() and cfg.parent_relative and (child / cfg.parent_relative).exists():
+            path = child / cfg.parent_relative  # the runs folder moved; the content hash still vouches for it
 
 
 def input_dirs(model: str | None, adapter: str | None) -> list[tuple[str, Path]]:

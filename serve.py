@@ -489,6 +489,7 @@ def completion(cfg: ServeConfig, content: str, prompt_tokens: int, completion_to
 def make_handler(cfg: ServeConfig, worker: Worker):
     """The request handler class for this server (one instance per request, in its own thread)."""
     slots = threading.BoundedSemaphore(cfg.max_queue)
+    reading = threading.BoundedSemaphore(2 * cfg.max_queue)  # bodies being read at once: at most this x --max-body-bytes
     started = int(time.time())
 
     class Handler(BaseHTTPRequestHandler):
@@ -567,7 +568,7 @@ def make_handler(cfg: ServeConfig, worker: Worker):
                 while left > 0:
                     if time.monotonic() >= deadline:
                         raise TimeoutError
-                    self.connection.settimeout(deadline - time.monotonic())
+                    self.connection.settimeout(max(deadline - time.monotonic(), 1e-3))
                     chunk = self.rfile.read1(min(left, 1 << 20))
                     if not chunk:
                         raise RequestError(400, f"the body ended after {int(length) - left} of {length} bytes",
@@ -582,7 +583,13 @@ def make_handler(cfg: ServeConfig, worker: Worker):
             return b"".join(chunks)
 
         def _chat(self) -> dict:
-            body = self._read_body()
+            if not reading.acquire(blocking=False):  # bounds the memory of bodies being read, as slots do after
+                raise RequestError(503, f"server busy: {2 * cfg.max_queue} request bodies arriving; retry",
+                                   "server_busy")
+            try:
+                body = self._read_body()
+            finally:
+                reading.release()
             if not slots.acquire(blocking=False):  # after the body (a slow client holds none), before decoding
                 raise RequestError(503, f"server busy: {cfg.max_queue} requests in progress (--max-queue); retry",
                                    "server_busy")

@@ -159,21 +159,17 @@ def optimizer_step(params, optimizer, scheduler, world: Dist, grad_clip: float) 
 RUN_FILES = ("adapter", "checkpoints", "config.json", "metrics.jsonl")  # what a training run writes into --out
 
 
-def check_run_out(cfg) -> list[Path]:
+def check_run_out(cfg, command: str) -> list[Path]:
     """Refuse an --out that overlaps the model, the adapter chain or the data, or that holds a run unless
     --resume or --overwrite says what to do with it; returns what --overwrite will replace. Cheap: it builds
     no built-in asset (those live in the cache, never in an --out)."""
     data_files = [] if cfg.data == "synth" else [("--data", resolve_data(cfg.data))]
     replaced = data.check_out(cfg.out, RUN_FILES, inputs=modeling.input_dirs(cfg.model, cfg.adapter),
                               data_files=data_files, resume=cfg.resume, overwrite=cfg.overwrite)
-    config = Path(cfg.out) / "config.json"
-    if cfg.resume and config.is_file():  # a resumed run goes on with the settings it was started with
-        old, new = json.loads(config.read_text()), dataclasses.asdict(cfg)
-        changed = [k for k in new if k not in RESUMABLE_CHANGES and k in old and old[k] != new[k]]
-        if changed:
-            detail = ", ".join(f"--{k.replace('_', '-')} {old[k]!r} -> {new[k]!r}" for k in changed)
-            raise data.UserError(f"--resume: the run in --out {cfg.out} was made with other settings ({detail}); "
-                                 "resume with the same settings, or --overwrite to replace it")
+    if cfg.resume:  # a resumed run goes on with the settings (and the command) it was started with
+        settings = dataclasses.asdict(cfg)
+        data.check_settings(cfg.out, command, settings, [k for k in settings if k not in RESUMABLE_CHANGES],
+                            "--resume it")
     return replaced
 
 
@@ -181,14 +177,14 @@ def check_run_out(cfg) -> list[Path]:
 RESUMABLE_CHANGES = ("resume", "overwrite", "log_every", "save_every", "keep_checkpoints", "max_steps", "epochs")
 
 
-def start_run(out: Path, cfg, world: Dist, replaced: list[Path], summary: str):
+def start_run(out: Path, cfg, command: str, world: Dist, replaced: list[Path], summary: str):
     """Replace an earlier run with --overwrite (its files only), write the run's config.json and open
     metrics.jsonl (rank 0 only; None elsewhere)."""
     if not world.is_main:
         return None
     data.clear_run(replaced)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    data.write_config(out, command, dataclasses.asdict(cfg))
     print(summary, file=sys.stderr)
     return open(out / "metrics.jsonl", "a")
 
@@ -270,6 +266,7 @@ def resume_point(cfg, out: Path, module, optimizer, scheduler, world: Dist) -> i
     if path is None:
         if cfg.resume and world.is_main:
             print(f"resume: no checkpoint under {out / 'checkpoints'}; starting fresh", file=sys.stderr)
+            (out / "metrics.jsonl").unlink(missing_ok=True)  # rows of a run killed before its first checkpoint
         return 0
     step = load_checkpoint(path, module, optimizer, scheduler, world)
     metrics = out / "metrics.jsonl"

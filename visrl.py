@@ -173,7 +173,8 @@ def sft(cfg: SFTConfig) -> Path:
     world = train.setup_distributed(cfg.device)
     train.seed_everything(cfg.seed)
     out = Path(cfg.out)
-    replaced = train.check_run_out(cfg)  # before any work: a refused --out costs nothing
+    replaced = train.check_run_out(cfg, "sft")  # before any work: a refused --out costs nothing
+    train.barrier(world)  # every rank has checked --out before rank 0 writes into it
     data_path = train.resolve_data(cfg.data, "train", cfg.seed)
     lora_cfg = modeling.LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     net, processor = train.prepare_model(cfg.model, cfg.adapter, lora_cfg, world, cfg.dtype, cfg.grad_checkpointing)
@@ -199,7 +200,7 @@ def sft(cfg: SFTConfig) -> Path:
     optimizer, scheduler = train.make_optimizer(params, cfg.lr, cfg.weight_decay, total_steps, cfg.warmup_ratio)
     global_batch = cfg.batch_size * cfg.grad_accum * world.world_size
     start_step = train.resume_point(cfg, out, objective, optimizer, scheduler, world)
-    metrics = train.start_run(out, cfg, world, replaced, (
+    metrics = train.start_run(out, cfg, "sft", world, replaced, (
         f"sft: {len(records)} records -> {len(samples)} samples; {total_steps} steps; global batch "
         f"{global_batch} = {cfg.batch_size} x {cfg.grad_accum} accum x {world.world_size} ranks; "
         f"{sum(p.numel() for p in params):,} trainable parameters"))
@@ -312,7 +313,7 @@ def build_dpo_samples(cfg: DPOConfig, pairs: list[data.Pair], processor, world: 
         except data.DataError as e:
             errors.append(str(e))
             continue
-        same_box += len(samples) < cfg.stage
+        same_box += cfg.stage == 2 and samples[0].kind != "box"  # its box step was dropped
         longest = max(max(len(s.chosen_ids), len(s.rejected_ids)) for s in samples)
         if longest > cfg.max_len:
             if cfg.error_on_long:
@@ -417,7 +418,8 @@ def dpo_train(cfg: DPOConfig) -> Path:
     world = train.setup_distributed(cfg.device)
     train.seed_everything(cfg.seed)
     out = Path(cfg.out)
-    replaced = train.check_run_out(cfg)
+    replaced = train.check_run_out(cfg, "dpo")
+    train.barrier(world)  # every rank has checked --out before rank 0 writes into it
     if cfg.stage == 2 and not cfg.adapter and world.is_main:
         print("warning: dpo --stage 2 without --init-adapter: the policy and the reference start from the base "
               "model, not from the stage-1 model", file=sys.stderr)
@@ -439,7 +441,7 @@ def dpo_train(cfg: DPOConfig) -> Path:
     optimizer, scheduler = train.make_optimizer(params, cfg.lr, cfg.weight_decay, total_steps, cfg.warmup_ratio)
     global_batch = cfg.batch_size * cfg.grad_accum * world.world_size
     start_step = train.resume_point(cfg, out, objective, optimizer, scheduler, world)
-    metrics = train.start_run(out, cfg, world, replaced, (
+    metrics = train.start_run(out, cfg, "dpo", world, replaced, (
         f"dpo stage {cfg.stage}: {len(grouped)} pairs; {total_steps} steps; global batch {global_batch} pairs "
         f"= {cfg.batch_size} x {cfg.grad_accum} accum x {world.world_size} ranks; reference = "
         f"{cfg.adapter or cfg.model} ({'precomputed' if cfg.precompute_ref else 'adapters off, per step'})"))

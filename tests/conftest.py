@@ -42,16 +42,17 @@ def synth_dir(tmp_path_factory):
 
 def write_pairs(records, path, seed=0):
     """Hand-made preference pairs from annotated records: the true box and answer are chosen; a
-    random box elsewhere and a wrong digit are rejected."""
+    random box elsewhere and another pattern are rejected."""
     import json
     import random
 
     import data
+    import synth
 
     rng = random.Random(seed)
     with open(path, "w") as f:
         for r in records:
-            wrong = str((int(r.answer) + rng.randint(1, 9)) % 10) if r.answer.isdigit() else r.answer + "?"
+            wrong = rng.choice([p for p in synth.SYNTH_PATTERNS if p != r.answer])
             pair = data.Pair(r, data.box_to_text(r.box, r.width, r.height),
                              data.box_to_text(data.random_box(r.width, r.height, rng), r.width, r.height),
                              r.answer, wrong)

@@ -299,6 +299,14 @@ def test_init_adapter_is_the_reference_and_the_stack_reloads(tiny_path, pairs_fi
                             f"net, _ = model.load_model({str(tiny_path)!r}); model.load_adapter(net, {str(out)!r})"],
                            cwd=tmp_path.parent, capture_output=True, text=True)
     assert moved.returncode == 0, moved.stderr[-2000:]
+    # the runs folder moved: the parent is found beside the child, vouched for by its content hash
+    moved_root = tmp_path / "moved"
+    moved_root.mkdir()
+    (tmp_path / "sft").rename(moved_root / "sft")
+    (tmp_path / "dpo").rename(moved_root / "dpo")
+    model.load_adapter(model.load_model(str(tiny_path))[0], moved_root / "dpo" / "adapter")
+    (moved_root / "sft").rename(tmp_path / "sft")
+    out = (moved_root / "dpo" / "adapter")
     # a parent changed after its child was trained on it is an error naming it, not a silently other model
     for m in model.lora_modules(net).values():
         torch.nn.init.normal_(m.lora_B.weight, std=0.05)

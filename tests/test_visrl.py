@@ -279,6 +279,8 @@ def test_every_entry_point_reports_an_expected_error_on_one_line(synth_dir, pair
         (["generate.py", "--attempts", "0", "--out", tmp_path / "e"], ["--attempts"]),
         (["evaluate.py", "--predictions", predictions, "--out", tmp_path / "f"],
          [f"{predictions}:1: field 'gt_box'", "[1, 2, 3]"]),
+        (["evaluate.py", "--endpoint", "http://127.0.0.1:9", "--data", synth_dir, "--limit", "1", "--out",
+          tmp_path / "g"], ["http://127.0.0.1:9/v1/chat/completions"]),  # nothing listens there
     ]
     started = [(start_cli(*argv), fragments) for argv, fragments in cases]  # together: most of each is imports
     for process, fragments in started:
