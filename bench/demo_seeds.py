@@ -3,7 +3,7 @@ its own folder), then writes the per-seed table, the mean +- standard error over
 differences the README claims, each marked as holding when it is beyond 2 standard errors.
 
     VISRL_CACHE=$(mktemp -d) python bench/demo_seeds.py --out runs/demo-seeds --seeds 0 1 2 3 4 --n-test 500
-    python bench/demo_seeds.py --out runs/demo-strong --seeds 0 --n-test 500 --demo-args "--sft-records 200"
+    python bench/demo_seeds.py --out runs/demo-strong --seeds 0 --n-test 500 --demo-args="--sft-records 200"
 
 Writes <out>/table.md (also printed) and <out>/table.json. A fresh VISRL_CACHE builds the tiny checkpoint from
 scratch, as a new machine does.
@@ -31,7 +31,7 @@ class Args:
     out: str = "runs/demo-seeds"  # one folder per seed, and table.md / table.json
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     n_test: int = 500  # held-out test questions per seed
-    demo_args: str = ""  # more `visrl.py demo` flags, e.g. "--sft-records 200"
+    demo_args: str = ""  # more `visrl.py demo` flags, e.g. --demo-args="--sft-records 200" (with the =)
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
