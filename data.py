@@ -471,16 +471,19 @@ def load_image(record: Record) -> Image.Image:
     except Exception as e:  # see _image_size
         raise DataError(f"{record.source}: field 'image': cannot read {record.image}: {e}") from e
 
+def relative_image(image, base_dir) -> str:
+    """An image path relative to base_dir when inside it (both resolved, as path_inside resolves), else absolute."""
+    img, base = os.path.abspath(image), str(Path(base_dir).resolve())
+    return os.path.relpath(img, base) if os.path.commonpath([img, base]) == base else img
+
 def write_records(path, records: list[Record]) -> None:
     """Write our JSONL; image paths relative to the file's folder when inside it, else absolute
     (read those back with an image_root that contains them)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    base = str(path.parent.resolve())  # image paths are resolved (path_inside)
     with open(path, "w", encoding="utf-8") as f:
         for r in records:
-            img = os.path.abspath(r.image)
-            rel = os.path.relpath(img, base) if os.path.commonpath([img, base]) == base else img
+            rel = relative_image(r.image, path.parent)
             boxes = [[int(v) if float(v).is_integer() else v for v in b] for b in r.boxes]  # 217, not 217.0
             f.write(json.dumps({"id": r.id, "image": rel, "question": r.question, "answers": r.answers,
                                 "boxes": boxes, "width": r.width, "height": r.height}) + "\n")
@@ -534,10 +537,8 @@ def read_pairs(path, image_root=None, skip_bad: bool = False, limit: int | None 
 
 def pair_json(pair: Pair, base_dir) -> dict:
     """The JSON object of a pair; the image path relative to base_dir when inside it, base_dir recorded."""
-    r, base = pair.record, str(Path(base_dir).resolve())
-    img = os.path.abspath(r.image)
-    rel = os.path.relpath(img, base) if os.path.commonpath([img, base]) == base else img
-    return {"id": r.id, "image": rel, "image_root": base, "question": r.question, "answers": r.answers,
+    r = pair.record
+    return {"id": r.id, "image": relative_image(r.image, base_dir), "image_root": str(Path(base_dir).resolve()), "question": r.question, "answers": r.answers,
             "boxes": [list(b) for b in r.boxes], "width": r.width, "height": r.height,
             "chosen_box": pair.chosen_box, "rejected_box": pair.rejected_box,
             "chosen_answer": pair.chosen_answer, "rejected_answer": pair.rejected_answer,
