@@ -524,7 +524,9 @@ def generate(cfg: GenerateConfig, sampler: Sampler | None = None, judge: Judge |
     # pairs.jsonl is derived from the finished lines (each holds its pair): rewriting it drops a pair
     # whose question was not finished and restores one lost between the two writes
     tmp = pair_path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(line["pair"]) + "\n" for line in lines if line["pair"] is not None))
+    # (lines written before pair files recorded their image root get this run's: their paths are relative to it)
+    tmp.write_text("".join(json.dumps({**line["pair"], "image_root": line["pair"].get("image_root", root)}) + "\n"
+                           for line in lines if line["pair"] is not None))
     os.replace(tmp, pair_path)
 
     todo = [i for i in range(len(records)) if i not in done]

@@ -548,3 +548,18 @@ def test_by_default_the_rule_scorer_reads_no_annotated_box(synth_dir, tmp_path):
     assert all(c["crop_score"] == generate.rule_answer_score(c["crop_answer"], line["answers"])
                for line in lines for c in line["candidates"] if c["dropped"] is None)
     assert generate.GenerateConfig().use_annotated_boxes is False
+
+
+def test_a_resumed_run_gives_older_pairs_their_image_root(synth_dir, tmp_path):
+    path, records = _records(synth_dir, tmp_path, 4)
+    out = tmp_path / "gen"
+    generate.generate(_cfg(path, synth_dir, out), Scripted(records))
+    lines = _read_lines(out / "candidates.jsonl")
+    for line in lines:  # as a run from before pair files recorded their root wrote them
+        if line["pair"]:
+            line["pair"].pop("image_root")
+    (out / "candidates.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    generate.generate(_cfg(path, synth_dir, out), Scripted(records))  # the same settings: resumes, nothing to do
+    pairs = data.read_pairs(out / "pairs.jsonl")  # no image_root given: each line names its own
+    assert len(pairs) == sum(line["pair"] is not None for line in lines) > 0
+    assert all(p.record.image.startswith(str(synth_dir.resolve())) for p in pairs)
