@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import transformers
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import (
@@ -153,10 +155,6 @@ def tiny_cache_key(cfg: "TinyConfig") -> str:
     """What determines the tiny checkpoint, hashed: its config, the tokenizer corpus, the code that builds it
     and the library versions whose initialisers draw its random weights. A change in any gives a new cache
     directory, so a fresh machine and an old one build the same model."""
-    import inspect
-
-    import transformers
-
     parts = [json.dumps(asdict(cfg), sort_keys=True), "\n".join(_tokenizer_corpus()), QWEN_VL_CHAT_TEMPLATE,
              json.dumps(QWEN_SPECIAL_TOKENS), QWEN_PRETOKENIZE_REGEX, torch.__version__, transformers.__version__]
     parts += [inspect.getsource(fn) for fn in (build_tokenizer, tiny_model_config, make_tiny)]
@@ -566,8 +564,6 @@ class Sampling:
 def generate(net: nn.Module, processor, prompts: list, sampling: Sampling = Sampling(),
              batch_size: int = 8, seed: int | None = None) -> list[str]:
     """Reply text for each (messages, images) prompt, rendered by data.render_chat; batched, left-padded."""
-    import data
-
     tokenizer, image_processor = processor.tokenizer, processor.image_processor
     pad_id, image_token_id = tokenizer.pad_token_id, net.config.image_token_id
     stop_ids = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
