@@ -193,8 +193,6 @@ def test_tiny_view_of_a_square_does_not_depend_on_a_pixel_of_its_size():
 
 
 def test_the_tiny_cache_key_changes_with_everything_that_builds_the_model(monkeypatch):
-    import transformers
-
     base = model.tiny_cache_key(model.TinyConfig())
     assert model.tiny_cache_key(model.TinyConfig()) == base  # deterministic
     assert model.tiny_cache_key(model.TinyConfig(hidden_size=64)) != base
@@ -203,7 +201,9 @@ def test_the_tiny_cache_key_changes_with_everything_that_builds_the_model(monkey
     monkeypatch.setattr(model, "_tokenizer_corpus", lambda: real_corpus() + ["one more line"])
     assert model.tiny_cache_key(model.TinyConfig()) != base
     monkeypatch.setattr(model, "_tokenizer_corpus", real_corpus)
-    monkeypatch.setattr(transformers, "__version__", "0.0.0")
+    # transformers 5 swaps its lazy module in sys.modules on `from transformers import ...`, so a fresh
+    # `import transformers` here may be another object than the one model.py reads: patch that one
+    monkeypatch.setattr(model.transformers, "__version__", "0.0.0")
     assert model.tiny_cache_key(model.TinyConfig()) != base
     monkeypatch.undo()
 
