@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 import data
+import synth
 
 # --------------------------------------------------------------------------------------------
 # Detection Acc@0.5, exactly as the official scorer computes it (Visual-CoT's REC calculation.py):
@@ -112,24 +112,6 @@ def parse_judge_score(reply: str | None) -> float:
     # upstream float()s the match and crashes on 'score: 0.5.'; we take its leading number instead
     number = _LEADING_NUMBER.match(found[0])
     return min(max(float(number.group()), 0.0), 1.0) if number else 0.0
-
-
-def judge_answer(endpoint: str, question: str, reference: str, prediction: str, model: str = "default",
-                 retries: int = 3, max_tokens: int = 256) -> tuple[float, str | None, str | None]:
-    """(score, reply, error) of one judge call; after `retries` failed calls the score is 0 (as upstream)."""
-    import evaluate  # the endpoint client; imported here because evaluate imports this module
-
-    error = None
-    for attempt in range(retries):
-        try:
-            reply = evaluate.chat_completion(endpoint, judge_messages(question, reference, prediction), model=model,
-                                             max_tokens=max_tokens, temperature=0.0)
-            return parse_judge_score(reply), reply, None
-        except evaluate.EndpointError as e:
-            error = str(e)
-            if attempt + 1 < retries:
-                time.sleep(0.2 * (attempt + 1))
-    return 0.0, None, error
 
 
 # --------------------------------------------------------------------------------------------
@@ -373,9 +355,7 @@ def read_items(data_arg: str, sets=(), image_root=None, limit: int | None = None
                seed: int = 0) -> list[Item]:
     """--data: a Visual-CoT release directory, a directory with test.jsonl, one file, or `synth` (its test split)."""
     if data_arg == "synth":
-        import train  # lazy: train imports torch
-
-        path = train.resolve_data("synth", "test", seed)
+        path = synth.resolve_data("synth", "test", seed)
         items = items_from_records(path, image_root, limit, skip_bad)
     else:
         path = Path(data_arg)

@@ -181,10 +181,6 @@ def crop_window(box: Box, width: int, height: int, rule: str = "vcot",
     return (int(max(0, cx - half)), int(max(0, cy - half)),
             int(min(width, cx + half)), int(min(height, cy + half)))
 
-def crop_image(image: Image.Image, box: Box, rule: str = "vcot") -> Image.Image:
-    """The crop of a box, by the given rule."""
-    return image.crop(crop_window(box, image.width, image.height, rule))
-
 # -----------------------------------------------------------------------------
 # records and readers
 
@@ -462,6 +458,11 @@ def read_records(path, image_root=None, skip_bad: bool = False, limit: int | Non
         return _record(kind[0](obj, name), root, source)
 
     return _read(path, image_root, skip_bad, limit, build)
+
+def cache_dir() -> Path:
+    """Where built-in assets (tiny model, synthetic data) are written: $VISRL_CACHE or ~/.cache/visrl."""
+    return Path(os.environ.get("VISRL_CACHE", Path.home() / ".cache" / "visrl"))
+
 
 def load_image(record: Record) -> Image.Image:
     """The record's image as RGB; a read failure is a DataError naming the record."""

@@ -8,8 +8,9 @@ annotation: SFT reads the boxes of the first --sft-records training records only
 on *other* training records with their boxes removed, so the rule scorer judges a box by the answers
 alone (the answer through its crop, and from the crop alone), as in the recipe: few box annotations,
 then the model labels new questions for itself.
-Each phase's equivalent CLI command is printed; a rerun into the same --out skips finished phases and
-resumes an interrupted one from its checkpoint.
+The training phases run as the commands a user types (`python visrl.py sft|dpo ...`, printed first), so
+the demo is the README's chain; generation and evaluation run in this process. A rerun into the same --out
+skips finished phases and resumes an interrupted one from its checkpoint.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from __future__ import annotations
 import json
 import math
 import random
+import shlex
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +31,6 @@ import data
 import evaluate
 import generate
 import synth
-import train
 
 
 @dataclass
@@ -109,23 +112,34 @@ def annotation_pairs(records: list[data.Record], path: Path, root: Path, seed: i
     return path
 
 
-def command_line(name: str, config) -> str:
-    """The equivalent CLI call of a phase (--data and the non-default fields), printed for the reader to rerun."""
-    fields = asdict(config)
-    default = type(config)(data=fields["data"])  # DPOConfig has no default for data; the rest do
-    flags = [f"--data {fields['data']}"]
-    for key, value in fields.items():
-        if key == "data" or value == getattr(default, key) or value is None:
-            continue
+VISRL = str(Path(__file__).with_name("visrl.py"))
+
+
+def flag_args(flags: dict) -> list[str]:
+    """Command-line flags for these fields (True -> --flag, False -> --no-flag), as tyro reads them."""
+    args = []
+    for key, value in flags.items():
         flag = "--" + key.replace("_", "-")
-        flags.append((flag if value else "--no-" + flag[2:]) if isinstance(value, bool) else f"{flag} {value}")
-    return f"python {name} " + " ".join(flags)
+        args += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+    return args
+
+
+def stage_args(subcommand: str, flags: dict) -> list[str]:
+    """The argv of `python visrl.py <subcommand>` with these flags."""
+    return [VISRL, subcommand, *flag_args(flags)]
+
+
+def run_stage(args: list[str]) -> None:
+    """Run one training stage as its own process, exactly the printed command; its errors are its own lines."""
+    print("demo: python " + shlex.join(["visrl.py", *args[1:]]), flush=True)
+    code = subprocess.run([sys.executable, *args]).returncode
+    if code != 0:
+        raise data.UserError(f"demo: `visrl.py {args[1]}` stopped with exit code {code} (its message is above); "
+                             "run the demo again to resume: finished phases are kept")
 
 
 def demo(cfg: DemoConfig) -> dict:
     """Run (or resume) the whole recipe; writes results.md/json and plots into --out; returns the results."""
-    import visrl  # the training loops; imported here because visrl imports this module for its CLI
-
     if cfg.quick:
         cfg = quick_config(cfg)
     if cfg.out is None:  # the quick run and the full one never share a folder
@@ -139,14 +153,14 @@ def demo(cfg: DemoConfig) -> dict:
                              f"(differs in: {sorted(k for k in asdict(cfg) if state['config'].get(k) != asdict(cfg)[k])})")
     done = {p["phase"]: p for p in state["phases"]}
 
-    def run_phase(name: str, phase_dir: Path, train_fn, adapter_in: Path | None, pairs: int | None = None,
+    def run_phase(name: str, phase_dir: Path, args: list[str], adapter_in: Path | None, pairs: int | None = None,
                   extra_seconds: float = 0.0) -> Path:
         adapter = phase_dir / "adapter"
         if name in done:
             print(f"demo: {name}: done earlier ({done[name]['seconds']:.0f} s)")
             return adapter
         start = time.time()
-        train_fn()  # resumes from the phase's newest checkpoint, if an earlier run left one
+        run_stage(args)  # --resume: from the phase's newest checkpoint, if an earlier run left one
         if not (adapter / "adapter.safetensors").exists():  # a signal stopped it: it saved a checkpoint instead
             raise SystemExit(f"demo: {name} stopped before its end; run the same command again to resume it")
         row = {"phase": name, **evaluate_phase(cfg, adapter, test_file, phase_dir), "pairs": pairs,
@@ -173,15 +187,14 @@ def demo(cfg: DemoConfig) -> dict:
     data.write_records(sft_file, records[:cfg.sft_records])
 
     # 2. SFT warm-up (the only phase that reads box annotations)
-    sft_cfg = visrl.SFTConfig(model=cfg.model, data=str(sft_file), out=str(out / "sft"), seed=cfg.seed,
-                              max_steps=cfg.sft_steps, focus_first_steps=cfg.sft_focus_first_steps,
-                              lr=cfg.sft_lr, batch_size=cfg.batch_size,
-                              lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, log_every=10,
-                              crop_alone_samples=True,  # generation's rule scorer asks the crop alone
-                              cache_pixels=True,  # 64 records: ~40 MB, and later epochs decode nothing
-                              save_every=50, resume=True)
-    print("demo: " + command_line("visrl.py sft", sft_cfg))
-    adapter = run_phase("sft", out / "sft", lambda: visrl.sft(sft_cfg), None)
+    sft_args = stage_args("sft", dict(model=cfg.model, data=sft_file, out=out / "sft", seed=cfg.seed,
+                                      max_steps=cfg.sft_steps, focus_first_steps=cfg.sft_focus_first_steps,
+                                      lr=cfg.sft_lr, batch_size=cfg.batch_size,
+                                      lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, log_every=10,
+                                      crop_alone_samples=True,  # generation's rule scorer asks the crop alone
+                                      cache_pixels=True,  # 64 records: ~40 MB, and later epochs decode nothing
+                                      save_every=50, resume=True))
+    adapter = run_phase("sft", out / "sft", sft_args, None)
 
     # 3. rounds of self-evolution: generate pairs with the current model, DPO stage 1, DPO stage 2
     for rnd in range(1, cfg.rounds + 1):
@@ -189,13 +202,13 @@ def demo(cfg: DemoConfig) -> dict:
         gen_dir = out / f"round{rnd}" / "generate"
         chunk = bare_records[(rnd - 1) * cfg.questions: rnd * cfg.questions] or bare_records[:cfg.questions]
         questions = write_questions_without_boxes(chunk, data_dir / f"questions_round{rnd}.jsonl")
-        gen_cfg = generate.GenerateConfig(model=cfg.model, adapter=str(adapter), data=str(questions), out=str(gen_dir),
-                                          seed=cfg.seed + rnd, attempts=cfg.attempts, temperature=cfg.gen_temperature,
-                                          top_p=cfg.gen_top_p, batch_size=64, chunk=32)
+        gen_flags = dict(model=cfg.model, adapter=str(adapter), data=str(questions), out=str(gen_dir),
+                         seed=cfg.seed + rnd, attempts=cfg.attempts, temperature=cfg.gen_temperature,
+                         top_p=cfg.gen_top_p, batch_size=64, chunk=32)
         gen_start = time.time()
         if not (gen_dir / "summary.json").exists():  # written when generation finishes (it resumes itself)
-            print("demo: " + command_line("generate.py", gen_cfg))
-            generate.generate(gen_cfg)
+            print("demo: python " + shlex.join(["generate.py", *flag_args(gen_flags)]), flush=True)
+            generate.generate(generate.GenerateConfig(**gen_flags))
         pairs_file = gen_dir / "pairs.jsonl"
         n_pairs = sum(1 for line in pairs_file.open() if line.strip())
         if n_pairs == 0 and cfg.quick:
@@ -208,13 +221,13 @@ def demo(cfg: DemoConfig) -> dict:
                                  "the SFT model never answers right and wrong on the same question")
         for stage in (1, 2):
             stage_dir = out / f"round{rnd}" / f"dpo{stage}"
-            dpo_cfg = visrl.DPOConfig(data=str(pairs_file), stage=stage, model=cfg.model, adapter=str(adapter),
-                                      image_root=str(data_dir), out=str(stage_dir), seed=cfg.seed,
-                                      epochs=cfg.dpo_epochs, lr=cfg.dpo_lr, beta=cfg.dpo_beta,
-                                      nll_weight=cfg.dpo_nll_weight, batch_size=cfg.dpo_batch_size,
-                                      lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, save_every=50, resume=True)
-            print("demo: " + command_line("visrl.py dpo", dpo_cfg))
-            adapter = run_phase(f"dpo stage {stage}{tag}", stage_dir, lambda c=dpo_cfg: visrl.dpo_train(c), adapter,
+            dpo_args = stage_args("dpo", dict(data=pairs_file, stage=stage, model=cfg.model, adapter=adapter,
+                                              image_root=data_dir, out=stage_dir, seed=cfg.seed,
+                                              epochs=cfg.dpo_epochs, lr=cfg.dpo_lr, beta=cfg.dpo_beta,
+                                              nll_weight=cfg.dpo_nll_weight, batch_size=cfg.dpo_batch_size,
+                                              lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, save_every=50,
+                                              resume=True))
+            adapter = run_phase(f"dpo stage {stage}{tag}", stage_dir, dpo_args, adapter,
                                 pairs=n_pairs, extra_seconds=time.time() - gen_start if stage == 1 else 0.0)
 
     total = state.get("data_seconds", 0.0) + sum(p["seconds"] for p in state["phases"])

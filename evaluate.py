@@ -30,10 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import tyro
 from PIL import Image, ImageDraw
 
 import benchmark
 import data
+import model as modeling
 
 # --------------------------------------------------------------------------------------------
 # Offline answer scores. A reference may be one string or a list of acceptable strings; the score
@@ -167,6 +169,22 @@ def chat_completion(endpoint: str, messages: list[dict], model: str = "default",
         raise EndpointError(f"{url}: unexpected response shape: {str(payload)[:300]}") from e
 
 
+def judge_answer(endpoint: str, question: str, reference: str, prediction: str, model: str = "default",
+                 retries: int = 3, max_tokens: int = 256) -> tuple[float, str | None, str | None]:
+    """(score, reply, error) of one judge call; after `retries` failed calls the score is 0 (as upstream)."""
+    error = None
+    for attempt in range(retries):
+        try:
+            reply = chat_completion(endpoint, benchmark.judge_messages(question, reference, prediction), model=model,
+                                   max_tokens=max_tokens, temperature=0.0)
+            return benchmark.parse_judge_score(reply), reply, None
+        except EndpointError as e:
+            error = str(e)
+            if attempt + 1 < retries:
+                time.sleep(0.2 * (attempt + 1))
+    return 0.0, None, error
+
+
 # --------------------------------------------------------------------------------------------
 # Inference: step 1 box (the model's, or an ablation's), crop, step 2 answer. One predictions.jsonl
 # line per item, appended and flushed as each batch finishes; a rerun skips the items already there.
@@ -196,6 +214,31 @@ def ablation_box(item: benchmark.Item, mode: str, width: int, height: int, seed:
     raise ValueError(f"no ablation box for mode {mode!r}")
 
 
+def two_step(generate_fn, images: list[Image.Image], focus_prompts: list[list[dict]], questions: list[str | None],
+             crop_rule: str = "vcot", boxes: list[tuple[str, tuple]] | None = None) -> list[dict]:
+    """The Visual-CoT inference, one row per image: step 1 asks for a box (focus_prompts; or takes `boxes`,
+    (text, pixel box) per image, for the ablations) -> parse -> crop (an unusable box crops the whole image, as
+    upstream's fallback box [0, 0, 1, 1] does) -> step 2 answers the question with image and crop (a None
+    question: no answer step, e.g. REC). generate_fn maps [(messages, images)] to reply texts. Used by
+    evaluate, `visrl.py infer` and `visrl.py serve`. Rows: box_text, box (pixels or None), box_parsed, crop, answer."""
+    if boxes is None:
+        texts = [t.strip() for t in generate_fn([(m, [im]) for m, im in zip(focus_prompts, images)])]
+        boxes = [(text, data.text_to_box(text, *im.size)) for text, im in zip(texts, images)]
+    rows, crops = [], []
+    for im, (text, box) in zip(images, boxes):
+        w, h = im.size
+        window = data.crop_window(box if box is not None else (0, 0, w, h), w, h, rule=crop_rule)
+        rows.append({"box_text": text, "box": None if box is None else [float(v) for v in box],
+                     "box_parsed": box is not None, "crop": list(window), "answer": None})
+        crops.append(im.crop(window))
+    asks = [i for i, q in enumerate(questions) if q is not None]
+    if asks:
+        replies = generate_fn([(data.answer_messages(questions[i]), [images[i], crops[i]]) for i in asks])
+        for i, reply in zip(asks, replies):
+            rows[i]["answer"] = reply.strip()
+    return rows
+
+
 def predict_batch(items: list[benchmark.Item], generate_fn, box: str = "model", official_prompt: bool = False,
                   crop_rule: str = "vcot", seed: int = 0) -> list[dict]:
     """Prediction rows for a batch of items; generate_fn maps [(messages, images)] to reply texts."""
@@ -210,26 +253,11 @@ def predict_batch(items: list[benchmark.Item], generate_fn, box: str = "model", 
         for row, reply in zip(rows, replies):
             row["answer"] = reply.strip()
         return rows
-    if box == "model":
-        texts = [t.strip() for t in generate_fn([(focus_prompt(it, official_prompt), [im])
-                                                 for it, im in zip(items, images)])]
-    crops = []
-    for i, (it, im, row) in enumerate(zip(items, images, rows)):
-        w, h = im.size
-        if box == "model":
-            text, pixel_box = texts[i], data.text_to_box(texts[i], w, h)
-        else:
-            text, pixel_box = ablation_box(it, box, w, h, seed)
-        # an unusable box crops the whole image, as upstream's fallback box [0, 0, 1, 1] does
-        window = data.crop_window(pixel_box if pixel_box is not None else (0, 0, w, h), w, h, rule=crop_rule)
-        row.update(box_text=text, box=None if pixel_box is None else [float(v) for v in pixel_box],
-                   box_parsed=pixel_box is not None, crop=list(window))
-        crops.append(im.crop(window))
-    asks = [i for i, it in enumerate(items) if it.kind == "vqa"]
-    if asks:
-        replies = generate_fn([(data.answer_messages(items[i].question), [images[i], crops[i]]) for i in asks])
-        for i, reply in zip(asks, replies):
-            rows[i]["answer"] = reply.strip()
+    boxes = None if box == "model" else [ablation_box(it, box, *im.size, seed) for it, im in zip(items, images)]
+    steps = two_step(generate_fn, images, [focus_prompt(it, official_prompt) for it in items],
+                     [it.question if it.kind == "vqa" else None for it in items], crop_rule, boxes)
+    for row, step in zip(rows, steps):
+        row.update(step)
     return rows
 
 
@@ -340,10 +368,7 @@ def model_generator(cfg: "EvalConfig"):
                 return list(pool.map(call, prompts))
         return generate_endpoint
 
-    import model as modeling
-    import serve  # imported here: serve imports this module; the same loading as `visrl.py infer|serve`
-
-    net, processor = serve.load_net(cfg.model, cfg.adapter, cfg.device, cfg.dtype)  # adapter merged, eval mode
+    net, processor = modeling.load(cfg.model, cfg.adapter, cfg.device, cfg.dtype)  # adapter merged, eval mode
     sampling = modeling.Sampling(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
     return lambda prompts: modeling.generate(net, processor, prompts, sampling, batch_size=cfg.batch_size, seed=cfg.seed)
 
@@ -395,7 +420,7 @@ def run_judge(rows: list[dict], cfg: "EvalConfig") -> dict:
     todo = [r for r in rows if r.get("answers") and r.get("answer") is not None and not cached(r)]
     if todo:
         with open(path, "a", encoding="utf-8") as f, ThreadPoolExecutor(max_workers=max(1, cfg.judge_workers)) as pool:
-            futures = {pool.submit(benchmark.judge_answer, cfg.judge_endpoint, r.get("judge_question") or r.get("question", ""),
+            futures = {pool.submit(judge_answer, cfg.judge_endpoint, r.get("judge_question") or r.get("question", ""),
                                    r["answers"][0], r["answer"], cfg.judge_model): r for r in todo}
             for future in tqdm(as_completed(futures), total=len(todo), desc="judge", dynamic_ncols=True):
                 r = futures[future]
@@ -652,8 +677,6 @@ RESCORE_FILES = ("judge.jsonl", "results.json", "results.md", "pictures")  # wha
 def check_eval_out(cfg: EvalConfig) -> list[Path]:
     """Refuse an --out that overlaps the model, adapter or data; --overwrite returns the earlier run's files
     to replace (without it, the same settings resume it and other settings are refused by data.check_settings)."""
-    import model as modeling  # imported here: --predictions and --endpoint runs need no torch
-
     inputs = [] if cfg.endpoint else modeling.input_dirs(cfg.model, cfg.adapter)
     data_files = [] if cfg.data == "synth" else [("--data", cfg.data)]
     return data.check_out(cfg.out, OUT_FILES, inputs=inputs, data_files=data_files,
@@ -705,8 +728,6 @@ def evaluate(cfg: EvalConfig, generate_fn=None) -> dict:
 
 
 def main() -> None:
-    import tyro
-
     data.cli(lambda: tyro.cli(EvalConfig), evaluate)
 
 

@@ -37,6 +37,8 @@ from tqdm import tqdm
 
 import data
 import evaluate
+import model as modeling
+import synth
 
 # --------------------------------------------------------------------------------------------
 # Config.
@@ -264,20 +266,11 @@ class LocalSampler:
     """The in-process model: every prompt of a step in one model.generate call (batched, left-padded)."""
 
     def __init__(self, cfg: GenerateConfig):
-        import model as modeling
-        import train
-
-        device = train.setup_distributed(cfg.device).device
-        self.net, self.processor = modeling.load_model(cfg.model, dtype=train.resolve_dtype(cfg.dtype, device),
-                                                       device=device)
-        if cfg.adapter:  # generation needs no separate adapter: merged weights are faster
-            modeling.load_adapter(self.net, cfg.adapter)
-            modeling.merge_lora(self.net)
+        device = modeling.setup_distributed(cfg.device).device  # under torchrun: this rank's device
+        self.net, self.processor = modeling.load(cfg.model, cfg.adapter, str(device), cfg.dtype)  # adapter merged
         self.batch_size = cfg.batch_size
 
     def __call__(self, prompts, sampling, seed):
-        import model as modeling
-
         return modeling.generate(self.net, self.processor, prompts, sampling, self.batch_size, seed)
 
 
@@ -320,8 +313,6 @@ def _box_list(box):
 def run_chunk(cfg: GenerateConfig, items: list[tuple[int, data.Record]], sampler: Sampler,
               judge: Judge | None, chunk_seed: int, root: str) -> list[dict]:
     """The candidates.jsonl line of each (index, record): its candidates with scores, verdict and pair."""
-    import model as modeling  # Sampling only; the import is cheap once the sampler has loaded torch
-
     policy = modeling.Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
     greedy = modeling.Sampling(cfg.max_new_tokens, 0.0)
     processor = getattr(sampler, "processor", None)
@@ -486,9 +477,6 @@ def summarize(lines: list[dict]) -> dict:
 
 def generate(cfg: GenerateConfig, sampler: Sampler | None = None, judge: Judge | None = None) -> dict:
     """Make candidates and pairs for every question in cfg.data into cfg.out, resuming; returns the summary."""
-    import model as modeling  # imported here so the pure functions above load without torch
-    import train  # resolve_data (and `synth`)
-
     if cfg.attempts < 1 or cfg.chunk < 1 or cfg.batch_size < 1:
         raise data.UserError("--attempts, --chunk and --batch-size must be at least 1")
     if cfg.box_form == "pixel" and cfg.endpoint:
@@ -497,13 +485,13 @@ def generate(cfg: GenerateConfig, sampler: Sampler | None = None, judge: Judge |
         judge = endpoint_judge(cfg)
     out = Path(cfg.out)
     inputs = modeling.input_dirs(None if cfg.endpoint else cfg.model, cfg.adapter)
-    data_files = [] if cfg.data == "synth" else [("--data", train.resolve_data(cfg.data, cfg.split))]
+    data_files = [] if cfg.data == "synth" else [("--data", synth.resolve_data(cfg.data, cfg.split))]
     # the same settings resume the run in --out; --overwrite replaces it once the data has been read
     replaced = data.check_out(out, OUT_FILES, inputs=inputs, data_files=data_files,
                               resume=not cfg.overwrite, overwrite=cfg.overwrite)
     if not replaced:  # a rerun in the same --out resumes: with the same settings only
         data.check_settings(out, "generate", dataclasses.asdict(cfg), RESUME_KEYS, "rerun it")
-    data_path = train.resolve_data(cfg.data, cfg.split, cfg.seed)
+    data_path = synth.resolve_data(cfg.data, cfg.split, cfg.seed)
     root = str(Path(cfg.image_root if cfg.image_root is not None else Path(data_path).parent).resolve())
     records = data.read_records(data_path, image_root=cfg.image_root, skip_bad=cfg.skip_bad_records, limit=cfg.limit)
     if sampler is None:  # loaded before --overwrite deletes anything: an unusable model or adapter costs nothing

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import transformers
 from safetensors import SafetensorError
@@ -244,11 +245,6 @@ def make_tiny(out_dir: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
     return out_dir
 
 
-def cache_dir() -> Path:
-    """Where built-in assets (tiny model, synthetic data) are written: $VISRL_CACHE or ~/.cache/visrl."""
-    return Path(os.environ.get("VISRL_CACHE", Path.home() / ".cache" / "visrl"))
-
-
 TINY_NAMES = ("tiny", "tiny-qwen2.5-vl", "tiny-qwen2-vl")  # the built-in model's names for --model
 
 
@@ -257,7 +253,7 @@ def resolve_model_path(model: str) -> Path:
     if model in TINY_NAMES:
         arch = "qwen2-vl" if model == "tiny-qwen2-vl" else "qwen2.5-vl"
         cfg = TinyConfig(arch=arch)
-        path = cache_dir() / f"tiny-{arch}-{tiny_cache_key(cfg)}"
+        path = data.cache_dir() / f"tiny-{arch}-{tiny_cache_key(cfg)}"
         if not (path / "config.json").exists():
             print(f"building the tiny {arch} checkpoint into {path} (once)", file=sys.stderr)
             make_tiny(path, cfg)
@@ -300,6 +296,17 @@ def load_model(model: str, dtype: torch.dtype = torch.float32, device: str | tor
         raise data.UserError(f"{path}: unusable checkpoint ({type(e).__name__}: {str(e)[:300]})") from e
     net = net.to(device)
     net.name_or_path = str(path)
+    return net, processor
+
+
+def load(model: str, adapter: str | None = None, device: str = "auto", dtype: str = "auto"):
+    """(net, processor) for inference: the checkpoint with its adapter chain merged, in eval mode."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    net, processor = load_model(model, dtype=resolve_dtype(dtype, device), device=device)
+    if adapter:
+        load_adapter(net, adapter)
+        merge_lora(net)  # plain linears: faster inference, same outputs
+    net.eval()
     return net, processor
 
 
@@ -602,7 +609,41 @@ def generate(net: nn.Module, processor, prompts: list, sampling: Sampling = Samp
 
 
 # --------------------------------------------------------------------------------------------
-# FSDP2 sharding for torchrun runs.
+# Processes, devices and FSDP2 sharding for torchrun runs.
+
+
+@dataclass
+class Dist:
+    """This process's place in the run (world size 1 for a plain `python` run)."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """Join torchrun's process group if launched by torchrun (nccl on CUDA, gloo on CPU)."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank, world_size, dev)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` = bf16 weights on CUDA (adapters stay fp32), fp32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
 
 
 def shard(root: nn.Module, net: nn.Module, mixed_precision: bool) -> None:

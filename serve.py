@@ -36,38 +36,6 @@ from PIL import Image
 import data
 import evaluate
 import model as modeling
-import train
-
-
-def load_net(model: str, adapter: str | None, device: str = "auto", dtype: str = "auto"):
-    """(net, processor) for inference: the checkpoint with its adapter merged, in eval mode."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    net, processor = modeling.load_model(model, dtype=train.resolve_dtype(dtype, device), device=device)
-    if adapter:
-        modeling.load_adapter(net, adapter)
-        modeling.merge_lora(net)  # plain linears: faster inference, same outputs
-    net.eval()
-    return net, processor
-
-
-def visual_cot(generate_fn, images: list[Image.Image], questions: list[str], crop_rule: str = "vcot") -> list[dict]:
-    """Focus -> box text -> parse -> crop -> answer for each (image, question): evaluate.predict_batch's steps
-    with the model's box. generate_fn maps [(messages, images)] to replies. Rows: box_text, box (pixels or
-    None), box_parsed, crop (window), answer."""
-    texts = [t.strip() for t in generate_fn([(data.focus_messages(q), [im]) for im, q in zip(images, questions)])]
-    rows, crops = [], []
-    for im, text in zip(images, texts):
-        w, h = im.size
-        box = data.text_to_box(text, w, h)
-        # an unusable box crops the whole image, as evaluate (and upstream's [0, 0, 1, 1]) does
-        window = data.crop_window(box if box is not None else (0, 0, w, h), w, h, rule=crop_rule)
-        rows.append({"box_text": text, "box": None if box is None else [float(v) for v in box],
-                     "box_parsed": box is not None, "crop": list(window)})
-        crops.append(im.crop(window))
-    replies = generate_fn([(data.answer_messages(q), [im, c]) for im, q, c in zip(images, questions, crops)])
-    for row, reply in zip(rows, replies):
-        row["answer"] = reply.strip()
-    return rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,10 +79,10 @@ def infer_command(cfg: InferConfig) -> dict:
     if (out.exists() or out.is_symlink()) and not cfg.overwrite:
         raise data.UserError(f"--out {cfg.out} exists; choose another --out or pass --overwrite")
     torch.manual_seed(cfg.seed)
-    net, processor = load_net(cfg.model, cfg.adapter, cfg.device, cfg.dtype)
+    net, processor = modeling.load(cfg.model, cfg.adapter, cfg.device, cfg.dtype)
     sampling = modeling.Sampling(max_new_tokens=cfg.max_new_tokens)
-    row = visual_cot(lambda prompts: modeling.generate(net, processor, prompts, sampling, seed=cfg.seed),
-                     [image], [cfg.question], cfg.crop)[0]
+    row = evaluate.two_step(lambda prompts: modeling.generate(net, processor, prompts, sampling, seed=cfg.seed),
+                            [image], [data.focus_messages(cfg.question)], [cfg.question], cfg.crop)[0]
     row = {"image": str(Path(cfg.image).resolve()), "question": cfg.question, "width": image.width,
            "height": image.height, **row, "picture": str(Path(cfg.out))}
     evaluate.draw_picture(row, cfg.out)
@@ -459,7 +427,9 @@ class Worker(threading.Thread):
             def generate_fn(prompts):
                 steps.append(self._generate(prompts, batch[0]))
                 return [r[0] for r in steps[-1]]
-            rows = visual_cot(generate_fn, [j.images[0] for j in batch], [j.question for j in batch], self.cfg.crop)
+            questions = [j.question for j in batch]
+            rows = evaluate.two_step(generate_fn, [j.images[0] for j in batch], [data.focus_messages(q) for q in questions],
+                                     questions, self.cfg.crop)
             for i, (job, row) in enumerate(zip(batch, rows)):
                 focus, answer = steps[0][i], steps[1][i]
                 job.result = completion(self.cfg, row["answer"], focus[1] + answer[1], focus[2] + answer[2], answer[3])
@@ -629,7 +599,7 @@ def make_server(cfg: ServeConfig, net=None, processor=None) -> tuple[Server, Wor
         raise data.UserError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from e
     try:
         if net is None:
-            net, processor = load_net(cfg.model, cfg.adapter, cfg.device, cfg.dtype)
+            net, processor = modeling.load(cfg.model, cfg.adapter, cfg.device, cfg.dtype)
         torch.manual_seed(cfg.seed)
         worker = Worker(net, processor, cfg)
     except BaseException:
@@ -638,13 +608,6 @@ def make_server(cfg: ServeConfig, net=None, processor=None) -> tuple[Server, Wor
     worker.start()
     httpd.RequestHandlerClass = make_handler(cfg, worker)
     return httpd, worker
-
-
-def stop_server(httpd: Server, worker: Worker) -> None:
-    """Stop accepting (serve_forever must be running in another thread), close the socket, finish queued jobs."""
-    httpd.shutdown()
-    httpd.server_close()
-    worker.stop()
 
 
 def serve_command(cfg: ServeConfig) -> None:

@@ -20,11 +20,14 @@ finding the one coloured frame among grey ones is learnt in a few hundred LoRA s
 import json
 import os
 import random
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+import data
 
 SYNTH_VERSION = 3  # bump when the generator changes: cached copies are keyed by it
 SYNTH_COLORS = {"red": (220, 30, 30), "green": (20, 150, 40), "blue": (30, 60, 220),
@@ -147,3 +150,16 @@ def make_synth(out_dir, n_train: int = 2000, n_val: int = 200, n_test: int = 200
             paths[split] = out / f"{split}.jsonl"
             paths[split].write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return paths
+
+
+def resolve_data(path: str, split: str = "train", seed: int = 0) -> Path:
+    """`synth` -> the cached synthetic set (built on first use); a directory -> its `<split>.jsonl`."""
+    if path == "synth":
+        sizes = {"n_train": 2000, "n_val": 200, "n_test": 200}
+        root = data.cache_dir() / f"synth-v{SYNTH_VERSION}-seed{seed}-{cache_key(seed, **sizes)}"
+        if not (root / "test.jsonl").exists():
+            print(f"building the synthetic set into {root} (once; a few minutes on 2 cores)", file=sys.stderr)
+            make_synth(root, seed=seed, **sizes)
+        return root / f"{split}.jsonl"
+    p = Path(path)
+    return p / f"{split}.jsonl" if p.is_dir() else p

@@ -15,7 +15,6 @@ import shutil
 import signal
 import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,52 +38,6 @@ import synth
 # Shared plumbing: process group, device, dtype, data resolution, metrics.
 
 
-@dataclass
-class Dist:
-    """This process's place in the run (world size 1 for a plain `python` run)."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str = "auto") -> Dist:
-    """Join torchrun's process group if launched by torchrun (nccl on CUDA, gloo on CPU)."""
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Dist(rank, world_size, dev)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto` = bf16 weights on CUDA (adapters stay fp32), fp32 on CPU."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-
-
-def resolve_data(path: str, split: str = "train", seed: int = 0) -> Path:
-    """`synth` -> the cached synthetic set (built on first use); a directory -> its `<split>.jsonl`."""
-    if path == "synth":
-        sizes = {"n_train": 2000, "n_val": 200, "n_test": 200}
-        root = modeling.cache_dir() / f"synth-v{synth.SYNTH_VERSION}-seed{seed}-{synth.cache_key(seed, **sizes)}"
-        if not (root / "test.jsonl").exists():
-            print(f"building the synthetic set into {root} (once; a few minutes on 2 cores)", file=sys.stderr)
-            synth.make_synth(root, seed=seed, **sizes)
-        return root / f"{split}.jsonl"
-    p = Path(path)
-    return p / f"{split}.jsonl" if p.is_dir() else p
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -99,19 +52,19 @@ def cosine_schedule(step: int, total: int, warmup_ratio: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def all_reduce_sum(value: torch.Tensor, world: Dist) -> torch.Tensor:
+def all_reduce_sum(value: torch.Tensor, world: modeling.Dist) -> torch.Tensor:
     if world.world_size > 1:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
 
 
-def prepare_model(model_path: str, adapter: str | None, lora: modeling.LoRAConfig, world: Dist,
+def prepare_model(model_path: str, adapter: str | None, lora: modeling.LoRAConfig, world: modeling.Dist,
                   dtype_name: str, grad_checkpointing: bool):
     """Load the base, merge a previous phase's adapter into it, add a fresh adapter to train.
 
     With adapters off, the returned model is exactly the start of this phase: the reference.
     """
-    net, processor = modeling.load_model(model_path, dtype=resolve_dtype(dtype_name, world.device),
+    net, processor = modeling.load_model(model_path, dtype=modeling.resolve_dtype(dtype_name, world.device),
                                          device=world.device)
     if adapter:
         modeling.load_adapter(net, adapter)
@@ -135,7 +88,7 @@ def make_optimizer(params, lr: float, weight_decay: float, total_steps: int, war
     return optimizer, scheduler
 
 
-def reduce_gradients(params, world: Dist) -> None:
+def reduce_gradients(params, world: modeling.Dist) -> None:
     """Sum gradients over ranks: losses are normalised by global counts, so the sum is the gradient
     of the global-batch objective, exactly as one process would compute it."""
     if world.world_size > 1:
@@ -144,7 +97,7 @@ def reduce_gradients(params, world: Dist) -> None:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
 
 
-def optimizer_step(params, optimizer, scheduler, world: Dist, grad_clip: float) -> tuple[torch.Tensor, float]:
+def optimizer_step(params, optimizer, scheduler, world: modeling.Dist, grad_clip: float) -> tuple[torch.Tensor, float]:
     """Reduce gradients over ranks, clip, step. Returns the gradient norm (a tensor: no host sync
     here) and the learning rate this step used."""
     reduce_gradients(params, world)
@@ -163,7 +116,7 @@ def check_run_out(cfg, command: str) -> list[Path]:
     """Refuse an --out that overlaps the model, the adapter chain or the data, or that holds a run unless
     --resume or --overwrite says what to do with it; returns what --overwrite will replace. Cheap: it builds
     no built-in asset (those live in the cache, never in an --out)."""
-    data_files = [] if cfg.data == "synth" else [("--data", resolve_data(cfg.data))]
+    data_files = [] if cfg.data == "synth" else [("--data", synth.resolve_data(cfg.data))]
     replaced = data.check_out(cfg.out, RUN_FILES, inputs=modeling.input_dirs(cfg.model, cfg.adapter),
                               data_files=data_files, resume=cfg.resume, overwrite=cfg.overwrite)
     if cfg.resume:  # a resumed run goes on with the settings (and the command) it was started with
@@ -177,7 +130,7 @@ def check_run_out(cfg, command: str) -> list[Path]:
 RESUMABLE_CHANGES = ("resume", "overwrite", "log_every", "save_every", "keep_checkpoints", "max_steps", "epochs")
 
 
-def start_run(out: Path, cfg, command: str, world: Dist, replaced: list[Path], summary: str):
+def start_run(out: Path, cfg, command: str, world: modeling.Dist, replaced: list[Path], summary: str):
     """Replace an earlier run with --overwrite (its files only), write the run's config.json and open
     metrics.jsonl (rank 0 only; None elsewhere)."""
     if not world.is_main:
@@ -211,7 +164,7 @@ def latest_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(out: Path, step: int, module, optimizer, scheduler, world: Dist, keep: int) -> Path:
+def save_checkpoint(out: Path, step: int, module, optimizer, scheduler, world: modeling.Dist, keep: int) -> Path:
     """Write <out>/checkpoints/step_<step> (collective: every rank calls it)."""
     root = out / "checkpoints"
     final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
@@ -239,7 +192,7 @@ def save_checkpoint(out: Path, step: int, module, optimizer, scheduler, world: D
     return final
 
 
-def load_checkpoint(path: Path, module, optimizer, scheduler, world: Dist) -> int:
+def load_checkpoint(path: Path, module, optimizer, scheduler, world: modeling.Dist) -> int:
     """Restore a checkpoint into the freshly built run; returns the step it was taken after."""
     meta = json.loads((path / "meta.json").read_text())
     if meta["world_size"] != world.world_size:
@@ -260,7 +213,7 @@ def load_checkpoint(path: Path, module, optimizer, scheduler, world: Dist) -> in
     return meta["step"]
 
 
-def resume_point(cfg, out: Path, module, optimizer, scheduler, world: Dist) -> int:
+def resume_point(cfg, out: Path, module, optimizer, scheduler, world: modeling.Dist) -> int:
     """With --resume: load the newest good checkpoint, drop metrics rows logged after it; else 0."""
     path = latest_checkpoint(out) if cfg.resume else None
     if path is None:
@@ -286,7 +239,7 @@ def _row_step(line: str) -> int | None:
         return None  # a line torn by the kill
 
 
-def barrier(world: Dist) -> None:
+def barrier(world: modeling.Dist) -> None:
     if world.world_size > 1:
         dist.barrier()
 
@@ -301,7 +254,7 @@ class StopOnSignal:
     def _handle(self, signum, frame):
         self.requested = True
 
-    def should_stop(self, world: Dist) -> bool:
+    def should_stop(self, world: modeling.Dist) -> bool:
         """Agreed across ranks: one rank's signal stops all of them at the same step."""
         if world.world_size == 1:
             return self.requested
@@ -313,7 +266,7 @@ class StopOnSignal:
             signal.signal(sig, handler)
 
 
-def end_of_step(cfg, out: Path, done: int, total_steps: int, objective: nn.Module, optimizer, scheduler, world: Dist,
+def end_of_step(cfg, out: Path, done: int, total_steps: int, objective: nn.Module, optimizer, scheduler, world: modeling.Dist,
                 stopper: StopOnSignal) -> bool:
     """Checkpoint when due (every --save-every steps, at the end, on a stop signal); True = stop now."""
     stop = stopper.should_stop(world)
@@ -324,7 +277,7 @@ def end_of_step(cfg, out: Path, done: int, total_steps: int, objective: nn.Modul
     return stop
 
 
-def finish_run(out: Path, objective: nn.Module, lora_cfg: modeling.LoRAConfig, world: Dist, metrics,
+def finish_run(out: Path, objective: nn.Module, lora_cfg: modeling.LoRAConfig, world: modeling.Dist, metrics,
                stopper: StopOnSignal, name: str) -> Path:
     """Close the log and, unless a signal stopped the run early, write the final adapter: a full
     (unsharded) state gathered from every rank, saved by rank 0."""
@@ -342,7 +295,7 @@ def finish_run(out: Path, objective: nn.Module, lora_cfg: modeling.LoRAConfig, w
     return out / "adapter"
 
 
-def batch_stream(n_items: int, batch_size: int, world: Dist, seed: int, start: int):
+def batch_stream(n_items: int, batch_size: int, world: modeling.Dist, seed: int, start: int):
     """This rank's batches of item indices over endless epochs, from micro-batch `start` on (resume
     skips to its data position without loading anything)."""
     per_epoch = len(epoch_batches(n_items, batch_size, world, seed, 0))
@@ -352,7 +305,7 @@ def batch_stream(n_items: int, batch_size: int, world: Dist, seed: int, start: i
         epoch, offset = epoch + 1, 0
 
 
-def wrap_objective(objective: nn.Module, cfg, world: Dist) -> nn.Module:
+def wrap_objective(objective: nn.Module, cfg, world: modeling.Dist) -> nn.Module:
     """Under torchrun (and unless --no-fsdp), shard with FSDP2, the objective as the root unit."""
     if world.world_size > 1 and cfg.fsdp:
         modeling.shard(objective, objective.net, mixed_precision=world.device.type == "cuda")
@@ -360,7 +313,7 @@ def wrap_objective(objective: nn.Module, cfg, world: Dist) -> nn.Module:
 
 
 
-def epoch_batches(n_samples: int, batch_size: int, world: Dist, seed: int, epoch: int) -> list[list[int]]:
+def epoch_batches(n_samples: int, batch_size: int, world: modeling.Dist, seed: int, epoch: int) -> list[list[int]]:
     """This rank's batches of sample indices for one epoch: one shared shuffle, split without overlap."""
     order = list(range(n_samples))
     random.Random(seed * 1000003 + epoch).shuffle(order)

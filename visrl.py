@@ -108,7 +108,7 @@ class SFTDataset(torch.utils.data.Dataset):
         return {"input_ids": sample.input_ids, "labels": sample.labels, **pixels}
 
 
-def build_sft_samples(cfg: SFTConfig, records: list[data.Record], processor, world: train.Dist) -> list[data.Sample]:
+def build_sft_samples(cfg: SFTConfig, records: list[data.Record], processor, world: modeling.Dist) -> list[data.Sample]:
     """Every record's focus and answer (and crop-alone) samples, over-long ones dropped (or an error) with a count."""
     samples, no_box, too_long = [], 0, []
     for record in records:
@@ -129,7 +129,7 @@ def build_sft_samples(cfg: SFTConfig, records: list[data.Record], processor, wor
     return samples
 
 
-def sft_index_stream(cfg: SFTConfig, samples: list[data.Sample], world: train.Dist, start_step: int):
+def sft_index_stream(cfg: SFTConfig, samples: list[data.Sample], world: modeling.Dist, start_step: int):
     """This rank's micro-batches of sample indices from optimizer step start_step on: focus samples only
     for the first cfg.focus_first_steps steps, then every sample (each part resumes at its own position)."""
     focus = [i for i, sample in enumerate(samples) if sample.kind == "focus"]
@@ -170,12 +170,12 @@ class SFTObjective(nn.Module):
 
 def sft(cfg: SFTConfig) -> Path:
     """Supervised warm-up; writes <out>/adapter, <out>/config.json and <out>/metrics.jsonl."""
-    world = train.setup_distributed(cfg.device)
+    world = modeling.setup_distributed(cfg.device)
     train.seed_everything(cfg.seed)
     out = Path(cfg.out)
     replaced = train.check_run_out(cfg, "sft")  # before any work: a refused --out costs nothing
     train.barrier(world)  # every rank has checked --out before rank 0 writes into it
-    data_path = train.resolve_data(cfg.data, "train", cfg.seed)
+    data_path = synth.resolve_data(cfg.data, "train", cfg.seed)
     lora_cfg = modeling.LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     net, processor = train.prepare_model(cfg.model, cfg.adapter, lora_cfg, world, cfg.dtype, cfg.grad_checkpointing)
 
@@ -303,7 +303,7 @@ class DPOConfig:
             self.out = f"runs/dpo{self.stage}"
 
 
-def build_dpo_samples(cfg: DPOConfig, pairs: list[data.Pair], processor, world: train.Dist) -> list[list[data.PairSample]]:
+def build_dpo_samples(cfg: DPOConfig, pairs: list[data.Pair], processor, world: modeling.Dist) -> list[list[data.PairSample]]:
     """Each pair's samples (1 in stage 1, 2 in stage 2), checked before training; bad pairs reported."""
     grouped, errors, too_long, same_box = [], [], 0, 0
     for pair in pairs:
@@ -346,7 +346,7 @@ def reference_logps(net, batch: dict, features, cfg: DPOConfig, ref_table: torch
         return dpo.sequence_logps(net, batch, features, cfg.logp_chunk)
 
 
-def precompute_reference(net, grouped, processor, cfg: DPOConfig, world: train.Dist) -> torch.Tensor:
+def precompute_reference(net, grouped, processor, cfg: DPOConfig, world: modeling.Dist) -> torch.Tensor:
     """[n_samples, 2] reference log-probs (chosen, rejected) in one pass, split over ranks, summed."""
     n_samples = sum(len(g) for g in grouped)
     table = torch.zeros(n_samples, 2, dtype=torch.float32, device=world.device)
@@ -415,7 +415,7 @@ class DPOObjective(nn.Module):
 
 def dpo_train(cfg: DPOConfig) -> Path:
     """DPO stage 1 or 2; writes <out>/adapter, <out>/config.json and <out>/metrics.jsonl."""
-    world = train.setup_distributed(cfg.device)
+    world = modeling.setup_distributed(cfg.device)
     train.seed_everything(cfg.seed)
     out = Path(cfg.out)
     replaced = train.check_run_out(cfg, "dpo")

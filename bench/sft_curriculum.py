@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
 import model as modeling  # noqa: E402
+import synth  # noqa: E402
 import train  # noqa: E402
 import visrl  # noqa: E402
 
@@ -60,13 +61,13 @@ def main() -> None:
     net, processor = modeling.load_model("tiny")
     train.seed_everything(args.seed)  # after loading: the adapter's initialisation follows the seed
     modeling.add_lora(net, modeling.LoRAConfig(cfg.lora_rank, cfg.lora_alpha))
-    world = train.Dist()
-    records = data.read_records(train.resolve_data("synth", "train", args.seed), limit=args.records)
+    world = modeling.Dist()
+    records = data.read_records(synth.resolve_data("synth", "train", args.seed), limit=args.records)
     samples = visrl.build_sft_samples(cfg, records, processor, world)
     if args.focus_only:
         samples = [s for s in samples if s.kind == "focus"]
     dataset = visrl.SFTDataset(samples, processor.image_processor, cache_pixels=True)
-    test_records = data.read_records(train.resolve_data("synth", "test", args.seed))
+    test_records = data.read_records(synth.resolve_data("synth", "test", args.seed))
     test_samples = visrl.build_sft_samples(cfg, test_records, processor, world)
     test_set = visrl.SFTDataset(test_samples, processor.image_processor, cache_pixels=True)
     kinds = [s.kind for s in test_samples]

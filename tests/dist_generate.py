@@ -15,7 +15,7 @@ import train  # noqa: E402
 import visrl  # noqa: E402
 
 out, data_path = sys.argv[1], sys.argv[2]
-world = train.setup_distributed("cpu")
+world = model.setup_distributed("cpu")
 net, processor = model.load_model("tiny")
 objective = visrl.SFTObjective(net)
 if world.world_size > 1:

@@ -17,7 +17,7 @@ import train  # noqa: E402
 import visrl  # noqa: E402
 
 out, data_path, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
-world = train.setup_distributed("cpu")
+world = model.setup_distributed("cpu")
 torch.manual_seed(0)
 cfg = visrl.SFTConfig(data=data_path, batch_size=batch_size)
 net, processor = train.prepare_model("tiny", None, model.LoRAConfig(rank=4, alpha=8), world, "float32", False)

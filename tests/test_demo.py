@@ -87,16 +87,18 @@ def test_quick_demo_resumes_a_phase_that_was_stopped(quick_run, capsys):
     assert [redone[k] for k in ("acc@0.5", "answer_acc", "direct_acc")] == [before[k] for k in ("acc@0.5", "answer_acc", "direct_acc")]
 
 
-def test_printed_commands_parse_back_to_the_same_config():
-    import shlex
-
+def test_stage_commands_parse_back_to_the_configs_the_demo_means():
     import tyro
 
     import generate
     import visrl
 
-    for name, config in (("visrl.py sft", visrl.SFTConfig(data="d.jsonl", lr=0.002, crop_alone_samples=True, fsdp=False)),
-                         ("visrl.py dpo", visrl.DPOConfig(data="p.jsonl", stage=2, lr=5e-4, adapter="a")),
-                         ("generate.py", generate.GenerateConfig(data="q.jsonl", attempts=2, out="o"))):
-        args = shlex.split(demo.command_line(name, config))[1 + len(name.split()):]
-        assert tyro.cli(type(config), args=args) == config
+    sft = demo.stage_args("sft", dict(data="d.jsonl", lr=0.002, crop_alone_samples=True, fsdp=False))
+    assert sft[:2] == [demo.VISRL, "sft"]
+    assert tyro.cli(visrl.SFTConfig, args=sft[2:]) == visrl.SFTConfig(data="d.jsonl", lr=0.002, crop_alone_samples=True,
+                                                                      fsdp=False)
+    dpo_args = demo.flag_args(dict(data="p.jsonl", stage=2, lr=5e-4, adapter="a", resume=True))
+    assert tyro.cli(visrl.DPOConfig, args=dpo_args) == visrl.DPOConfig(data="p.jsonl", stage=2, lr=5e-4, adapter="a",
+                                                                       resume=True)
+    gen = dict(data="q.jsonl", attempts=2, out="o", temperature=1.0)
+    assert tyro.cli(generate.GenerateConfig, args=demo.flag_args(gen)) == generate.GenerateConfig(**gen)

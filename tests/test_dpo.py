@@ -123,7 +123,7 @@ def tiny_lora(tiny_path):
 
 def _grouped(processor, pairs_file, stage, rejected_crop="chosen", n=3):
     cfg = visrl.DPOConfig(data=str(pairs_file), stage=stage, rejected_crop=rejected_crop)
-    return visrl.build_dpo_samples(cfg, data.read_pairs(pairs_file, limit=n), processor, train.Dist())
+    return visrl.build_dpo_samples(cfg, data.read_pairs(pairs_file, limit=n), processor, model.Dist())
 
 
 def test_sequence_logps_equal_the_model_s_own_logits(tiny_lora, pairs_file):
@@ -187,7 +187,7 @@ def test_precomputed_reference_equals_on_the_fly(tiny_lora, pairs_file):
     net, processor = tiny_lora
     grouped = _grouped(processor, pairs_file, stage=2, n=4)
     cfg = visrl.DPOConfig(data="x", stage=2, batch_size=3)  # batches that cut across pairs
-    table = visrl.precompute_reference(net, grouped, processor, cfg, train.Dist())
+    table = visrl.precompute_reference(net, grouped, processor, cfg, model.Dist())
     samples = [s for g in grouped for s in g]
     batch = dpo.collate_pairs(samples[::-1], processor.image_processor, processor.tokenizer.pad_token_id,
                               net.config.image_token_id)
@@ -278,7 +278,7 @@ def test_init_adapter_is_the_reference_and_the_stack_reloads(tiny_path, pairs_fi
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at the start
 
     # The first step's batch, scored by the SFT model and by the base model.
-    step_pairs = train.epoch_batches(16, 2, train.Dist(), seed=0, epoch=0)[0]
+    step_pairs = train.epoch_batches(16, 2, model.Dist(), seed=0, epoch=0)[0]
     grouped = _grouped(processor, pairs_file, stage=1, n=16)
     batch = dpo.collate_pairs([grouped[i][0] for i in step_pairs], processor.image_processor,
                               processor.tokenizer.pad_token_id, net.config.image_token_id)
@@ -351,7 +351,7 @@ def test_stage2_pair_with_one_box_for_both_answers_trains_its_answer_step_only(p
         _, processor = model.load_model("tiny")
         pairs = data.read_pairs(path, image_root=pairs_file.parent)
         cfg = visrl.DPOConfig(data=str(path), stage=2)
-        grouped = visrl.build_dpo_samples(cfg, pairs, processor, train.Dist())
+        grouped = visrl.build_dpo_samples(cfg, pairs, processor, model.Dist())
         assert [[s.kind for s in g] for g in grouped] == [["box", "answer"]] * 2 + [["answer"]] + [["box", "answer"]] * 3
         assert "1 pairs have the same chosen and rejected box" in capsys.readouterr().err
     finally:

@@ -217,7 +217,7 @@ def test_judge_prompts_are_upstream_verbatim(synth_dir, tmp_path):
     Standard answer: {gt_response}
     '''
     image = data.load_image(r)
-    crop = data.crop_image(image, r.box)
+    crop = image.crop(data.crop_window(r.box, *image.size))
     answer_msg = generate.judge_answer_messages(r, response, image)[0]["content"]
     crop_msg = generate.judge_crop_messages(r, crop)[0]["content"]
     assert [p["type"] for p in answer_msg] == ["image_url", "text"] and answer_msg[1]["text"] == judge_score_prompt
@@ -432,7 +432,7 @@ def _serve(handler_fn):
 def test_judge_scorer_over_http(synth_dir, tmp_path):
     path, records = _records(synth_dir, tmp_path, 3)
     by_question = {r.question: r for r in records}
-    gt_crops = {r.question: data.crop_image(data.load_image(r), r.box) for r in records}
+    gt_crops = {r.question: data.load_image(r).crop(data.crop_window(r.box, r.width, r.height)) for r in records}
 
     def same_crop(image, target):  # box text keeps 3 decimals: the parsed box may be a pixel off on a 1344 px page
         if abs(image.width - target.width) > 2 or abs(image.height - target.height) > 2:

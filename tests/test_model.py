@@ -166,7 +166,7 @@ def test_batched_left_padded_generation_equals_one_at_a_time(tiny, synth_dir):
     records = data.read_records(synth_dir / "val.jsonl")[:3]
     prompts = [(data.focus_messages(r.question), [data.load_image(r)]) for r in records]
     image = data.load_image(records[0])
-    prompts.append((data.answer_messages(records[0].question), [image, data.crop_image(image, records[0].box)]))
+    prompts.append((data.answer_messages(records[0].question), [image, image.crop(data.crop_window(records[0].box, *image.size))]))
     greedy = model.Sampling(max_new_tokens=8)
     batched = model.generate(net, processor, prompts, greedy, batch_size=4)
     single = [model.generate(net, processor, [p], greedy)[0] for p in prompts]

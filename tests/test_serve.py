@@ -24,6 +24,13 @@ QUESTION = "What digit is inside the red frame?"
 MAX_TOKENS = 12
 
 
+
+def stop_server(httpd, worker) -> None:
+    """Stop accepting (serve_forever runs in another thread), close the socket, finish queued jobs."""
+    httpd.shutdown()
+    httpd.server_close()
+    worker.stop()
+
 def _picture(size=(320, 240)):
     im = Image.new("RGB", size, (235, 235, 235))
     draw = ImageDraw.Draw(im)
@@ -66,7 +73,7 @@ def server(tiny_path, root):
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}", worker
-    serve.stop_server(httpd, worker)
+    stop_server(httpd, worker)
     thread.join(timeout=10)
     assert not worker.is_alive()
 
@@ -94,7 +101,7 @@ def _own_server(reference, **settings):
     try:
         yield f"http://127.0.0.1:{httpd.server_address[1]}", worker
     finally:
-        serve.stop_server(httpd, worker)
+        stop_server(httpd, worker)
         thread.join(timeout=10)
 
 
@@ -405,7 +412,8 @@ def test_visual_cot_returns_the_box_and_the_answer(server, reference):
     reply = _chat(url, _request(evaluate.image_data_url(image), visual_cot=True))
     cot = reply["visual_cot"]
     assert set(cot) == {"box_text", "box", "crop"} and len(cot["crop"]) == 4
-    expected = serve.visual_cot(lambda prompts: _generate(reference, prompts), [image], [QUESTION])[0]
+    expected = evaluate.two_step(lambda prompts: _generate(reference, prompts), [image], [data.focus_messages(QUESTION)],
+                                [QUESTION])[0]
     assert cot == {k: expected[k] for k in ("box_text", "box", "crop")}
     assert reply["choices"][0]["message"]["content"] == expected["answer"]
     assert reply["usage"]["completion_tokens"] >= 2  # both steps counted

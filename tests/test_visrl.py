@@ -10,6 +10,7 @@ import torch
 
 import data
 import model
+import synth
 import visrl
 import train
 from conftest import assert_one_line_error, finish_cli, run_cli, snapshot, start_cli
@@ -86,12 +87,12 @@ def test_long_samples_are_dropped_or_rejected(synth_dir, tmp_path, capsys):
     records = data.read_records(synth_dir / "train.jsonl")[:6]
     answer_len = len(data.sft_samples(records[0], processor.tokenizer, processor.image_processor)[1].input_ids)
     cfg = _config(synth_dir, tmp_path, max_len=answer_len - 1)
-    samples = visrl.build_sft_samples(cfg, records, processor, train.Dist())
+    samples = visrl.build_sft_samples(cfg, records, processor, model.Dist())
     assert all(len(s.input_ids) <= answer_len - 1 for s in samples)
     assert "dropped" in capsys.readouterr().err
     cfg.error_on_long = True
     with pytest.raises(ValueError, match=r"train\.jsonl:\d+: (focus|answer) sample has \d+ tokens"):
-        visrl.build_sft_samples(cfg, records, processor, train.Dist())
+        visrl.build_sft_samples(cfg, records, processor, model.Dist())
 
 
 def test_sft_reports_a_bad_record_with_file_and_line(synth_dir, tmp_path):
@@ -136,9 +137,9 @@ def test_data_synth_builds_the_cached_set_once(monkeypatch, tmp_path):
         return real(root, n_train=4, n_val=2, n_test=2, seed=seed)
 
     monkeypatch.setattr(synth, "make_synth", small)
-    path = train.resolve_data("synth", "train", seed=3)
+    path = synth.resolve_data("synth", "train", seed=3)
     assert path.name == "train.jsonl" and path.exists() and str(tmp_path) in str(path)
-    assert train.resolve_data("synth", "test", seed=3).exists()
+    assert synth.resolve_data("synth", "test", seed=3).exists()
     assert len(calls) == 1  # the second call reuses the cache
     assert len(data.read_records(path)) == 4
 
@@ -147,12 +148,12 @@ def test_focus_first_curriculum_draws_box_samples_then_all_kinds_and_resumes_in_
     _, processor = model.load_model("tiny")
     records = data.read_records(synth_dir / "train.jsonl")[:12]
     cfg = _config(synth_dir, tmp_path, crop_alone_samples=True, focus_first_steps=5, grad_accum=2, batch_size=2)
-    samples = visrl.build_sft_samples(cfg, records, processor, train.Dist())
+    samples = visrl.build_sft_samples(cfg, records, processor, model.Dist())
     kinds = {s.kind for s in samples}
     assert kinds == {"focus", "answer", "crop"}
 
     def first(n, start_step):
-        stream = visrl.sft_index_stream(cfg, samples, train.Dist(), start_step)
+        stream = visrl.sft_index_stream(cfg, samples, model.Dist(), start_step)
         return [next(stream) for _ in range(n)]
 
     whole = first(40, 0)  # micro-batches: 5 steps x 2 accumulation = 10 focus-only micro-batches first
@@ -161,7 +162,7 @@ def test_focus_first_curriculum_draws_box_samples_then_all_kinds_and_resumes_in_
     for step in (3, 5, 9):  # resuming at an optimizer step gives exactly the rest of the uninterrupted stream
         assert first(40 - 2 * step, step) == whole[2 * step:]
     # with two ranks the focus batches do not overlap
-    ranks = [next(visrl.sft_index_stream(cfg, samples, train.Dist(rank=r, world_size=2), 0)) for r in (0, 1)]
+    ranks = [next(visrl.sft_index_stream(cfg, samples, model.Dist(rank=r, world_size=2), 0)) for r in (0, 1)]
     assert not set(ranks[0]) & set(ranks[1])
 
 
