@@ -6,7 +6,7 @@
 
 Top to bottom: offline answer scores; the client for OpenAI-compatible endpoints; inference with
 resume; scoring and reports; the CLI. The protocol itself (the official detection scorer, the judge,
-the benchmark readers and their Items) is in benchmark.py. See "Evaluation" in ../shared/RECIPE.md.
+the benchmark readers and their Items) is in viscot.py. See "Evaluation" in ../shared/RECIPE.md.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from typing import Literal
 import tyro
 from PIL import Image, ImageDraw
 
-import benchmark
 import data
 import model as modeling
+import viscot
 
 # --------------------------------------------------------------------------------------------
 # Offline answer scores. A reference may be one string or a list of acceptable strings; the score
@@ -175,9 +175,9 @@ def judge_answer(endpoint: str, question: str, reference: str, prediction: str, 
     error = None
     for attempt in range(retries):
         try:
-            reply = chat_completion(endpoint, benchmark.judge_messages(question, reference, prediction), model=model,
+            reply = chat_completion(endpoint, viscot.judge_messages(question, reference, prediction), model=model,
                                    max_tokens=max_tokens, temperature=0.0)
-            return benchmark.parse_judge_score(reply), reply, None
+            return viscot.parse_judge_score(reply), reply, None
         except EndpointError as e:
             error = str(e)
             if attempt + 1 < retries:
@@ -193,14 +193,14 @@ def judge_answer(endpoint: str, question: str, reference: str, prediction: str, 
 CENTER_BOX_TEXT = "[0.250, 0.250, 0.750, 0.750]"  # upstream's centre-box ablation, '%.3f' as it prints it
 
 
-def focus_prompt(item: benchmark.Item, official: bool = False) -> list[dict]:
+def focus_prompt(item: viscot.Item, official: bool = False) -> list[dict]:
     """Step 1 messages: the focus prompt (training form, or the benchmark's test-time form), or REC's."""
     if item.kind == "rec":
         return data.rec_messages(item.question)
     return data.focus_messages(item.expression or item.question, official=official)
 
 
-def ablation_box(item: benchmark.Item, mode: str, width: int, height: int, seed: int = 0) -> tuple[str, tuple]:
+def ablation_box(item: viscot.Item, mode: str, width: int, height: int, seed: int = 0) -> tuple[str, tuple]:
     """(box text, pixel box) for --box gt | center | random; random is seeded per item, so reruns agree."""
     if mode == "gt":
         if item.gt_box is None:
@@ -239,10 +239,10 @@ def two_step(generate_fn, images: list[Image.Image], focus_prompts: list[list[di
     return rows
 
 
-def predict_batch(items: list[benchmark.Item], generate_fn, box: str = "model", official_prompt: bool = False,
+def predict_batch(items: list[viscot.Item], generate_fn, box: str = "model", official_prompt: bool = False,
                   crop_rule: str = "vcot", seed: int = 0) -> list[dict]:
     """Prediction rows for a batch of items; generate_fn maps [(messages, images)] to reply texts."""
-    images = [benchmark.load_item_image(it) for it in items]
+    images = [viscot.load_item_image(it) for it in items]
     rows = [{"set": it.set, "id": it.id, "kind": it.kind, "question": it.question, "answers": it.answers,
              "gt_box": it.gt_box, "width": it.width, "height": it.height, "image": it.image,
              "image_size": list(im.size), "judge_question": it.judge_question, "degenerate": it.degenerate,
@@ -378,7 +378,7 @@ PREDICTION_SETTINGS = ("model", "adapter", "endpoint", "endpoint_model", "data",
                        "crop", "max_new_tokens", "temperature", "top_p", "seed")
 
 
-def predict(items: list[benchmark.Item], cfg: "EvalConfig", generate_fn=None) -> list[dict]:
+def predict(items: list[viscot.Item], cfg: "EvalConfig", generate_fn=None) -> list[dict]:
     """Predictions for the items, in item order: those already in --out/predictions.jsonl are kept, the rest run."""
     from tqdm import tqdm
 
@@ -456,7 +456,7 @@ def summarize(rows: list[dict], judge: dict | None = None, parser: str = "offici
         entry = {"items": len(group)}
         boxed = [r for r in group if r.get("box_text") is not None and r.get("gt_box") is not None]
         if boxed:
-            verdicts = [benchmark.detection_scores(r["box_text"], r["gt_box"], r["width"], r["height"]) for r in boxed]
+            verdicts = [viscot.detection_scores(r["box_text"], r["gt_box"], r["width"], r["height"]) for r in boxed]
             correct = sum(v[parser] for v in verdicts)
             degenerate = sum(1 for r in boxed if r.get("degenerate"))
             entry["detection"] = {
@@ -476,12 +476,12 @@ def summarize(rows: list[dict], judge: dict | None = None, parser: str = "offici
             entry["answer"] = {"n": len(answered), **{k: _mean(s[k] for s in scores) for k in scores[0]}}
             if judge is not None:  # a row the judge never saw counts 0, like a failed call upstream
                 entry["answer"]["judge"] = _mean(judge.get((r["set"], r["id"]), 0.0) for r in answered)
-        expected = benchmark.SCORED_SETS.get(name)
+        expected = viscot.SCORED_SETS.get(name)
         if expected and len(group) != expected:
             notes.append(f"{name}: {len(group)} items evaluated; the release has {expected}.")
         sets[name] = entry
     # visual7w and emotic are in the release but not in the published tables: kept out of the means
-    averaged = {n: e for n, e in sets.items() if n not in benchmark.UNSCORED_SETS} or sets
+    averaged = {n: e for n, e in sets.items() if n not in viscot.UNSCORED_SETS} or sets
     if len(averaged) < len(sets):
         notes.append(f"{', '.join(n for n in sets if n not in averaged)}: not a scored set; left out of the means.")
     accs = {n: e["detection"]["acc"] for n, e in averaged.items() if "detection" in e}
@@ -494,10 +494,10 @@ def summarize(rows: list[dict], judge: dict | None = None, parser: str = "offici
         metrics = [k for k in next(iter(answered_sets.values())) if k != "n"]
         means["answer"] = {k: _mean(a[k] for a in answered_sets.values()) for k in metrics}
         means["answer"]["sets"] = sorted(answered_sets)
-        if judge is not None and set(answered_sets) & set(benchmark.SCORED_SETS):
+        if judge is not None and set(answered_sets) & set(viscot.SCORED_SETS):
             # official overall: the mean over all 11 scored sets, a set not evaluated counting 0
-            means["answer"]["judge_official_11"] = sum(answered_sets[s]["judge"] for s in benchmark.SCORED_SETS
-                                                       if s in answered_sets) / len(benchmark.SCORED_SETS)
+            means["answer"]["judge_official_11"] = sum(answered_sets[s]["judge"] for s in viscot.SCORED_SETS
+                                                       if s in answered_sets) / len(viscot.SCORED_SETS)
     return {"sets": sets, "means": means, "notes": notes}
 
 
@@ -697,7 +697,7 @@ def evaluate(cfg: EvalConfig, generate_fn=None) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     else:
         replaced = check_eval_out(cfg)
-        items = benchmark.read_items(cfg.data, cfg.sets, cfg.image_root, cfg.limit, cfg.skip_bad_records, cfg.seed)
+        items = viscot.read_items(cfg.data, cfg.sets, cfg.image_root, cfg.limit, cfg.skip_bad_records, cfg.seed)
         if not items:
             raise data.DataError(f"{cfg.data}: nothing to evaluate")
         if cfg.box == "none" and any(it.kind != "vqa" for it in items):

@@ -69,7 +69,7 @@ def pairs_file(synth_dir):
 
 # --------------------------------------------------------------------------------------------
 # A Visual-CoT release in the upstream layout (benchmark/<name>.json + benchmark_det/<name>.jsonl), for the
-# benchmark readers (test_benchmark.py) and runs on it (test_evaluate.py).
+# benchmark readers (test_viscot.py) and runs on it (test_evaluate.py).
 
 
 def _conv(qid, image, box, question, box_text, answer):

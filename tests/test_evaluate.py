@@ -1,5 +1,5 @@
 """Evaluation: offline answer scores, scoring and means, runs and resume, the endpoint path (the protocol
-itself, detection scorer, judge and readers, is tested in test_benchmark.py)."""
+itself, detection scorer, judge and readers, is tested in test_viscot.py)."""
 
 import json
 import subprocess
@@ -12,9 +12,9 @@ import pytest
 import tyro
 from PIL import Image
 
-import benchmark
 import data
 import evaluate as ev
+import viscot
 from conftest import write_rec_file
 
 # --------------------------------------------------------------------------------------------
@@ -109,7 +109,7 @@ def test_cli_flags_parse():
 
 def test_rec_items_get_the_locate_prompt(tmp_path):
     rec = write_rec_file(tmp_path)
-    items = benchmark.read_items(str(rec))  # upstream joins the file name to the image folder: so do we when needed
+    items = viscot.read_items(str(rec))  # upstream joins the file name to the image folder: so do we when needed
     text = ev.focus_prompt(items[0])[0]["content"][1]["text"]
     assert text == "Locate the region this sentence describes: left dog 0. Please provide the bounding box coordinates."
 
@@ -258,7 +258,7 @@ def test_endpoint_and_judge_over_http(server, synth_dir, tmp_path):
     assert sorted(len(_images(b)) for b in model_calls) == [1, 1, 1, 2, 2, 2]  # focus [image], answer [image, crop]
     assert all(b["model"] == "served" and b["temperature"] == 0.0 for b in model_calls)
     assert all(_images(b)[0]["image_url"]["url"].startswith("data:image/png;base64,") for b in model_calls)
-    assert judge_calls[0]["messages"] == benchmark.judge_messages(records[0].question, records[0].answer, "4")
+    assert judge_calls[0]["messages"] == viscot.judge_messages(records[0].question, records[0].answer, "4")
     assert len(judge_calls) == 1 + 1 + 3 + 1  # first item retried once, second item 3 failed tries, third once
     answer = results["sets"]["synth"]["answer"]
     assert answer["judge"] == pytest.approx((0.5 + 0.0 + 0.5) / 3)

@@ -14,11 +14,11 @@ import zlib
 import pytest
 from PIL import Image, ImageDraw
 
-import benchmark
 import data
 import evaluate
 import model
 import serve
+import viscot
 
 QUESTION = "What digit is inside the red frame?"
 MAX_TOKENS = 12
@@ -144,7 +144,7 @@ def test_infer_writes_its_picture_and_agrees_with_evaluate(tiny_path, root, refe
     printed = capsys.readouterr().out
     assert f"box text: {row['box_text']}" in printed and f"answer: {row['answer']}" in printed
     # the shared two-step function gives evaluate.predict_batch's row for the same item
-    item = benchmark.Item(set="t", id="0", image=str(image_path), question=QUESTION, answers=[], gt_box=None,
+    item = viscot.Item(set="t", id="0", image=str(image_path), question=QUESTION, answers=[], gt_box=None,
                           width=320, height=240)
     expected = evaluate.predict_batch([item], lambda prompts: _generate(reference, prompts))[0]
     assert {k: row[k] for k in ("box_text", "box", "crop", "answer")} == {
@@ -433,7 +433,7 @@ def test_our_openai_client_works_against_the_server(server, root, reference):
     assert evaluate.chat_completion(url, messages, model="visrl", max_tokens=MAX_TOKENS) == \
         _generate(reference, [(_ours(), [image])])[0]
     # a whole two-step prediction through the endpoint equals the in-process one
-    item = benchmark.Item(set="t", id="0", image=str(root / "sub" / "a.png"), question=QUESTION, answers=["7"],
+    item = viscot.Item(set="t", id="0", image=str(root / "sub" / "a.png"), question=QUESTION, answers=["7"],
                           gt_box=[40, 30, 120, 110], width=320, height=240)
     endpoint = evaluate.model_generator(evaluate.EvalConfig(endpoint=url, max_new_tokens=MAX_TOKENS, batch_size=2))
     assert evaluate.predict_batch([item, item], endpoint) == \

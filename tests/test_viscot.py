@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-import benchmark
 import data
+import viscot
 from conftest import write_rec_file
 
 # --------------------------------------------------------------------------------------------
@@ -28,13 +28,13 @@ from conftest import write_rec_file
     ("[0.000, 0.000, 0.070, 0.050]", [0, 0, 98, 35], 700, 700, False),
 ])
 def test_official_acc_on_hand_made_boxes(text, gt, width, height, expected):
-    assert benchmark.box_correct(text, gt, width, height) is expected
+    assert viscot.box_correct(text, gt, width, height) is expected
 
 
 def test_float32_iou_is_what_flips_the_threshold_case():
     pred, gt = [0.0, 0.0, 0.07 * 700, 0.05 * 700], [0, 0, 98, 35]
     assert data.iou(pred, gt) > 0.5  # plain float64 would call it correct
-    assert benchmark.iou_float32(pred, gt) == 0.5
+    assert viscot.iou_float32(pred, gt) == 0.5
     # against torch float32, the official tensors, on assorted boxes (inverted, empty, NaN)
     boxes = [[0, 0, 10, 10], [5, 5, 15, 12.5], [10, 10, 0, 0], [3, 3, 3, 9], [float("nan"), 0, 4, 4], [1e-3, 2, 7.77, 9.1]]
     for a in boxes:
@@ -43,14 +43,14 @@ def test_float32_iou_is_what_flips_the_threshold_case():
             wh = (torch.minimum(ta[2:], tb[2:]) - torch.maximum(ta[:2], tb[:2])).clamp(min=0)
             inter = wh[0] * wh[1]
             ref = inter / ((ta[2] - ta[0]) * (ta[3] - ta[1]) + (tb[2] - tb[0]) * (tb[3] - tb[1]) - inter)
-            got = benchmark.iou_float32(a, b)
+            got = viscot.iou_float32(a, b)
             assert (got != got and ref != ref) or got == ref.item(), (a, b, got, ref)
 
 
 def test_square_gt_box_uses_floor_division_of_the_pad():
-    assert benchmark.square_gt_box([0, 0, 100, 100], 201, 100) == [0, 50, 100, 150]  # (201 - 100) // 2 = 50, not 50.5
-    assert benchmark.square_gt_box([0, 0, 10, 10], 100, 203) == [51, 0, 61, 10]
-    assert benchmark.square_gt_box([1, 2, 3, 4], 50, 50) == [1, 2, 3, 4]
+    assert viscot.square_gt_box([0, 0, 100, 100], 201, 100) == [0, 50, 100, 150]  # (201 - 100) // 2 = 50, not 50.5
+    assert viscot.square_gt_box([0, 0, 10, 10], 100, 203) == [51, 0, 61, 10]
+    assert viscot.square_gt_box([1, 2, 3, 4], 50, 50) == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("text, official, lenient", [
@@ -67,14 +67,14 @@ def test_square_gt_box_uses_floor_division_of_the_pad():
 def test_official_and_lenient_parsers(text, official, lenient):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # NaN and inverted boxes must not even warn
-        scores = benchmark.detection_scores(text, [0, 0, 50, 50], 100, 100)
+        scores = viscot.detection_scores(text, [0, 0, 50, 50], 100, 100)
     assert (scores["official"], scores["lenient"]) == (official, lenient)
 
 
 def test_degenerate_ground_truth_never_scores():
     gt = [464.0, 951.0, 510.0, 457.0]  # docvqa question 491 in the release: y2 < y1
     for text in ("[0.211, 0.558, 0.232, 0.268]", "[0.211, 0.268, 0.232, 0.558]", "[0.0, 0.0, 1.0, 1.0]"):
-        assert not benchmark.box_correct(text, gt, 2200, 1704)
+        assert not viscot.box_correct(text, gt, 2200, 1704)
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,11 +94,11 @@ def test_degenerate_ground_truth_never_scores():
     (None, 0.0),                                       # a failed call
 ])
 def test_parse_judge_score(reply, score):
-    assert benchmark.parse_judge_score(reply) == pytest.approx(score)
+    assert viscot.parse_judge_score(reply) == pytest.approx(score)
 
 
 def test_judge_prompt_is_upstreams():
-    system, user = benchmark.judge_messages("<image>\nWhat is it?", "a cat", "cat")
+    system, user = viscot.judge_messages("<image>\nWhat is it?", "a cat", "cat")
     assert system["content"].startswith("\nYou are responsible for proofreading the answers, you need to give a score")
     assert system["content"].endswith('Please output the score in the form "score: <score>". The evaluation criteria '
                                       "require that the closer the model's answer is to the standard answer, the higher "
@@ -112,7 +112,7 @@ def test_judge_prompt_is_upstreams():
 
 
 def test_benchmark_reader_on_the_upstream_layout(release):
-    items = benchmark.read_benchmark(release, sets=("docvqa", "gqa"))
+    items = viscot.read_benchmark(release, sets=("docvqa", "gqa"))
     assert [(it.set, it.id) for it in items] == [("docvqa", "1"), ("docvqa", "491"), ("docvqa", "7"), ("gqa", "3")]
     first, inverted, floaty = items[:3]
     assert first.question == "What is the date?" and first.answers == ["May 5"] and first.kind == "vqa"
@@ -120,13 +120,13 @@ def test_benchmark_reader_on_the_upstream_layout(release):
     assert first.image == str(release / "cot" / "docvqa" / "a.png") and (first.width, first.height) == (300, 200)
     assert inverted.degenerate and inverted.gt_box == [60.0, 70.0, 80.0, 20.0] and not first.degenerate
     assert floaty.gt_box == [10.5, 20.25, 50.75, 60.0]  # benchmark_det's unrounded pixel box, not the '###' one
-    assert benchmark.read_items(str(release), sets=("docvqa",), limit=2) == items[:2]
+    assert viscot.read_items(str(release), sets=("docvqa",), limit=2) == items[:2]
     # one file alone: its benchmark_det twin joins it; images relative to the release root
-    assert benchmark.read_items(str(release / "benchmark" / "docvqa.json")) == items[:3]
-    det_only = benchmark.read_benchmark_set(None, release / "benchmark_det" / "docvqa.jsonl", "docvqa", release)
+    assert viscot.read_items(str(release / "benchmark" / "docvqa.json")) == items[:3]
+    det_only = viscot.read_benchmark_set(None, release / "benchmark_det" / "docvqa.jsonl", "docvqa", release)
     assert [it.kind for it in det_only] == ["det"] * 3 and det_only[0].answers == []
     with pytest.raises(data.DataError, match="pass --sets"):
-        benchmark.read_benchmark(release)  # the 11 scored sets by default; 9 are missing here
+        viscot.read_benchmark(release)  # the 11 scored sets by default; 9 are missing here
 
 
 def test_benchmark_reader_reports_file_line_and_field(release):
@@ -136,11 +136,11 @@ def test_benchmark_reader_reports_file_line_and_field(release):
     lines[2] = lines[2].replace('"width": 100', '"width": "wide"')
     det.write_text("\n".join(lines) + "\n")
     with pytest.raises(data.DataError) as err:
-        benchmark.read_benchmark(release, sets=("docvqa",))
+        viscot.read_benchmark(release, sets=("docvqa",))
     message = str(err.value)
     assert f"{det}:2: field 'bbox': missing" in message
     assert f"{det}:3: field 'width': expected an integer" in message
-    items = benchmark.read_benchmark(release, sets=("docvqa",), skip_bad=True)
+    items = viscot.read_benchmark(release, sets=("docvqa",), skip_bad=True)
     assert [it.id for it in items] == ["7"]  # the two bad lines and the items they pair with are skipped
 
 
@@ -154,7 +154,7 @@ def test_files_without_question_ids_pair_by_position(release):
     dets[1]["bbox"] = "oops"
     conv.write_text(json.dumps(convs))
     det.write_text("".join(json.dumps(d) + "\n" for d in dets))
-    items = benchmark.read_benchmark(release, sets=("docvqa",), skip_bad=True)
+    items = viscot.read_benchmark(release, sets=("docvqa",), skip_bad=True)
     # the bad second line drops its pair only: the third .json item still meets the third .jsonl line
     assert [(it.question, it.gt_box) for it in items] == [("What is the date?", [30.0, 40.0, 90.0, 100.0]),
                                                           ("Who signed?", [10.5, 20.25, 50.75, 60.0])]
@@ -162,7 +162,7 @@ def test_files_without_question_ids_pair_by_position(release):
 
 def test_rec_file_is_box_only(tmp_path):
     rec = write_rec_file(tmp_path)
-    items = benchmark.read_items(str(rec))  # upstream joins the file name to the image folder: so do we when needed
+    items = viscot.read_items(str(rec))  # upstream joins the file name to the image folder: so do we when needed
     assert [(it.set, it.id, it.kind, it.answers) for it in items] == [
         ("REC_refcoco_unc_val", "0", "rec", []), ("REC_refcoco_unc_val", "1", "rec", [])]
     # the locate prompt these items get is tested with evaluate.focus_prompt in test_evaluate.py
