@@ -1,6 +1,6 @@
 """
 Data for visrl: the prompt table, box text forms, crops, record readers, tokenisation and batching.
-Only stdlib, numpy and pillow at import time (torch only inside `collate`), so it stays cheap to import.
+Only stdlib and pillow at import time (torch only inside the batching functions), so it stays cheap to import.
 """
 
 import json
@@ -545,7 +545,7 @@ def pair_json(pair: Pair, base_dir) -> dict:
             "chosen_answer": pair.chosen_answer, "rejected_answer": pair.rejected_answer,
             "box_form": pair.box_form}
 
-# --------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # Tokenisation: messages -> Qwen chat text -> token ids (image placeholders expanded) -> batches.
 # Rendering is done here, not by a checkpoint's template, so that train and test prompts can
 # never drift apart; tests check it against the Qwen chat template byte for byte.

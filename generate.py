@@ -568,13 +568,16 @@ def no_pairs_reason(summary: dict) -> str:
             "lower --temperature, raise --attempts, or widen --answer-high/--answer-low")
 
 
-def main() -> None:
-    def run(cfg: GenerateConfig) -> None:
-        summary = generate(cfg)
-        if summary["pairs_kept"] == 0:  # exit 0 only when it did what was asked
-            raise data.UserError(no_pairs_reason(summary))
+def generate_command(cfg: GenerateConfig) -> dict:
+    """`python generate.py` / `visrl.py generate`: generate, and fail (exit 2) when no pair was kept."""
+    summary = generate(cfg)
+    if summary["pairs_kept"] == 0:  # exit 0 only when it did what was asked
+        raise data.UserError(no_pairs_reason(summary))
+    return summary
 
-    data.cli(lambda: tyro.cli(GenerateConfig), run)
+
+def main() -> None:
+    data.cli(lambda: tyro.cli(GenerateConfig), generate_command)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
     python visrl.py tiny --out DIR          write the built-in tiny checkpoint
     python visrl.py synth --out DIR         write the synthetic intention-driven VQA set
     python visrl.py sft [flags]             supervised warm-up (focus + answer samples), LoRA
+    python visrl.py generate --adapter DIR --data Q.jsonl   self-generated preference pairs (= python generate.py)
     python visrl.py dpo --stage 1|2 --data pairs.jsonl --init-adapter DIR   preference optimisation
+    python visrl.py eval --adapter DIR --data DIR|synth      two-step evaluation (= python evaluate.py)
     torchrun --nproc_per_node N visrl.py sft ...   the same loop, N processes
     python visrl.py export --adapter DIR --out DIR [--format merged|peft]   a checkpoint/adapter for stock tools
     python visrl.py infer --image PATH --question TEXT   two-step inference on one image, with a picture
@@ -33,7 +35,9 @@ from tqdm import tqdm
 import data
 import demo
 import dpo
+import evaluate
 import export
+import generate
 import model as modeling
 import serve
 import synth
@@ -74,9 +78,8 @@ class SFTConfig:
     # keep every processed image (page view and crop) in memory after its first use: each is decoded once
     # instead of once per sample and epoch (~0.6 MB per record: for small sets such as the demo's)
     cache_pixels: bool = False
-    # a curriculum: the first N optimizer steps draw focus (box) samples only, then all kinds mixed. The
-    # random tiny model learns the box in ~500 steps on focus samples alone, but late or not at all when the
-    # kinds are mixed from step 0 (800 records: 7% at step 1500; 150: 58%; README; why is not known)
+    # a curriculum: the first N optimizer steps draw focus (box) samples only, then all kinds mixed (the
+    # random tiny model needs it to learn boxes; measurements in BENCHMARKS.md)
     focus_first_steps: int = 0
     max_len: int = 2048  # longer samples are dropped whole (never cut through image tokens)
     error_on_long: bool = False  # raise instead of dropping over-long samples
@@ -529,7 +532,8 @@ def synth_command(args: SynthArgs) -> dict:
     return paths
 
 
-COMMANDS = {"sft": (SFTConfig, sft), "dpo": (DPOConfig, dpo_train), "export": (export.ExportConfig, export.export_command),
+COMMANDS = {"sft": (SFTConfig, sft), "generate": (generate.GenerateConfig, generate.generate_command),
+            "dpo": (DPOConfig, dpo_train), "eval": (evaluate.EvalConfig, evaluate.evaluate), "export": (export.ExportConfig, export.export_command),
             "infer": (serve.InferConfig, serve.infer_command), "serve": (serve.ServeConfig, serve.serve_command),
             "demo": (demo.DemoConfig, demo.demo), "tiny": (TinyArgs, tiny_command), "synth": (SynthArgs, synth_command)}
 

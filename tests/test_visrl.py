@@ -289,3 +289,17 @@ def test_every_entry_point_reports_an_expected_error_on_one_line(synth_dir, pair
     code, _, err = run_cli("visrl.py", "sft", "--data", bad, "--out", tmp_path / "a", "--debug")
     assert code == 2 and "Traceback" in err and f"{bad}:2: invalid JSON" in err  # --debug shows where it was raised
     assert not any((tmp_path / name).exists() for name in "abcdef")  # a refused command writes nothing
+
+
+def test_generate_and_eval_are_visrl_subcommands_with_the_same_behaviour(tmp_path):
+    # `visrl.py generate|eval` run the same functions as `python generate.py|evaluate.py`: the same one-line
+    # error, started the way a user starts them (both in parallel: they are import-bound)
+    missing = tmp_path / "missing.jsonl"
+    started = {cmd: start_cli(*cmd, "--data", missing, "--out", tmp_path / "_".join(cmd).replace(".py", ""))
+               for cmd in (("visrl.py", "generate"), ("generate.py",), ("visrl.py", "eval"), ("evaluate.py",))}
+    results = {cmd: finish_cli(p) for cmd, p in started.items()}
+    for cmd, (code, _, err) in results.items():
+        assert_one_line_error(code, err, str(missing))
+    line = lambda cmd: results[cmd][2][results[cmd][2].index("error: "):].replace("visrl_py_", "").strip()
+    assert line(("visrl.py", "generate")).split(":")[:2] == line(("generate.py",)).split(":")[:2]
+    assert line(("visrl.py", "eval")).split(":")[:2] == line(("evaluate.py",)).split(":")[:2]
