@@ -1,19 +1,34 @@
-"""Preference optimisation: the losses, fused log-prob gathering, and the DPO forward pass.
+"""Preference optimisation: everything that scores a VisRL pair, top to bottom.
 
-The path of a DPO step: pair samples (data.dpo_samples) -> one batch of chosen rows then rejected
-rows, every distinct image processed once (collate_pairs) -> vision features once (encode_images)
--> policy hidden states -> hidden states at response positions only -> fused chunked
-logsumexp + gather (linear_logprobs) -> per-sequence log-probs -> the same with adapters off for
-the reference (or precomputed) -> preference_loss.
+One DPO step, file by file:
+  data.read_pairs / data.dpo_samples      pair record -> 1 (stage 1) or 2 (stage 2: box, answer) samples
+  dpo.build_dpo_samples                   every pair's samples checked once, before training
+  dpo.collate_pairs -> model.to_device    chosen rows then rejected rows; each distinct image processed once
+  dpo.DPOObjective.forward                (the FSDP2 root)
+    encode_images                         vision features once per image, shared by policy and reference
+    sequence_logps                        hidden states at response positions only -> fused chunked
+                                          logsumexp + gather (linear_logprobs) -> summed log-probs [2B]
+    reference_logps                       the same with adapters off, or the precomputed table
+    step_loss -> preference_loss          one loss call with a per-row beta; stage 2 weighs the box and
+                                          answer means by lambda_box / lambda_answer; + the NLL anchor
+  visrl.dpo_train                         backward, reduce, optimizer step, metrics, checkpoint
 """
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import data
+import model as modeling
 
 # --------------------------------------------------------------------------------------------
 # Losses. h = (logp_w - ref_w) - (logp_l - ref_l): the policy's log-ratio margin of the chosen (w)
@@ -43,9 +58,10 @@ def robust_loss(h: torch.Tensor, beta: float, label_smoothing: float) -> torch.T
 
 
 def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-                    ref_rejected: torch.Tensor, beta: float, kind: str = "sigmoid",
+                    ref_rejected: torch.Tensor, beta: float | torch.Tensor, kind: str = "sigmoid",
                     label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair losses [B] and the implicit rewards beta * (logp - ref) of chosen and rejected [B]."""
+    """Per-pair losses [B] and the implicit rewards beta * (logp - ref) of chosen and rejected [B]; beta is
+    one number or one per pair [B]."""
     chosen_logratio = policy_chosen - ref_chosen
     rejected_logratio = policy_rejected - ref_rejected
     h = chosen_logratio - rejected_logratio
@@ -189,3 +205,184 @@ def response_lengths(batch: dict) -> torch.Tensor:
     """Response tokens per row, [2B] (for the length-normalised NLL term)."""
     rows = batch["input_ids"].shape[0]
     return torch.bincount(batch["response_row"], minlength=rows)
+
+
+# --------------------------------------------------------------------------------------------
+# The objective of a DPO run: its settings, its samples, the reference, the step loss, the module.
+
+DPO_KINDS = ("box", "answer")  # stage-2 step types; index = PairSample kind code in collate_pairs
+DPO_STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+             "logps/chosen", "logps/rejected", "nll/chosen")
+
+
+@dataclass
+class DPOConfig:
+    """DPO stage 1 (focus: box pairs) or stage 2 (step-level: box pairs + answer pairs on the crop)."""
+
+    data: str  # pair records (.jsonl written by generate.py; format in README)
+    stage: Literal[1, 2] = 1
+    model: str = "tiny"  # checkpoint directory, or `tiny` / `tiny-qwen2-vl`
+    # The previous phase's adapter (SFT for stage 1, stage 1 for stage 2): merged into the base at
+    # load, so the reference (adapters off) is exactly the model at the start of this stage.
+    adapter: Annotated[str | None, tyro.conf.arg(aliases=("--init-adapter",))] = None
+    image_root: str | None = None  # image paths are relative to this (default: the data file's directory)
+    out: str | None = None  # default runs/dpo1 or runs/dpo2, by --stage
+    limit: int | None = None  # use the first N pairs only
+    seed: int = 0
+    epochs: float = 5.0
+    max_steps: int = -1  # optimizer steps; overrides epochs when > 0
+    lr: float = 5e-6
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    batch_size: int = 2  # pairs per process per micro-step (a stage-2 pair is a box and an answer sample)
+    grad_accum: int = 1
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    beta: float = 0.1  # for the box step (stage 1 and stage 2)
+    beta_answer: float | None = None  # for the answer step in stage 2 (default: --beta)
+    label_smoothing: float = 0.0  # the robust loss's assumed label-flip rate
+    nll_weight: float = 0.0  # adds nll_weight * length-normalised NLL of the chosen responses
+    lambda_box: float = 0.5  # stage 2: L = lambda_box * L_box + lambda_answer * L_answer
+    lambda_answer: float = 0.5
+    rejected_crop: Literal["chosen", "own"] = "chosen"  # stage 2: crop the rejected answer sees (upstream: chosen)
+    crop: Literal["vcot", "raw"] = "vcot"
+    precompute_ref: bool = False  # all reference log-probs in one pass before training
+    logp_chunk: int = 1024  # response tokens per chunk of the fused log-prob kernel
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "all"
+    max_len: int = 2048  # pairs with a longer sequence are dropped whole
+    error_on_long: bool = False
+    skip_bad_records: bool = False  # skip (and report) malformed pairs instead of stopping
+    grad_checkpointing: bool = False
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = 1
+    save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end or on SIGTERM/SIGINT)
+    keep_checkpoints: int = 2
+    resume: bool = False  # continue the run in --out from its newest complete checkpoint
+    overwrite: bool = False  # replace the run in --out (its adapter, checkpoints, config and metrics)
+    fsdp: bool = True  # under torchrun: shard with FSDP2 (--no-fsdp: replicate, all-reduce gradients)
+
+    def __post_init__(self):
+        if self.out is None:  # stages 1 and 2 never share a default --out: stage 2 reads stage 1's adapter
+            self.out = f"runs/dpo{self.stage}"
+
+
+def build_dpo_samples(cfg: DPOConfig, pairs: list[data.Pair], processor, world: modeling.Dist) -> list[list[data.PairSample]]:
+    """Each pair's samples (1 in stage 1, 2 in stage 2), checked before training; bad pairs reported."""
+    grouped, errors, too_long, same_box = [], [], 0, 0
+    for pair in pairs:
+        try:
+            samples = data.dpo_samples(pair, processor.tokenizer, processor.image_processor, cfg.stage,
+                                       cfg.crop, cfg.rejected_crop)
+        except data.DataError as e:
+            errors.append(str(e))
+            continue
+        same_box += cfg.stage == 2 and samples[0].kind != "box"  # its box step was dropped
+        longest = max(max(len(s.chosen_ids), len(s.rejected_ids)) for s in samples)
+        if longest > cfg.max_len:
+            if cfg.error_on_long:
+                raise data.UserError(f"{pair.record.source}: a sequence of {longest} tokens > --max-len {cfg.max_len}")
+            too_long += 1
+            continue
+        grouped.append(samples)
+    data.report_bad(errors, cfg.skip_bad_records, cfg.data, len(grouped))
+    if too_long and world.is_main:
+        print(f"dpo: dropped {too_long} pairs longer than {cfg.max_len} tokens", file=sys.stderr)
+    if same_box and world.is_main:
+        print(f"dpo: {same_box} pairs have the same chosen and rejected box: only their answer step is trained "
+              "(the box step's gradient is zero)", file=sys.stderr)
+    if not grouped:
+        raise data.UserError("dpo: no usable pairs")
+    index = 0
+    for samples in grouped:
+        for sample in samples:
+            sample.index, index = index, index + 1
+    return grouped
+
+
+def reference_logps(net, batch: dict, features, cfg: DPOConfig, ref_table: torch.Tensor | None) -> torch.Tensor:
+    """Reference log-probs of every row, [2B]: from the precomputed table, or the same weights with
+    adapters off (the model at the start of the stage) under no_grad, on the same image features."""
+    if ref_table is not None:
+        rows = ref_table[batch["sample_index"]]  # [B, 2] (chosen, rejected)
+        return torch.cat([rows[:, 0], rows[:, 1]])
+    with torch.no_grad(), modeling.adapters_disabled(net):
+        return sequence_logps(net, batch, features, cfg.logp_chunk)
+
+
+def precompute_reference(net, grouped, processor, cfg: DPOConfig, world: modeling.Dist) -> torch.Tensor:
+    """[n_samples, 2] reference log-probs (chosen, rejected) in one pass, split over ranks, summed."""
+    n_samples = sum(len(g) for g in grouped)
+    table = torch.zeros(n_samples, 2, dtype=torch.float32, device=world.device)
+    mine = list(range(world.rank, len(grouped), world.world_size))
+    was_training = net.training
+    net.eval()  # no dropout in the reference
+    for start in tqdm(range(0, len(mine), cfg.batch_size), desc="reference", disable=not world.is_main):
+        samples = [s for i in mine[start:start + cfg.batch_size] for s in grouped[i]]
+        batch = modeling.to_device(collate_pairs(samples, processor.image_processor, processor.tokenizer.pad_token_id,
+                                            net.config.image_token_id), world.device)
+        with modeling.autocast_for(world.device):
+            logps = reference_logps(net, batch, encode_images(net, batch), cfg, None)
+        n = len(samples)
+        table[batch["sample_index"]] = torch.stack([logps[:n], logps[n:]], dim=1).float()
+    net.train(was_training)
+    return modeling.all_reduce_sum(table, world)
+
+
+def step_loss(cfg: DPOConfig, policy: torch.Tensor, reference: torch.Tensor, batch: dict,
+                  kind_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This micro-batch's share of the step objective, and its per-kind sums of DPO_STATS [2, 8].
+
+    Stage 1: the mean pair loss. Stage 2: lambda_box * mean box loss + lambda_answer * mean answer
+    loss, means over the whole optimizer step (kind_counts: samples per kind, all micro-batches, ranks).
+    """
+    n = batch["kind"].shape[0]
+    kind = batch["kind"]  # [B] 0 box, 1 answer
+    # one loss call, beta per row: the box step's beta, and in stage 2 the answer step's for answer rows
+    beta_answer = cfg.beta if cfg.beta_answer is None else cfg.beta_answer
+    beta = torch.tensor([cfg.beta, beta_answer], device=policy.device, dtype=policy.dtype)[kind]  # [B]
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        policy[:n], policy[n:], reference[:n], reference[n:], beta=beta, kind=cfg.loss,
+        label_smoothing=cfg.label_smoothing)
+    lambdas = (torch.tensor([cfg.lambda_box, cfg.lambda_answer], device=policy.device) if cfg.stage == 2
+               else torch.ones(2, device=policy.device))
+    weights = lambdas[kind] / kind_counts.clamp(min=1)[kind]  # [B]
+    loss = (weights * losses).sum()
+    nll = -policy[:n] / response_lengths(batch)[:n].clamp(min=1)  # [B] length-normalised NLL of the chosen
+    if cfg.nll_weight > 0:  # RPO-style anchor on the chosen responses
+        loss = loss + cfg.nll_weight * nll.sum() / kind_counts.sum()
+    values = torch.stack([losses, chosen_rewards, rejected_rewards, chosen_rewards - rejected_rewards,
+                          (chosen_rewards > rejected_rewards).float(), policy[:n], policy[n:], nll], dim=1)  # [B, 8]
+    one_hot = F.one_hot(kind, num_classes=2).to(values.dtype)  # [B, 2]
+    return loss, one_hot.T @ values.detach()  # [2, 8] per-kind sums
+
+
+class DPOObjective(nn.Module):
+    """One DPO micro-batch as a module (the FSDP2 root): features once, policy, reference, loss."""
+
+    def __init__(self, net, cfg: DPOConfig, ref_table: torch.Tensor | None):
+        super().__init__()
+        self.net, self.cfg, self.ref_table = net, cfg, ref_table
+
+    def forward(self, batch: dict, kind_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = encode_images(self.net, batch)  # once per unique image: policy and reference share them
+        policy = sequence_logps(self.net, batch, features, self.cfg.logp_chunk)
+        reference = reference_logps(self.net, batch, features, self.cfg, self.ref_table)
+        return step_loss(self.cfg, policy, reference, batch, kind_counts)
+
+    def step_counts(self, micro: list[dict]) -> torch.Tensor:
+        """This rank's pairs of each kind in the optimizer step [2] (the loop sums them over ranks)."""
+        return sum(torch.bincount(b["kind"], minlength=2) for b in micro).float()
+
+    def log_fields(self, stats: torch.Tensor, kind_counts: torch.Tensor, loss: float) -> dict:
+        """The metrics row's DPO fields: per-kind means of DPO_STATS, and the loss's two terms apart."""
+        means = (stats / kind_counts.clamp(min=1)[:, None]).tolist()  # the only host sync of the step
+        row = {f"{kind}/{name}": means[k][j] for k, kind in enumerate(DPO_KINDS) if kind_counts[k] > 0
+               for j, name in enumerate(DPO_STATS)}
+        # the preference term, and nll_weight x the chosen's mean NLL
+        row["nll_term"] = self.cfg.nll_weight * stats[:, -1].sum().item() / kind_counts.sum().clamp(min=1).item()
+        row["dpo_term"] = loss - row["nll_term"]
+        return row

@@ -638,6 +638,23 @@ def setup_distributed(device: str = "auto") -> Dist:
     return Dist(rank, world_size, dev)
 
 
+def all_reduce_sum(value: torch.Tensor, world: Dist) -> torch.Tensor:
+    """value summed over ranks, in place (unchanged in a single process)."""
+    if world.world_size > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A batch's tensors moved to device (non-tensor fields kept)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA; a no-op on CPU (fp32 there)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """`auto` = bf16 weights on CUDA (adapters stay fp32), fp32 on CPU."""
     if name == "auto":

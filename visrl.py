@@ -19,17 +19,35 @@ The path of data in `sft`: record -> two samples (data.sft_samples) -> tokens + 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import math
+import os
+import random
+import shutil
+import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import data
@@ -41,7 +59,6 @@ import generate
 import model as modeling
 import serve
 import synth
-import train
 
 # --------------------------------------------------------------------------------------------
 # Supervised warm-up.
@@ -138,10 +155,10 @@ def sft_index_stream(cfg: SFTConfig, samples: list[data.Sample], world: modeling
     focus = [i for i, sample in enumerate(samples) if sample.kind == "focus"]
     first, done = cfg.focus_first_steps * cfg.grad_accum, start_step * cfg.grad_accum  # in micro-batches
     if done < first:
-        focus_batches = train.batch_stream(len(focus), cfg.batch_size, world, cfg.seed, start=done)
+        focus_batches = batch_stream(len(focus), cfg.batch_size, world, cfg.seed, start=done)
         for _ in range(first - done):
             yield [focus[i] for i in next(focus_batches)]
-    yield from train.batch_stream(len(samples), cfg.batch_size, world, cfg.seed, start=max(0, done - first))
+    yield from batch_stream(len(samples), cfg.batch_size, world, cfg.seed, start=max(0, done - first))
 
 
 def sft_loss(net, batch: dict, n_tokens: torch.Tensor) -> torch.Tensor:
@@ -167,325 +184,395 @@ class SFTObjective(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, batch: dict, n_tokens: torch.Tensor) -> torch.Tensor:
-        return sft_loss(self.net, batch, n_tokens)
+    def forward(self, batch: dict, n_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # (loss, this batch's tokens [1]: summed over the step and the ranks for the tokens/s the row logs)
+        return sft_loss(self.net, batch, n_tokens), batch["attention_mask"].sum().float()[None]
+
+    def step_counts(self, micro: list[dict]) -> torch.Tensor:
+        """This rank's supervised tokens in the optimizer step [] (the loop sums them over ranks)."""
+        return sum((b["labels"][:, 1:] != data.IGNORE_INDEX).sum() for b in micro).float()
+
+    def log_fields(self, stats: torch.Tensor, n_tokens: torch.Tensor, loss: float) -> dict:
+        tokens = int(stats[0].item())
+        return {"tokens": tokens}
 
 
-def sft(cfg: SFTConfig) -> Path:
-    """Supervised warm-up; writes <out>/adapter, <out>/config.json and <out>/metrics.jsonl."""
+# --------------------------------------------------------------------------------------------
+# The run around the loop: seeds, the model to train, the optimizer, --out, metrics.
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def cosine_schedule(step: int, total: int, warmup_ratio: float) -> float:
+    """LR multiplier: linear warm-up over warmup_ratio * total steps, then cosine to 0."""
+    warmup = int(math.ceil(warmup_ratio * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def prepare_model(model_path: str, adapter: str | None, lora: modeling.LoRAConfig, world: modeling.Dist,
+                  dtype_name: str, grad_checkpointing: bool):
+    """Load the base, merge a previous phase's adapter into it, add a fresh adapter to train.
+
+    With adapters off, the returned model is exactly the start of this phase: the reference.
+    """
+    net, processor = modeling.load_model(model_path, dtype=modeling.resolve_dtype(dtype_name, world.device),
+                                         device=world.device)
+    if adapter:
+        modeling.load_adapter(net, adapter)
+        modeling.merge_lora(net)
+    lora.base_model = str(Path(net.name_or_path).resolve())  # resolved: the adapter loads from any directory
+    lora.base_sha256 = modeling.base_fingerprint(net.name_or_path)
+    if adapter:
+        lora.parent_adapter, lora.parent_sha256 = str(Path(adapter).resolve()), modeling.adapter_fingerprint(adapter)
+    modeling.add_lora(net, lora)
+    if grad_checkpointing:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    net.train()
+    return net, processor
+
+
+def make_optimizer(params, lr: float, weight_decay: float, total_steps: int, warmup_ratio: float):
+    """AdamW on the trainable parameters with the cosine schedule."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_schedule(step, total_steps, warmup_ratio))
+    return optimizer, scheduler
+
+
+def reduce_gradients(params, world: modeling.Dist) -> None:
+    """Sum gradients over ranks: losses are normalised by global counts, so the sum is the gradient
+    of the global-batch objective, exactly as one process would compute it."""
+    if world.world_size > 1:
+        for p in params:
+            if p.grad is not None and not isinstance(p.grad, DTensor):  # FSDP2 already reduce-scattered these
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+
+
+def optimizer_step(params, optimizer, scheduler, world: modeling.Dist, grad_clip: float) -> tuple[torch.Tensor, float]:
+    """Reduce gradients over ranks, clip, step. Returns the gradient norm (a tensor: no host sync
+    here) and the learning rate this step used."""
+    reduce_gradients(params, world)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr
+
+
+RUN_FILES = ("adapter", "checkpoints", "config.json", "metrics.jsonl")  # what a training run writes into --out
+
+
+def check_run_out(cfg, command: str) -> list[Path]:
+    """Refuse an --out that overlaps the model, the adapter chain or the data, or that holds a run unless
+    --resume or --overwrite says what to do with it; returns what --overwrite will replace. Cheap: it builds
+    no built-in asset (those live in the cache, never in an --out)."""
+    data_files = [] if cfg.data == "synth" else [("--data", synth.resolve_data(cfg.data))]
+    replaced = data.check_out(cfg.out, RUN_FILES, inputs=modeling.input_dirs(cfg.model, cfg.adapter),
+                              data_files=data_files, resume=cfg.resume, overwrite=cfg.overwrite)
+    if cfg.resume:  # a resumed run goes on with the settings (and the command) it was started with
+        settings = dataclasses.asdict(cfg)
+        data.check_settings(cfg.out, command, settings, [k for k in settings if k not in RESUMABLE_CHANGES],
+                            "--resume it")
+    return replaced
+
+
+# what a resumed run may change: bookkeeping, and how long it runs (to extend a finished run)
+RESUMABLE_CHANGES = ("resume", "overwrite", "log_every", "save_every", "keep_checkpoints", "max_steps", "epochs")
+
+
+def start_run(out: Path, cfg, command: str, world: modeling.Dist, replaced: list[Path], summary: str):
+    """Replace an earlier run with --overwrite (its files only), write the run's config.json and open
+    metrics.jsonl (rank 0 only; None elsewhere)."""
+    if not world.is_main:
+        return None
+    data.clear_run(replaced)
+    out.mkdir(parents=True, exist_ok=True)
+    data.write_config(out, command, dataclasses.asdict(cfg))
+    print(summary, file=sys.stderr)
+    return open(out / "metrics.jsonl", "a")
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints that survive a kill: trainable weights, optimizer, scheduler, step, data position and
+# RNG states, through torch.distributed.checkpoint, written to a temporary directory and renamed.
+# The rename is the commit point: a kill before it leaves the previous checkpoint as the newest.
+
+CHECKPOINT_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)  # the frozen base is not saved
+
+
+@contextlib.contextmanager
+def single_process_quiet():
+    """DCP warns on every call without a process group that it assumes one process: true, and noise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint under <out>/checkpoints (temporary directories are ignored)."""
+    done = sorted(p for p in (out / "checkpoints").glob("step_*") if (p / "meta.json").exists())
+    return done[-1] if done else None
+
+
+def save_checkpoint(out: Path, step: int, module, optimizer, scheduler, world: modeling.Dist, keep: int) -> Path:
+    """Write <out>/checkpoints/step_<step> (collective: every rank calls it)."""
+    root = out / "checkpoints"
+    final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
+    if world.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a kill during an earlier write
+        tmp.mkdir(parents=True)
+    barrier(world)
+    state = {"model": get_model_state_dict(module, options=CHECKPOINT_OPTIONS),
+             "optim": get_optimizer_state_dict(module, optimizer, options=CHECKPOINT_OPTIONS)}
+    with single_process_quiet():
+        dcp.save(state, checkpoint_id=str(tmp))
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, tmp / f"rng_rank{world.rank}.pt")
+    barrier(world)
+    if world.is_main:
+        meta = {"step": step, "world_size": world.world_size, "scheduler": scheduler.state_dict()}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        os.replace(tmp, final)
+        older = sorted(p for p in root.glob("step_*") if p != final)
+        for old in older[:max(len(older) - (keep - 1), 0)]:  # keep the newest `keep`, this one included
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(world)
+    return final
+
+
+def load_checkpoint(path: Path, module, optimizer, scheduler, world: modeling.Dist) -> int:
+    """Restore a checkpoint into the freshly built run; returns the step it was taken after."""
+    meta = json.loads((path / "meta.json").read_text())
+    if meta["world_size"] != world.world_size:
+        raise data.UserError(f"{path}: written by {meta['world_size']} ranks, resuming with {world.world_size}; "
+                             "the data split differs, so the run would not continue exactly")
+    state = {"model": get_model_state_dict(module, options=CHECKPOINT_OPTIONS),
+             "optim": get_optimizer_state_dict(module, optimizer, options=CHECKPOINT_OPTIONS)}
+    with single_process_quiet():
+        dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(module, state["model"], options=CHECKPOINT_OPTIONS)
+    set_optimizer_state_dict(module, optimizer, state["optim"], options=CHECKPOINT_OPTIONS)
+    scheduler.load_state_dict(meta["scheduler"])
+    rng = torch.load(path / f"rng_rank{world.rank}.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return meta["step"]
+
+
+def resume_point(cfg, out: Path, module, optimizer, scheduler, world: modeling.Dist) -> int:
+    """With --resume: load the newest good checkpoint, drop metrics rows logged after it; else 0."""
+    path = latest_checkpoint(out) if cfg.resume else None
+    if path is None:
+        if cfg.resume and world.is_main:
+            print(f"resume: no checkpoint under {out / 'checkpoints'}; starting fresh", file=sys.stderr)
+            (out / "metrics.jsonl").unlink(missing_ok=True)  # rows of a run killed before its first checkpoint
+        return 0
+    step = load_checkpoint(path, module, optimizer, scheduler, world)
+    metrics = out / "metrics.jsonl"
+    if world.is_main and metrics.exists():  # rows of steps after the checkpoint are redone
+        rows = [line for line in metrics.read_text().splitlines() if line.strip()]
+        kept = [line for line in rows if _row_step(line) is not None and _row_step(line) <= step]
+        metrics.write_text("".join(line + "\n" for line in kept))
+    if world.is_main:
+        print(f"resume: from {path} (step {step})", file=sys.stderr)
+    return step
+
+
+def _row_step(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None  # a line torn by the kill
+
+
+def barrier(world: modeling.Dist) -> None:
+    if world.world_size > 1:
+        dist.barrier()
+
+
+class StopOnSignal:
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves a checkpoint and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def should_stop(self, world: modeling.Dist) -> bool:
+        """Agreed across ranks: one rank's signal stops all of them at the same step."""
+        if world.world_size == 1:
+            return self.requested
+        flag = torch.tensor(float(self.requested), device=world.device)  # nccl reduces device tensors only
+        return bool(modeling.all_reduce_sum(flag, world) > 0)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def end_of_step(cfg, out: Path, done: int, total_steps: int, objective: nn.Module, optimizer, scheduler, world: modeling.Dist,
+                stopper: StopOnSignal) -> bool:
+    """Checkpoint when due (every --save-every steps, at the end, on a stop signal); True = stop now."""
+    stop = stopper.should_stop(world)
+    if done == total_steps or stop or (cfg.save_every > 0 and done % cfg.save_every == 0):
+        path = save_checkpoint(out, done, objective, optimizer, scheduler, world, cfg.keep_checkpoints)
+        if stop and world.is_main:
+            print(f"stopped by signal after step {done}; checkpoint {path}; rerun with --resume", file=sys.stderr)
+    return stop
+
+
+def finish_run(out: Path, objective: nn.Module, lora_cfg: modeling.LoRAConfig, world: modeling.Dist, metrics,
+               stopper: StopOnSignal, name: str) -> Path:
+    """Close the log and, unless a signal stopped the run early, write the final adapter: a full
+    (unsharded) state gathered from every rank, saved by rank 0."""
+    stopper.restore()
+    if world.is_main:
+        metrics.close()
+    if not stopper.requested:
+        full = get_model_state_dict(objective, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+        if world.is_main:
+            adapter = {k.removeprefix("net."): v for k, v in full.items() if ".lora_A." in k or ".lora_B." in k}
+            modeling.save_adapter(objective.net, out / "adapter", lora_cfg, state=adapter)
+            print(f"{name}: adapter saved to {out / 'adapter'}", file=sys.stderr)
+    barrier(world)
+    return out / "adapter"
+
+
+def batch_stream(n_items: int, batch_size: int, world: modeling.Dist, seed: int, start: int):
+    """This rank's batches of item indices over endless epochs, from micro-batch `start` on (resume
+    skips to its data position without loading anything)."""
+    per_epoch = len(epoch_batches(n_items, batch_size, world, seed, 0))
+    epoch, offset = divmod(start, per_epoch)
+    while True:
+        yield from epoch_batches(n_items, batch_size, world, seed, epoch)[offset:]
+        epoch, offset = epoch + 1, 0
+
+
+def wrap_objective(objective: nn.Module, cfg, world: modeling.Dist) -> nn.Module:
+    """Under torchrun (and unless --no-fsdp), shard with FSDP2, the objective as the root unit."""
+    if world.world_size > 1 and cfg.fsdp:
+        modeling.shard(objective, objective.net, mixed_precision=world.device.type == "cuda")
+    return objective
+
+
+
+def epoch_batches(n_samples: int, batch_size: int, world: modeling.Dist, seed: int, epoch: int) -> list[list[int]]:
+    """This rank's batches of sample indices for one epoch: one shared shuffle, split without overlap."""
+    order = list(range(n_samples))
+    random.Random(seed * 1000003 + epoch).shuffle(order)
+    per_step = batch_size * world.world_size
+    usable = n_samples // per_step * per_step  # every rank gets the same number of full batches
+    mine = order[:usable][world.rank::world.world_size]
+    return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+# --------------------------------------------------------------------------------------------
+# The loop: SFT and DPO, top to bottom.
+
+
+def train(cfg: SFTConfig | dpo.DPOConfig) -> Path:
+    """`sft` or `dpo` (stage 1 or 2), by the config's type: one loop. Writes <out>/adapter, config.json, metrics.jsonl."""
+    is_sft = isinstance(cfg, SFTConfig)
+    command, name = ("sft", "sft") if is_sft else ("dpo", f"dpo stage {cfg.stage}")
     world = modeling.setup_distributed(cfg.device)
-    train.seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     out = Path(cfg.out)
-    replaced = train.check_run_out(cfg, "sft")  # before any work: a refused --out costs nothing
-    train.barrier(world)  # every rank has checked --out before rank 0 writes into it
-    data_path = synth.resolve_data(cfg.data, "train", cfg.seed)
+    replaced = check_run_out(cfg, command)  # before any work: a refused --out costs nothing
+    barrier(world)  # every rank has checked --out before rank 0 writes into it
+    if not is_sft and cfg.stage == 2 and not cfg.adapter and world.is_main:
+        print("warning: dpo --stage 2 without --init-adapter: the policy and the reference start from the base "
+              "model, not from the stage-1 model", file=sys.stderr)
     lora_cfg = modeling.LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-    net, processor = train.prepare_model(cfg.model, cfg.adapter, lora_cfg, world, cfg.dtype, cfg.grad_checkpointing)
+    net, processor = prepare_model(cfg.model, cfg.adapter, lora_cfg, world, cfg.dtype, cfg.grad_checkpointing)
+    pad_id, image_token_id = processor.tokenizer.pad_token_id, net.config.image_token_id
 
-    records = data.read_records(data_path, image_root=cfg.image_root, skip_bad=cfg.skip_bad_records, limit=cfg.limit)
-    samples = build_sft_samples(cfg, records, processor, world)
-    dataset = SFTDataset(samples, processor.image_processor, cfg.cache_pixels)
-    pad_id = processor.tokenizer.pad_token_id
-    image_token_id = net.config.image_token_id
+    # What the loop draws from: SFT samples (box, answer, crop-alone) or DPO pairs, whose samples (stage 2:
+    # box and answer) share one batch, so that each pair's images are encoded once.
+    if is_sft:
+        records = data.read_records(synth.resolve_data(cfg.data, "train", cfg.seed), image_root=cfg.image_root,
+                                    skip_bad=cfg.skip_bad_records, limit=cfg.limit)
+        items = build_sft_samples(cfg, records, processor, world)
+        dataset = SFTDataset(items, processor.image_processor, cfg.cache_pixels)
+        collate = lambda indices: data.collate([dataset[i] for i in indices], pad_id, image_token_id)
+        objective, what = SFTObjective(net), f"{len(records)} records -> {len(items)} samples"
+    else:
+        pairs = data.read_pairs(cfg.data, image_root=cfg.image_root, skip_bad=cfg.skip_bad_records, limit=cfg.limit)
+        items = dpo.build_dpo_samples(cfg, pairs, processor, world)
+        collate = lambda indices: dpo.collate_pairs([s for i in indices for s in items[i]], processor.image_processor,
+                                                    pad_id, image_token_id)
+        # reference log-probs first: a plain forward pass, before the model is sharded
+        ref_table = dpo.precompute_reference(net, items, processor, cfg, world) if cfg.precompute_ref else None
+        objective, what = dpo.DPOObjective(net, cfg, ref_table), f"{len(items)} pairs"
 
-    steps_per_epoch = len(train.epoch_batches(len(samples), cfg.batch_size, world, cfg.seed, 0)) // cfg.grad_accum
+    steps_per_epoch = len(epoch_batches(len(items), cfg.batch_size, world, cfg.seed, 0)) // cfg.grad_accum
     total_steps = cfg.max_steps if cfg.max_steps > 0 else int(cfg.epochs * steps_per_epoch)
     if steps_per_epoch == 0 or total_steps == 0:
-        raise data.UserError(f"sft: {len(samples)} samples are fewer than one optimizer step of "
+        raise data.UserError(f"{command}: {what} are fewer than one optimizer step of "
                              f"{cfg.batch_size} x {cfg.grad_accum} x {world.world_size}")
-    n_focus = sum(sample.kind == "focus" for sample in samples)
-    if cfg.focus_first_steps and not (0 < cfg.focus_first_steps < total_steps
-                                      and n_focus >= cfg.batch_size * world.world_size):
-        raise data.UserError(f"sft: --focus-first-steps {cfg.focus_first_steps} must be positive, fewer than the "
-                             f"{total_steps} steps, with one micro-batch of focus samples per rank ({n_focus})")
-    objective = train.wrap_objective(SFTObjective(net), cfg, world)
+    if is_sft and cfg.focus_first_steps:
+        n_focus = sum(sample.kind == "focus" for sample in items)
+        if not (0 < cfg.focus_first_steps < total_steps and n_focus >= cfg.batch_size * world.world_size):
+            raise data.UserError(f"sft: --focus-first-steps {cfg.focus_first_steps} must be positive, fewer than the "
+                                 f"{total_steps} steps, with one micro-batch of focus samples per rank ({n_focus})")
+    objective = wrap_objective(objective, cfg, world)
     params = modeling.trainable_parameters(objective)  # after sharding: the DTensor parameters
-    optimizer, scheduler = train.make_optimizer(params, cfg.lr, cfg.weight_decay, total_steps, cfg.warmup_ratio)
-    global_batch = cfg.batch_size * cfg.grad_accum * world.world_size
-    start_step = train.resume_point(cfg, out, objective, optimizer, scheduler, world)
-    metrics = train.start_run(out, cfg, "sft", world, replaced, (
-        f"sft: {len(records)} records -> {len(samples)} samples; {total_steps} steps; global batch "
-        f"{global_batch} = {cfg.batch_size} x {cfg.grad_accum} accum x {world.world_size} ranks; "
-        f"{sum(p.numel() for p in params):,} trainable parameters"))
-    batches = (train.to_device(data.collate([dataset[i] for i in indices], pad_id, image_token_id), world.device)
-               for indices in sft_index_stream(cfg, samples, world, start_step))
-    progress = tqdm(range(start_step, total_steps), desc="sft", disable=not world.is_main, dynamic_ncols=True,
+    optimizer, scheduler = make_optimizer(params, cfg.lr, cfg.weight_decay, total_steps, cfg.warmup_ratio)
+    start_step = resume_point(cfg, out, objective, optimizer, scheduler, world)
+    global_batch = f"{cfg.batch_size * cfg.grad_accum * world.world_size} = {cfg.batch_size} x {cfg.grad_accum} " \
+                   f"accum x {world.world_size} ranks"
+    metrics = start_run(out, cfg, command, world, replaced, (
+        f"{name}: {what}; {total_steps} steps; global batch {global_batch}; "
+        + (f"{sum(p.numel() for p in params):,} trainable parameters" if is_sft else
+           f"reference = {cfg.adapter or cfg.model} ({'precomputed' if cfg.precompute_ref else 'adapters off, per step'})")))
+    indices = (sft_index_stream(cfg, items, world, start_step) if is_sft else
+               batch_stream(len(items), cfg.batch_size, world, cfg.seed, start=start_step * cfg.grad_accum))
+    batches = (modeling.to_device(collate(batch_indices), world.device) for batch_indices in indices)
+    progress = tqdm(range(start_step, total_steps), desc=name, disable=not world.is_main, dynamic_ncols=True,
                     initial=start_step, total=total_steps)
-    stopper = train.StopOnSignal()
+    stopper = StopOnSignal()
     start = time.time()
     for step in progress:
         step_start = time.time()
         micro = [next(batches) for _ in range(cfg.grad_accum)]
-        # One normaliser for the whole optimizer step (all micro-batches, all ranks): the loss is the
-        # mean over supervised tokens of the global batch, whatever the accumulation split.
-        n_tokens = sum((b["labels"][:, 1:] != data.IGNORE_INDEX).sum() for b in micro).float()
-        n_tokens = train.all_reduce_sum(n_tokens, world)
-        step_loss = torch.zeros((), device=world.device)
+        # One normaliser for the whole optimizer step (all micro-batches, all ranks): the loss is the mean over
+        # the global batch's supervised tokens (SFT) or over its pairs of each kind (DPO), whatever the split.
+        counts = modeling.all_reduce_sum(objective.step_counts(micro), world)
+        step_loss, stats = torch.zeros((), device=world.device), 0.0
         for batch in micro:
-            with train.autocast_for(world.device):
-                loss = objective(batch, n_tokens)
+            with modeling.autocast_for(world.device):
+                loss, batch_stats = objective(batch, counts)
             loss.backward()
             step_loss += loss.detach()
-        grad_norm, lr = train.optimizer_step(params, optimizer, scheduler, world, cfg.grad_clip)
-        step_loss = train.all_reduce_sum(step_loss, world)
-        tokens = train.all_reduce_sum(sum(b["attention_mask"].sum() for b in micro).float(), world)
+            stats = stats + batch_stats
+        grad_norm, lr = optimizer_step(params, optimizer, scheduler, world, cfg.grad_clip)
+        step_loss, stats = modeling.all_reduce_sum(step_loss, world), modeling.all_reduce_sum(stats, world)
         if world.is_main and (step % cfg.log_every == 0 or step == total_steps - 1):
-            tokens = int(tokens.item())
-            row = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4),
-                   "loss": step_loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                   "tokens": tokens, "tokens_per_s": tokens / max(time.time() - step_start, 1e-9),
-                   "elapsed_s": time.time() - start}
+            row = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), "loss": step_loss.item(),
+                   "lr": lr, "grad_norm": grad_norm.item()}
+            row.update(objective.log_fields(stats, counts, row["loss"]))
+            if "tokens" in row:
+                row["tokens_per_s"] = row["tokens"] / max(time.time() - step_start, 1e-9)
+            row["elapsed_s"] = time.time() - start
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
-        if train.end_of_step(cfg, out, step + 1, total_steps, objective, optimizer, scheduler, world, stopper):
+        if end_of_step(cfg, out, step + 1, total_steps, objective, optimizer, scheduler, world, stopper):
             break
-    return train.finish_run(out, objective, lora_cfg, world, metrics, stopper, "sft")
-
-
-# --------------------------------------------------------------------------------------------
-# Preference optimisation (DPO) on self-generated pairs.
-
-DPO_KINDS = ("box", "answer")  # stage-2 step types; index = PairSample kind code in dpo.collate_pairs
-DPO_STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-             "logps/chosen", "logps/rejected", "nll/chosen")
-
-
-@dataclass
-class DPOConfig:
-    """DPO stage 1 (focus: box pairs) or stage 2 (step-level: box pairs + answer pairs on the crop)."""
-
-    data: str  # pair records (.jsonl written by generate.py; format in README)
-    stage: Literal[1, 2] = 1
-    model: str = "tiny"  # checkpoint directory, or `tiny` / `tiny-qwen2-vl`
-    # The previous phase's adapter (SFT for stage 1, stage 1 for stage 2): merged into the base at
-    # load, so the reference (adapters off) is exactly the model at the start of this stage.
-    adapter: Annotated[str | None, tyro.conf.arg(aliases=("--init-adapter",))] = None
-    image_root: str | None = None  # image paths are relative to this (default: the data file's directory)
-    out: str | None = None  # default runs/dpo1 or runs/dpo2, by --stage
-    limit: int | None = None  # use the first N pairs only
-    seed: int = 0
-    epochs: float = 5.0
-    max_steps: int = -1  # optimizer steps; overrides epochs when > 0
-    lr: float = 5e-6
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    batch_size: int = 2  # pairs per process per micro-step (a stage-2 pair is a box and an answer sample)
-    grad_accum: int = 1
-    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
-    beta: float = 0.1  # for the box step (stage 1 and stage 2)
-    beta_answer: float | None = None  # for the answer step in stage 2 (default: --beta)
-    label_smoothing: float = 0.0  # the robust loss's assumed label-flip rate
-    nll_weight: float = 0.0  # adds nll_weight * length-normalised NLL of the chosen responses
-    lambda_box: float = 0.5  # stage 2: L = lambda_box * L_box + lambda_answer * L_answer
-    lambda_answer: float = 0.5
-    rejected_crop: Literal["chosen", "own"] = "chosen"  # stage 2: crop the rejected answer sees (upstream: chosen)
-    crop: Literal["vcot", "raw"] = "vcot"
-    precompute_ref: bool = False  # all reference log-probs in one pass before training
-    logp_chunk: int = 1024  # response tokens per chunk of the fused log-prob kernel
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "all"
-    max_len: int = 2048  # pairs with a longer sequence are dropped whole
-    error_on_long: bool = False
-    skip_bad_records: bool = False  # skip (and report) malformed pairs instead of stopping
-    grad_checkpointing: bool = False
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    log_every: int = 1
-    save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end or on SIGTERM/SIGINT)
-    keep_checkpoints: int = 2
-    resume: bool = False  # continue the run in --out from its newest complete checkpoint
-    overwrite: bool = False  # replace the run in --out (its adapter, checkpoints, config and metrics)
-    fsdp: bool = True  # under torchrun: shard with FSDP2 (--no-fsdp: replicate, all-reduce gradients)
-
-    def __post_init__(self):
-        if self.out is None:  # stages 1 and 2 never share a default --out: stage 2 reads stage 1's adapter
-            self.out = f"runs/dpo{self.stage}"
-
-
-def build_dpo_samples(cfg: DPOConfig, pairs: list[data.Pair], processor, world: modeling.Dist) -> list[list[data.PairSample]]:
-    """Each pair's samples (1 in stage 1, 2 in stage 2), checked before training; bad pairs reported."""
-    grouped, errors, too_long, same_box = [], [], 0, 0
-    for pair in pairs:
-        try:
-            samples = data.dpo_samples(pair, processor.tokenizer, processor.image_processor, cfg.stage,
-                                       cfg.crop, cfg.rejected_crop)
-        except data.DataError as e:
-            errors.append(str(e))
-            continue
-        same_box += cfg.stage == 2 and samples[0].kind != "box"  # its box step was dropped
-        longest = max(max(len(s.chosen_ids), len(s.rejected_ids)) for s in samples)
-        if longest > cfg.max_len:
-            if cfg.error_on_long:
-                raise data.UserError(f"{pair.record.source}: a sequence of {longest} tokens > --max-len {cfg.max_len}")
-            too_long += 1
-            continue
-        grouped.append(samples)
-    data.report_bad(errors, cfg.skip_bad_records, cfg.data, len(grouped))
-    if too_long and world.is_main:
-        print(f"dpo: dropped {too_long} pairs longer than {cfg.max_len} tokens", file=sys.stderr)
-    if same_box and world.is_main:
-        print(f"dpo: {same_box} pairs have the same chosen and rejected box: only their answer step is trained "
-              "(the box step's gradient is zero)", file=sys.stderr)
-    if not grouped:
-        raise data.UserError("dpo: no usable pairs")
-    index = 0
-    for samples in grouped:
-        for sample in samples:
-            sample.index, index = index, index + 1
-    return grouped
-
-
-def reference_logps(net, batch: dict, features, cfg: DPOConfig, ref_table: torch.Tensor | None) -> torch.Tensor:
-    """Reference log-probs of every row, [2B]: from the precomputed table, or the same weights with
-    adapters off (the model at the start of the stage) under no_grad, on the same image features."""
-    if ref_table is not None:
-        rows = ref_table[batch["sample_index"]]  # [B, 2] (chosen, rejected)
-        return torch.cat([rows[:, 0], rows[:, 1]])
-    with torch.no_grad(), modeling.adapters_disabled(net):
-        return dpo.sequence_logps(net, batch, features, cfg.logp_chunk)
-
-
-def precompute_reference(net, grouped, processor, cfg: DPOConfig, world: modeling.Dist) -> torch.Tensor:
-    """[n_samples, 2] reference log-probs (chosen, rejected) in one pass, split over ranks, summed."""
-    n_samples = sum(len(g) for g in grouped)
-    table = torch.zeros(n_samples, 2, dtype=torch.float32, device=world.device)
-    mine = list(range(world.rank, len(grouped), world.world_size))
-    was_training = net.training
-    net.eval()  # no dropout in the reference
-    for start in tqdm(range(0, len(mine), cfg.batch_size), desc="reference", disable=not world.is_main):
-        samples = [s for i in mine[start:start + cfg.batch_size] for s in grouped[i]]
-        batch = train.to_device(dpo.collate_pairs(samples, processor.image_processor, processor.tokenizer.pad_token_id,
-                                            net.config.image_token_id), world.device)
-        with train.autocast_for(world.device):
-            logps = reference_logps(net, batch, dpo.encode_images(net, batch), cfg, None)
-        n = len(samples)
-        table[batch["sample_index"]] = torch.stack([logps[:n], logps[n:]], dim=1).float()
-    net.train(was_training)
-    return train.all_reduce_sum(table, world)
-
-
-def dpo_step_loss(cfg: DPOConfig, policy: torch.Tensor, reference: torch.Tensor, batch: dict,
-                  kind_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """This micro-batch's share of the step objective, and its per-kind sums of DPO_STATS [2, 8].
-
-    Stage 1: the mean pair loss. Stage 2: lambda_box * mean box loss + lambda_answer * mean answer
-    loss, means over the whole optimizer step (kind_counts: samples per kind, all micro-batches, ranks).
-    """
-    n = batch["kind"].shape[0]
-    kind = batch["kind"]  # [B] 0 box, 1 answer
-    args = (policy[:n], policy[n:], reference[:n], reference[n:])
-    box_losses, chosen_rewards, rejected_rewards = dpo.preference_loss(
-        *args, beta=cfg.beta, kind=cfg.loss, label_smoothing=cfg.label_smoothing)
-    if cfg.stage == 2:
-        beta_answer = cfg.beta if cfg.beta_answer is None else cfg.beta_answer
-        answer_losses, answer_chosen, answer_rejected = dpo.preference_loss(
-            *args, beta=beta_answer, kind=cfg.loss, label_smoothing=cfg.label_smoothing)
-        is_answer = kind == 1
-        losses = torch.where(is_answer, answer_losses, box_losses)
-        chosen_rewards = torch.where(is_answer, answer_chosen, chosen_rewards)
-        rejected_rewards = torch.where(is_answer, answer_rejected, rejected_rewards)
-        lambdas = torch.tensor([cfg.lambda_box, cfg.lambda_answer], device=policy.device)
-    else:
-        losses, lambdas = box_losses, torch.ones(2, device=policy.device)
-    weights = lambdas[kind] / kind_counts.clamp(min=1)[kind]  # [B]
-    loss = (weights * losses).sum()
-    nll = -policy[:n] / dpo.response_lengths(batch)[:n].clamp(min=1)  # [B] length-normalised NLL of the chosen
-    if cfg.nll_weight > 0:  # RPO-style anchor on the chosen responses
-        loss = loss + cfg.nll_weight * nll.sum() / kind_counts.sum()
-    values = torch.stack([losses, chosen_rewards, rejected_rewards, chosen_rewards - rejected_rewards,
-                          (chosen_rewards > rejected_rewards).float(), policy[:n], policy[n:], nll], dim=1)  # [B, 8]
-    one_hot = F.one_hot(kind, num_classes=2).to(values.dtype)  # [B, 2]
-    return loss, one_hot.T @ values.detach()  # [2, 8] per-kind sums
-
-
-class DPOObjective(nn.Module):
-    """One DPO micro-batch as a module (the FSDP2 root): features once, policy, reference, loss."""
-
-    def __init__(self, net, cfg: DPOConfig, ref_table: torch.Tensor | None):
-        super().__init__()
-        self.net, self.cfg, self.ref_table = net, cfg, ref_table
-
-    def forward(self, batch: dict, kind_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = dpo.encode_images(self.net, batch)  # once per unique image: policy and reference share them
-        policy = dpo.sequence_logps(self.net, batch, features, self.cfg.logp_chunk)
-        reference = reference_logps(self.net, batch, features, self.cfg, self.ref_table)
-        return dpo_step_loss(self.cfg, policy, reference, batch, kind_counts)
-
-
-def dpo_train(cfg: DPOConfig) -> Path:
-    """DPO stage 1 or 2; writes <out>/adapter, <out>/config.json and <out>/metrics.jsonl."""
-    world = modeling.setup_distributed(cfg.device)
-    train.seed_everything(cfg.seed)
-    out = Path(cfg.out)
-    replaced = train.check_run_out(cfg, "dpo")
-    train.barrier(world)  # every rank has checked --out before rank 0 writes into it
-    if cfg.stage == 2 and not cfg.adapter and world.is_main:
-        print("warning: dpo --stage 2 without --init-adapter: the policy and the reference start from the base "
-              "model, not from the stage-1 model", file=sys.stderr)
-    lora_cfg = modeling.LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-    net, processor = train.prepare_model(cfg.model, cfg.adapter, lora_cfg, world, cfg.dtype, cfg.grad_checkpointing)
-    pairs = data.read_pairs(cfg.data, image_root=cfg.image_root, skip_bad=cfg.skip_bad_records, limit=cfg.limit)
-    grouped = build_dpo_samples(cfg, pairs, processor, world)
-    pad_id, image_token_id = processor.tokenizer.pad_token_id, net.config.image_token_id
-
-    steps_per_epoch = len(train.epoch_batches(len(grouped), cfg.batch_size, world, cfg.seed, 0)) // cfg.grad_accum
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else int(cfg.epochs * steps_per_epoch)
-    if steps_per_epoch == 0 or total_steps == 0:
-        raise data.UserError(f"dpo: {len(grouped)} pairs are fewer than one optimizer step of "
-                             f"{cfg.batch_size} x {cfg.grad_accum} x {world.world_size}")
-    # reference log-probs first: a plain forward pass, before the model is sharded
-    ref_table = precompute_reference(net, grouped, processor, cfg, world) if cfg.precompute_ref else None
-    objective = train.wrap_objective(DPOObjective(net, cfg, ref_table), cfg, world)
-    params = modeling.trainable_parameters(objective)  # after sharding: the DTensor parameters
-    optimizer, scheduler = train.make_optimizer(params, cfg.lr, cfg.weight_decay, total_steps, cfg.warmup_ratio)
-    global_batch = cfg.batch_size * cfg.grad_accum * world.world_size
-    start_step = train.resume_point(cfg, out, objective, optimizer, scheduler, world)
-    metrics = train.start_run(out, cfg, "dpo", world, replaced, (
-        f"dpo stage {cfg.stage}: {len(grouped)} pairs; {total_steps} steps; global batch {global_batch} pairs "
-        f"= {cfg.batch_size} x {cfg.grad_accum} accum x {world.world_size} ranks; reference = "
-        f"{cfg.adapter or cfg.model} ({'precomputed' if cfg.precompute_ref else 'adapters off, per step'})"))
-    # The unit is a pair: its box and answer samples share one batch, so its images are encoded once.
-    batches = (train.to_device(dpo.collate_pairs([s for i in indices for s in grouped[i]], processor.image_processor,
-                                           pad_id, image_token_id), world.device)
-               for indices in train.batch_stream(len(grouped), cfg.batch_size, world, cfg.seed,
-                                           start=start_step * cfg.grad_accum))
-    progress = tqdm(range(start_step, total_steps), desc=f"dpo stage {cfg.stage}", disable=not world.is_main,
-                    dynamic_ncols=True, initial=start_step, total=total_steps)
-    stopper = train.StopOnSignal()
-    start = time.time()
-    for step in progress:
-        micro = [next(batches) for _ in range(cfg.grad_accum)]
-        kind_counts = train.all_reduce_sum(sum(torch.bincount(b["kind"], minlength=2) for b in micro).float(), world)
-        step_loss = torch.zeros((), device=world.device)
-        stats = torch.zeros(len(DPO_KINDS), len(DPO_STATS), device=world.device)
-        for batch in micro:
-            with train.autocast_for(world.device):
-                loss, batch_stats = objective(batch, kind_counts)
-            loss.backward()
-            step_loss += loss.detach()
-            stats += batch_stats
-        grad_norm, lr = train.optimizer_step(params, optimizer, scheduler, world, cfg.grad_clip)
-        step_loss, stats = train.all_reduce_sum(step_loss, world), train.all_reduce_sum(stats, world)
-        if world.is_main and (step % cfg.log_every == 0 or step == total_steps - 1):
-            means = (stats / kind_counts.clamp(min=1)[:, None]).tolist()  # the only host sync of the step
-            row = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), "loss": step_loss.item(),
-                   "lr": lr, "grad_norm": grad_norm.item(), "elapsed_s": time.time() - start}
-            for k, kind in enumerate(DPO_KINDS):
-                if kind_counts[k] > 0:
-                    row.update({f"{kind}/{name}": means[k][j] for j, name in enumerate(DPO_STATS)})
-            # the two terms of the loss apart: the preference term, and nll_weight x the chosen's mean NLL
-            row["nll_term"] = cfg.nll_weight * stats[:, -1].sum().item() / kind_counts.sum().clamp(min=1).item()
-            row["dpo_term"] = row["loss"] - row["nll_term"]
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
-            progress.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row.get('box/rewards/margins', float('nan')):.3f}")
-        if train.end_of_step(cfg, out, step + 1, total_steps, objective, optimizer, scheduler, world, stopper):
-            break
-    return train.finish_run(out, objective, lora_cfg, world, metrics, stopper, "dpo")
+    return finish_run(out, objective, lora_cfg, world, metrics, stopper, command)
 
 
 # --------------------------------------------------------------------------------------------
@@ -532,8 +619,8 @@ def synth_command(args: SynthArgs) -> dict:
     return paths
 
 
-COMMANDS = {"sft": (SFTConfig, sft), "generate": (generate.GenerateConfig, generate.generate_command),
-            "dpo": (DPOConfig, dpo_train), "eval": (evaluate.EvalConfig, evaluate.evaluate), "export": (export.ExportConfig, export.export_command),
+COMMANDS = {"sft": (SFTConfig, train), "generate": (generate.GenerateConfig, generate.generate_command),
+            "dpo": (dpo.DPOConfig, train), "eval": (evaluate.EvalConfig, evaluate.evaluate), "export": (export.ExportConfig, export.export_command),
             "infer": (serve.InferConfig, serve.infer_command), "serve": (serve.ServeConfig, serve.serve_command),
             "demo": (demo.DemoConfig, demo.demo), "tiny": (TinyArgs, tiny_command), "synth": (SynthArgs, synth_command)}
 

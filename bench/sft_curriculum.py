@@ -24,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
 import model as modeling  # noqa: E402
 import synth  # noqa: E402
-import train  # noqa: E402
 import visrl  # noqa: E402
 
 
@@ -59,7 +58,7 @@ def main() -> None:
     cfg = visrl.SFTConfig(seed=args.seed, batch_size=8, lr=2e-3, lora_rank=16, lora_alpha=32.0,
                           crop_alone_samples=True, focus_first_steps=args.focus_first_steps)
     net, processor = modeling.load_model("tiny")
-    train.seed_everything(args.seed)  # after loading: the adapter's initialisation follows the seed
+    visrl.seed_everything(args.seed)  # after loading: the adapter's initialisation follows the seed
     modeling.add_lora(net, modeling.LoRAConfig(cfg.lora_rank, cfg.lora_alpha))
     world = modeling.Dist()
     records = data.read_records(synth.resolve_data("synth", "train", args.seed), limit=args.records)
@@ -74,7 +73,7 @@ def main() -> None:
     pad_id, image_token_id = processor.tokenizer.pad_token_id, net.config.image_token_id
 
     params = [p for p in net.parameters() if p.requires_grad]
-    optimizer, scheduler = train.make_optimizer(params, cfg.lr, cfg.weight_decay, args.steps, cfg.warmup_ratio)
+    optimizer, scheduler = visrl.make_optimizer(params, cfg.lr, cfg.weight_decay, args.steps, cfg.warmup_ratio)
     stream = visrl.sft_index_stream(cfg, samples, world, 0)
     print(f"{len(samples)} samples from {len(records)} records; {args.steps} steps, "
           f"focus first {args.focus_first_steps}{', focus only' if args.focus_only else ''}", flush=True)

@@ -11,7 +11,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
 import model  # noqa: E402
-import train  # noqa: E402
 import visrl  # noqa: E402
 
 out, data_path = sys.argv[1], sys.argv[2]

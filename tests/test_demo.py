@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 import data
+import dpo
 import demo
 
 
@@ -98,7 +99,7 @@ def test_stage_commands_parse_back_to_the_configs_the_demo_means():
     assert tyro.cli(visrl.SFTConfig, args=sft[2:]) == visrl.SFTConfig(data="d.jsonl", lr=0.002, crop_alone_samples=True,
                                                                       fsdp=False)
     dpo_args = demo.flag_args(dict(data="p.jsonl", stage=2, lr=5e-4, adapter="a", resume=True))
-    assert tyro.cli(visrl.DPOConfig, args=dpo_args) == visrl.DPOConfig(data="p.jsonl", stage=2, lr=5e-4, adapter="a",
+    assert tyro.cli(dpo.DPOConfig, args=dpo_args) == dpo.DPOConfig(data="p.jsonl", stage=2, lr=5e-4, adapter="a",
                                                                        resume=True)
     gen = dict(data="q.jsonl", attempts=2, out="o", temperature=1.0)
     assert tyro.cli(generate.GenerateConfig, args=demo.flag_args(gen)) == generate.GenerateConfig(**gen)

@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load_file
 
 import visrl
-import train
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -94,7 +93,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_cleanly(synth_dir, tmp_path):
     _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=300) == 0
-    checkpoint = train.latest_checkpoint(tmp_path / "run")
+    checkpoint = visrl.latest_checkpoint(tmp_path / "run")
     stopped_at = json.loads((checkpoint / "meta.json").read_text())["step"]
     assert stopped_at == len(_rows(tmp_path / "run")) < 40
     assert not (tmp_path / "run" / "adapter").exists()  # no final adapter from an unfinished run
@@ -104,9 +103,9 @@ def test_sigterm_finishes_the_step_saves_and_exits_cleanly(synth_dir, tmp_path):
 
 def test_a_torn_checkpoint_write_leaves_the_previous_one(synth_dir, tmp_path):
     out = tmp_path / "run"
-    visrl.sft(visrl.SFTConfig(data=str(synth_dir / "train.jsonl"), out=str(out), max_steps=4, save_every=2,
+    visrl.train(visrl.SFTConfig(data=str(synth_dir / "train.jsonl"), out=str(out), max_steps=4, save_every=2,
                               batch_size=2, limit=16, lr=1e-3))
-    good = train.latest_checkpoint(out)
+    good = visrl.latest_checkpoint(out)
     assert good.name == "step_00000004"
     # a write killed half-way: a temporary directory with some shards and no meta.json
     torn = out / "checkpoints" / ".tmp_step_00000006"
@@ -114,11 +113,11 @@ def test_a_torn_checkpoint_write_leaves_the_previous_one(synth_dir, tmp_path):
     (torn / "meta.json").unlink()
     shard = next(torn.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])
-    assert train.latest_checkpoint(out) == good
-    visrl.sft(visrl.SFTConfig(data=str(synth_dir / "train.jsonl"), out=str(out), max_steps=6, save_every=2,
+    assert visrl.latest_checkpoint(out) == good
+    visrl.train(visrl.SFTConfig(data=str(synth_dir / "train.jsonl"), out=str(out), max_steps=6, save_every=2,
                               batch_size=2, limit=16, lr=1e-3, resume=True))
     assert [r["step"] for r in _rows(out)] == list(range(1, 7))
-    assert train.latest_checkpoint(out).name == "step_00000006"
+    assert visrl.latest_checkpoint(out).name == "step_00000006"
     assert not torn.exists()
 
 
@@ -161,7 +160,7 @@ def test_fsdp_sigterm_then_resume_continues_exactly(synth_dir, tmp_path):
     _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, proc)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=300)
-    checkpoint = train.latest_checkpoint(tmp_path / "split")
+    checkpoint = visrl.latest_checkpoint(tmp_path / "split")
     assert checkpoint is not None, proc.stderr.read()[-3000:]
     stopped_at = json.loads((checkpoint / "meta.json").read_text())["step"]
     assert 2 <= stopped_at < 30
@@ -181,5 +180,5 @@ def test_an_expected_error_under_torchrun_is_said_once(tmp_path):
     assert result.stderr.count(f"error: 1 bad record(s) in {bad}") == 1, result.stderr[-3000:]
     assert f"{bad}:1: field 'image': missing" in result.stderr
     # torchrun's launcher adds its own failure summary (a traceback of torch.distributed.run); none from visrl
-    assert not any(name in result.stderr for name in ('visrl.py", line', 'data.py", line', 'train.py", line'))
+    assert not any(name in result.stderr for name in ('visrl.py", line', 'data.py", line', 'dpo.py", line'))
     assert not (tmp_path / "run").exists()

@@ -13,7 +13,6 @@ import data
 import dpo
 import model
 import visrl
-import train
 from conftest import write_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,13 +88,13 @@ def test_unknown_loss_and_bad_smoothing_are_errors():
 
 
 def test_stage2_objective_is_the_weighted_sum_of_its_parts():
-    cfg = visrl.DPOConfig(data="x", stage=2, beta=0.1, beta_answer=0.3, lambda_box=0.25, lambda_answer=0.75)
+    cfg = dpo.DPOConfig(data="x", stage=2, beta=0.1, beta_answer=0.3, lambda_box=0.25, lambda_answer=0.75)
     g = torch.Generator().manual_seed(0)
     policy, reference = torch.randn(8, generator=g), torch.randn(8, generator=g)
     batch = {"kind": torch.tensor([0, 1, 0, 1]), "response_row": torch.arange(8),
              "input_ids": torch.zeros(8, 3)}
     counts = torch.tensor([2.0, 2.0])
-    loss, stats = visrl.dpo_step_loss(cfg, policy, reference, batch, counts)
+    loss, stats = dpo.step_loss(cfg, policy, reference, batch, counts)
     n = 4
     h = (policy[:n] - reference[:n]) - (policy[n:] - reference[n:])
     box = [-math.log(_sig(0.1 * h[i].item())) for i in (0, 2)]
@@ -122,8 +121,8 @@ def tiny_lora(tiny_path):
 
 
 def _grouped(processor, pairs_file, stage, rejected_crop="chosen", n=3):
-    cfg = visrl.DPOConfig(data=str(pairs_file), stage=stage, rejected_crop=rejected_crop)
-    return visrl.build_dpo_samples(cfg, data.read_pairs(pairs_file, limit=n), processor, model.Dist())
+    cfg = dpo.DPOConfig(data=str(pairs_file), stage=stage, rejected_crop=rejected_crop)
+    return dpo.build_dpo_samples(cfg, data.read_pairs(pairs_file, limit=n), processor, model.Dist())
 
 
 def test_sequence_logps_equal_the_model_s_own_logits(tiny_lora, pairs_file):
@@ -167,12 +166,12 @@ def test_vision_tower_runs_once_per_unique_image_per_step(tiny_lora, pairs_file,
 
     hook = net.model.visual.register_forward_hook(count, with_kwargs=True)
     try:
-        cfg = visrl.DPOConfig(data="x", stage=2)
+        cfg = dpo.DPOConfig(data="x", stage=2)
         net.train()
         features = dpo.encode_images(net, batch)
         policy = dpo.sequence_logps(net, batch, features)
-        reference = visrl.reference_logps(net, batch, features, cfg, None)
-        loss, _ = visrl.dpo_step_loss(cfg, policy, reference, batch, torch.bincount(batch["kind"], minlength=2).float())
+        reference = dpo.reference_logps(net, batch, features, cfg, None)
+        loss, _ = dpo.step_loss(cfg, policy, reference, batch, torch.bincount(batch["kind"], minlength=2).float())
         loss.backward()
     finally:
         hook.remove()
@@ -186,14 +185,14 @@ def test_vision_tower_runs_once_per_unique_image_per_step(tiny_lora, pairs_file,
 def test_precomputed_reference_equals_on_the_fly(tiny_lora, pairs_file):
     net, processor = tiny_lora
     grouped = _grouped(processor, pairs_file, stage=2, n=4)
-    cfg = visrl.DPOConfig(data="x", stage=2, batch_size=3)  # batches that cut across pairs
-    table = visrl.precompute_reference(net, grouped, processor, cfg, model.Dist())
+    cfg = dpo.DPOConfig(data="x", stage=2, batch_size=3)  # batches that cut across pairs
+    table = dpo.precompute_reference(net, grouped, processor, cfg, model.Dist())
     samples = [s for g in grouped for s in g]
     batch = dpo.collate_pairs(samples[::-1], processor.image_processor, processor.tokenizer.pad_token_id,
                               net.config.image_token_id)
     with torch.no_grad():
-        live = visrl.reference_logps(net, batch, dpo.encode_images(net, batch), cfg, None)
-    stored = visrl.reference_logps(net, batch, None, cfg, table)
+        live = dpo.reference_logps(net, batch, dpo.encode_images(net, batch), cfg, None)
+    stored = dpo.reference_logps(net, batch, None, cfg, table)
     torch.testing.assert_close(stored, live, rtol=1e-5, atol=1e-4)
 
 
@@ -206,7 +205,7 @@ def _rows(out):
 
 
 def test_first_step_loss_is_ln2_and_stage2_loss_is_the_weighted_sum(pairs_file, tmp_path):
-    visrl.dpo_train(visrl.DPOConfig(data=str(pairs_file), stage=2, out=str(tmp_path / "s2"), max_steps=2,
+    visrl.train(dpo.DPOConfig(data=str(pairs_file), stage=2, out=str(tmp_path / "s2"), max_steps=2,
                                     lambda_box=0.3, lambda_answer=0.7, lr=1e-3))
     rows = _rows(tmp_path / "s2")
     first = rows[0]
@@ -223,7 +222,7 @@ def test_first_step_loss_is_ln2_and_stage2_loss_is_the_weighted_sum(pairs_file, 
 
 
 def test_the_nll_term_is_logged_apart_from_the_preference_term(pairs_file, tmp_path):
-    visrl.dpo_train(visrl.DPOConfig(data=str(pairs_file), stage=2, out=str(tmp_path / "s2"), max_steps=1,
+    visrl.train(dpo.DPOConfig(data=str(pairs_file), stage=2, out=str(tmp_path / "s2"), max_steps=1,
                                     nll_weight=2.0))
     (row,) = _rows(tmp_path / "s2")
     # at the reference: preference term 0.5 ln 2 + 0.5 ln 2; NLL term = 2 x the mean over all samples of
@@ -234,7 +233,7 @@ def test_the_nll_term_is_logged_apart_from_the_preference_term(pairs_file, tmp_p
 
 
 def test_short_run_raises_the_reward_margin(pairs_file, tmp_path):
-    out = visrl.dpo_train(visrl.DPOConfig(data=str(pairs_file), stage=1, out=str(tmp_path / "s1"),
+    out = visrl.train(dpo.DPOConfig(data=str(pairs_file), stage=1, out=str(tmp_path / "s1"),
                                           max_steps=16, lr=2e-3, batch_size=4, warmup_ratio=0.0))
     # Judged independently of the training log: trained adapter vs the model with adapters off.
     net, processor = model.load_model("tiny")
@@ -258,8 +257,8 @@ def test_short_run_raises_the_reward_margin(pairs_file, tmp_path):
 
 def test_precompute_ref_trains_the_same(pairs_file, tmp_path):
     common = dict(data=str(pairs_file), stage=2, max_steps=3, lr=1e-3, limit=8)
-    visrl.dpo_train(visrl.DPOConfig(out=str(tmp_path / "live"), **common))
-    visrl.dpo_train(visrl.DPOConfig(out=str(tmp_path / "pre"), precompute_ref=True, **common))
+    visrl.train(dpo.DPOConfig(out=str(tmp_path / "live"), **common))
+    visrl.train(dpo.DPOConfig(out=str(tmp_path / "pre"), precompute_ref=True, **common))
     for live, pre in zip(_rows(tmp_path / "live"), _rows(tmp_path / "pre")):
         assert pre["loss"] == pytest.approx(live["loss"], abs=1e-5)
         assert pre["answer/rewards/margins"] == pytest.approx(live["answer/rewards/margins"], abs=1e-5)
@@ -272,13 +271,13 @@ def test_init_adapter_is_the_reference_and_the_stack_reloads(tiny_path, pairs_fi
     for m in model.lora_modules(net).values():
         torch.nn.init.normal_(m.lora_B.weight, std=0.05)
     model.save_adapter(net, tmp_path / "sft", cfg)
-    out = visrl.dpo_train(visrl.DPOConfig(data=str(pairs_file), stage=1, out=str(tmp_path / "dpo"), max_steps=1,
+    out = visrl.train(dpo.DPOConfig(data=str(pairs_file), stage=1, out=str(tmp_path / "dpo"), max_steps=1,
                                           batch_size=2, adapter=str(tmp_path / "sft")))
     first = _rows(tmp_path / "dpo")[0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at the start
 
     # The first step's batch, scored by the SFT model and by the base model.
-    step_pairs = train.epoch_batches(16, 2, model.Dist(), seed=0, epoch=0)[0]
+    step_pairs = visrl.epoch_batches(16, 2, model.Dist(), seed=0, epoch=0)[0]
     grouped = _grouped(processor, pairs_file, stage=1, n=16)
     batch = dpo.collate_pairs([grouped[i][0] for i in step_pairs], processor.image_processor,
                               processor.tokenizer.pad_token_id, net.config.image_token_id)
@@ -337,8 +336,8 @@ def test_bad_pairs_are_reported_with_file_and_line(pairs_file, tmp_path, edit, s
     path = _bad_pairs(pairs_file, tmp_path, edit)
     try:
         with pytest.raises(data.DataError, match=rf"{path.name}:3: field '{field}'"):
-            visrl.dpo_train(visrl.DPOConfig(data=str(path), stage=stage, out=str(tmp_path / "x"), max_steps=1))
-        out = visrl.dpo_train(visrl.DPOConfig(data=str(path), stage=stage, out=str(tmp_path / "y"), max_steps=2,
+            visrl.train(dpo.DPOConfig(data=str(path), stage=stage, out=str(tmp_path / "x"), max_steps=1))
+        out = visrl.train(dpo.DPOConfig(data=str(path), stage=stage, out=str(tmp_path / "y"), max_steps=2,
                                               skip_bad_records=True))
         assert len(_rows(tmp_path / "y")) == 2 and (out / "adapter.safetensors").exists()
     finally:
@@ -350,8 +349,8 @@ def test_stage2_pair_with_one_box_for_both_answers_trains_its_answer_step_only(p
     try:
         _, processor = model.load_model("tiny")
         pairs = data.read_pairs(path, image_root=pairs_file.parent)
-        cfg = visrl.DPOConfig(data=str(path), stage=2)
-        grouped = visrl.build_dpo_samples(cfg, pairs, processor, model.Dist())
+        cfg = dpo.DPOConfig(data=str(path), stage=2)
+        grouped = dpo.build_dpo_samples(cfg, pairs, processor, model.Dist())
         assert [[s.kind for s in g] for g in grouped] == [["box", "answer"]] * 2 + [["answer"]] + [["box", "answer"]] * 3
         assert "1 pairs have the same chosen and rejected box" in capsys.readouterr().err
     finally:

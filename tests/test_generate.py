@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 import data
+import dpo
 import generate
 
 # --------------------------------------------------------------------------------------------
@@ -351,7 +352,7 @@ def test_generated_pairs_train_with_dpo(synth_dir, tmp_path):
     assert json.loads((out / "summary.json").read_text())["pairs_kept"] == len(pairs)
 
     # no --image-root: the pair file records the root its image paths are relative to
-    visrl.dpo_train(visrl.DPOConfig(data=str(out / "pairs.jsonl"), stage=2, max_steps=1, batch_size=2,
+    visrl.train(dpo.DPOConfig(data=str(out / "pairs.jsonl"), stage=2, max_steps=1, batch_size=2,
                                     out=str(tmp_path / "dpo")))
     (row,) = _read_lines(tmp_path / "dpo" / "metrics.jsonl")
     assert row["step"] == 1 and row["loss"] == pytest.approx(0.6931, abs=1e-3)  # ln 2 at the reference
@@ -530,7 +531,7 @@ def test_each_file_kind_is_named_when_given_where_another_is_wanted(synth_dir, t
     out = tmp_path / "gen"
     generate.generate(_cfg(path, synth_dir, out, attempts=1), Scripted(records))
     with pytest.raises(data.DataError, match="this is a pairs file .*train on it with `visrl.py dpo"):
-        visrl.sft(visrl.SFTConfig(data=str(out / "pairs.jsonl"), out=str(tmp_path / "sft"), max_steps=1))
+        visrl.train(visrl.SFTConfig(data=str(out / "pairs.jsonl"), out=str(tmp_path / "sft"), max_steps=1))
     with pytest.raises(data.DataError, match="candidates log: its pairs are in pairs.jsonl beside it"):
         data.read_pairs(out / "candidates.jsonl")
     with pytest.raises(data.DataError, match="this is a records file .*a pairs file is wanted here"):

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import data
+import dpo
 import model
 import synth
 import visrl
-import train
 from conftest import assert_one_line_error, finish_cli, run_cli, snapshot, start_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +38,7 @@ def _mean_loss(net, processor, samples):
 
 
 def test_sft_lowers_the_loss(synth_dir, tmp_path):
-    out = visrl.sft(_config(synth_dir, tmp_path / "run", max_steps=30))
+    out = visrl.train(_config(synth_dir, tmp_path / "run", max_steps=30))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 31))
     assert all({"loss", "lr", "grad_norm", "tokens_per_s"} <= r.keys() for r in rows)
@@ -104,8 +104,8 @@ def test_sft_reports_a_bad_record_with_file_and_line(synth_dir, tmp_path):
     bad_file.write_text("\n".join(lines) + "\n")
     try:
         with pytest.raises(data.DataError, match=r"bad_train\.jsonl:4: field 'bboxs'"):
-            visrl.sft(_config(bad_file, tmp_path / "run", max_steps=1))
-        out = visrl.sft(_config(bad_file, tmp_path / "run2", max_steps=1, skip_bad_records=True))
+            visrl.train(_config(bad_file, tmp_path / "run", max_steps=1))
+        out = visrl.train(_config(bad_file, tmp_path / "run2", max_steps=1, skip_bad_records=True))
         assert (out / "adapter.safetensors").exists()
     finally:
         bad_file.unlink()
@@ -126,8 +126,6 @@ def test_cli_help_and_sft_command(synth_dir, tmp_path):
 
 
 def test_data_synth_builds_the_cached_set_once(monkeypatch, tmp_path):
-    import synth
-
     monkeypatch.setenv("VISRL_CACHE", str(tmp_path))
     calls = []
     real = synth.make_synth
@@ -170,7 +168,7 @@ def test_focus_first_steps_must_leave_mixed_steps(synth_dir, tmp_path):
     for steps in (4, -1):
         cfg = _config(synth_dir, tmp_path, limit=8, max_steps=4, focus_first_steps=steps)
         with pytest.raises(ValueError, match=f"focus-first-steps {steps} must be positive, fewer than the 4 steps"):
-            visrl.sft(cfg)
+            visrl.train(cfg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,16 +190,16 @@ def _main(monkeypatch, capsys, main, *argv):
 
 def test_a_second_run_into_the_same_out_is_refused_until_resume_or_overwrite(synth_dir, tmp_path):
     out = tmp_path / "run"
-    visrl.sft(_config(synth_dir, out, max_steps=2, limit=8))
+    visrl.train(_config(synth_dir, out, max_steps=2, limit=8))
     (out / "notes.txt").write_text("the user's own file")
     before = snapshot(out)
     code, _, err = run_cli("visrl.py", "sft", "--data", synth_dir, "--out", out, "--max-steps", "2", "--limit", "8")
     assert_one_line_error(code, err, f"--out {out} already holds a run", "--resume", "--overwrite")
     assert snapshot(out) == before
     with pytest.raises(data.UserError, match=r"other settings \(--lr 0.002 -> 0.001\)"):
-        visrl.sft(_config(synth_dir, out, max_steps=3, limit=8, resume=True, lr=1e-3))
+        visrl.train(_config(synth_dir, out, max_steps=3, limit=8, resume=True, lr=1e-3))
     assert snapshot(out) == before
-    visrl.sft(_config(synth_dir, out, max_steps=3, limit=8, overwrite=True))
+    visrl.train(_config(synth_dir, out, max_steps=3, limit=8, overwrite=True))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]  # replaced, not appended to
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000003"]
@@ -215,7 +213,7 @@ def test_an_out_overlapping_an_input_is_refused_and_nothing_changes(synth_dir, t
     import generate
 
     run = tmp_path / "sft"
-    visrl.sft(_config(synth_dir, run, max_steps=1, limit=8))
+    visrl.train(_config(synth_dir, run, max_steps=1, limit=8))
     gen = tmp_path / "gen"
     gen.mkdir()
     (gen / "pairs.jsonl").write_bytes(pairs_file.read_bytes())
@@ -242,8 +240,8 @@ def test_default_outs_differ_per_stage():
     import generate
     import tyro
 
-    outs = [visrl.SFTConfig().out, tyro.cli(visrl.DPOConfig, args=["--data", "p.jsonl"]).out,
-            tyro.cli(visrl.DPOConfig, args=["--data", "p.jsonl", "--stage", "2"]).out, generate.GenerateConfig().out,
+    outs = [visrl.SFTConfig().out, tyro.cli(dpo.DPOConfig, args=["--data", "p.jsonl"]).out,
+            tyro.cli(dpo.DPOConfig, args=["--data", "p.jsonl", "--stage", "2"]).out, generate.GenerateConfig().out,
             evaluate.EvalConfig().out, export.ExportConfig(adapter="a").out]
     assert outs[1:3] == ["runs/dpo1", "runs/dpo2"] and len(set(outs)) == len(outs)
 
@@ -303,3 +301,15 @@ def test_generate_and_eval_are_visrl_subcommands_with_the_same_behaviour(tmp_pat
     line = lambda cmd: results[cmd][2][results[cmd][2].index("error: "):].replace("visrl_py_", "").strip()
     assert line(("visrl.py", "generate")).split(":")[:2] == line(("generate.py",)).split(":")[:2]
     assert line(("visrl.py", "eval")).split(":")[:2] == line(("evaluate.py",)).split(":")[:2]
+
+
+def test_the_readme_layout_table_is_true_to_the_code():
+    # every top-level module has a row, and its line count is the file's (`wc -l`)
+    from pathlib import Path
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    rows = dict(re.findall(r"^\| `(\w+\.py)` \|.*\| (\d+) \|$", (root / "README.md").read_text(), re.M))
+    modules = {p.name: len(p.read_text().splitlines()) for p in root.glob("*.py")}
+    assert set(rows) == set(modules)
+    assert {name: int(n) for name, n in rows.items()} == modules
