@@ -32,6 +32,7 @@ from typing import Literal
 
 import tyro
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 import data
 import model as modeling
@@ -380,8 +381,6 @@ PREDICTION_SETTINGS = ("model", "adapter", "endpoint", "endpoint_model", "data",
 
 def predict(items: list[viscot.Item], cfg: "EvalConfig", generate_fn=None) -> list[dict]:
     """Predictions for the items, in item order: those already in --out/predictions.jsonl are kept, the rest run."""
-    from tqdm import tqdm
-
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     data.check_settings(out, "evaluate", dataclasses.asdict(cfg), PREDICTION_SETTINGS, "rerun it")
@@ -408,8 +407,6 @@ def predict(items: list[viscot.Item], cfg: "EvalConfig", generate_fn=None) -> li
 
 def run_judge(rows: list[dict], cfg: "EvalConfig") -> dict:
     """Judge scores {(set, id): score} for every answered row; cached in --out/judge.jsonl (resumable)."""
-    from tqdm import tqdm
-
     path = Path(cfg.out) / "judge.jsonl"
     cache = {(r.get("set"), r.get("id")): r for r in read_jsonl_rows(path, repair=True)}
 

@@ -13,6 +13,7 @@ import inspect
 import json
 import math
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -136,8 +137,6 @@ class TinyConfig:
 def _tokenizer_corpus() -> list[str]:
     """Text the tiny BPE is trained on: the prompt table, the synthetic set's questions and answers (colours,
     patterns), boxes, judge replies."""
-    import random
-
     rng = random.Random(0)
     lines = [data.SYSTEM_PROMPT, data.FOCUS_INSTRUCTION, data.VISRL_INSTRUCTION, data.VCOT_ANSWER_TEXT]
     colours = "red green blue yellow magenta cyan".split()

@@ -17,6 +17,7 @@ tiny model in thousands of full-parameter steps (measured: README, "What the tin
 finding the one coloured frame among grey ones is learnt in a few hundred LoRA steps.
 """
 
+import hashlib
 import json
 import os
 import random
@@ -25,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import PIL
 from PIL import Image, ImageDraw
 
 import data
@@ -128,10 +130,6 @@ def _synth_one(out: Path, split: str, i: int, seed: int) -> str:
 def cache_key(seed: int, n_train: int, n_val: int, n_test: int) -> str:
     """What determines a synthetic set, hashed: this module's code (SYNTH_VERSION with it), the sizes, the seed
     and the versions of the libraries that draw and encode the images. Any change gives a new cache directory."""
-    import hashlib
-
-    import PIL
-
     parts = [Path(__file__).read_text(encoding="utf-8"), json.dumps([seed, n_train, n_val, n_test]),
              PIL.__version__, np.__version__]
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:12]
