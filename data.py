@@ -248,8 +248,8 @@ class BadField(Exception):
     def __init__(self, key, msg):
         super().__init__(f"field '{key}': {msg}")
 
-def _get(obj, key, types, what, required=True):
-    """obj[key] checked against types (bools are never numbers)."""
+def field(obj, key, types, what, required=True):
+    """obj[key] checked against types (bools are never numbers); every reader's field check."""
     if key not in obj:
         if required:
             raise BadField(key, "missing")
@@ -261,15 +261,16 @@ def _get(obj, key, types, what, required=True):
 
 def _answers(obj, key):
     """A reference answer: a string or a non-empty list of strings."""
-    v = _get(obj, key, (str, list), "a string or a list of strings")
+    v = field(obj, key, (str, list), "a string or a list of strings")
     if isinstance(v, str):
         return [v]
     if not v or not all(isinstance(a, str) for a in v):
         raise BadField(key, "expected a string or a non-empty list of strings")
     return list(v)
 
-def _boxes(value, key):
-    """A list of [x1, y1, x2, y2]: right length, finite, not inverted."""
+def boxes_field(value, key, inverted_ok=False):
+    """A list of [x1, y1, x2, y2]: right length, finite, not inverted (inverted_ok: the benchmark's ground
+    truth, which the official scorer counts as it is)."""
     if not isinstance(value, list):
         raise BadField(key, "expected a list of [x1, y1, x2, y2]")
     out = []
@@ -279,53 +280,54 @@ def _boxes(value, key):
             raise BadField(key, f"expected a list of [x1, y1, x2, y2], got {str(b)[:60]}")
         if not all(math.isfinite(v) for v in b):
             raise BadField(key, f"non-finite coordinate in {b}")
-        if b[2] < b[0] or b[3] < b[1]:
+        if not inverted_ok and (b[2] < b[0] or b[3] < b[1]):
             raise BadField(key, f"inverted box {b} (x2 < x1 or y2 < y1)")
         out.append(tuple(float(v) for v in b))
     return out
 
-_FOCUS_CUTS = (" Please provide the bounding box", " Please think step by step and provide the bounding box")
+BOX_CUT = " Please provide the bounding box"  # Visual-CoT's first turn: the question, then this (upstream cuts here)
+FOCUS_CUTS = (BOX_CUT, " Please think step by step and provide the bounding box")
 
 def _from_vcot_meta(obj, name):
     """Visual-CoT metadata/*.jsonl: question, answer, image, width, height, bboxs (+ dataset, split)."""
-    rel = _get(obj, "image", str, "an image path")
+    rel = field(obj, "image", str, "an image path")
     extra = ()
     dataset = obj.get("dataset")
     if isinstance(dataset, str):  # the release keeps images under cot/<dataset>/, textcap's under textvqa
         sub = "textvqa" if dataset == "textcap" else dataset
         extra = (os.path.join("cot", sub, rel), os.path.join(sub, rel))
     return dict(id=str(obj.get("question_id", name)), image=rel, extra=extra,
-                question=_get(obj, "question", str, "a string"), answers=_answers(obj, "answer"),
-                boxes=_boxes(_get(obj, "bboxs", list, "a list of [x1, y1, x2, y2]"), "bboxs"),
+                question=field(obj, "question", str, "a string"), answers=_answers(obj, "answer"),
+                boxes=boxes_field(field(obj, "bboxs", list, "a list of [x1, y1, x2, y2]"), "bboxs"),
                 box_key="bboxs",
-                width=_get(obj, "width", int, "an integer"), height=_get(obj, "height", int, "an integer"))
+                width=field(obj, "width", int, "an integer"), height=field(obj, "height", int, "an integer"))
 
 def _from_vcot_conv(obj, name):
     """Visual-CoT conversation .json item: image [path, 'path###[x1, y1, x2, y2]'], 4 turns."""
-    images = _get(obj, "image", list, "a list [path, 'path###[x1, y1, x2, y2]']")
+    images = field(obj, "image", list, "a list [path, 'path###[x1, y1, x2, y2]']")
     if len(images) < 2 or not all(isinstance(s, str) for s in images) or "###" not in images[1]:
         raise BadField("image", "expected a list [path, 'path###[x1, y1, x2, y2]']")
     nums = [float(m.group()) for m in _NUMBER.finditer(images[1].split("###", 1)[1])]
-    turns = _get(obj, "conversations", list, "a list of turns")
+    turns = field(obj, "conversations", list, "a list of turns")
     if len(turns) < 4 or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
         raise BadField("conversations", "expected 4 turns {from, value}: question, box, <image>, answer")
     question = turns[0]["value"].replace("<image>\n", "").replace("<image>", "")
-    for cut in _FOCUS_CUTS:  # the question is what precedes the focus instruction
+    for cut in FOCUS_CUTS:  # the question is what precedes the focus instruction
         question = question.split(cut)[0]
     answers = [t["value"] for t in turns if t.get("from") == "gpt"][-1:] or [turns[-1]["value"]]
     # the box is the pixel box after '###' (the gpt box turn is the same box, rounded to 3 decimals)
     return dict(id=str(obj.get("question_id", name)), image=images[0], extra=(),
-                question=question.strip(), answers=answers, boxes=_boxes([nums], "image"), box_key="image",
+                question=question.strip(), answers=answers, boxes=boxes_field([nums], "image"), box_key="image",
                 width=None, height=None)
 
 def _from_ours(obj, name):
     """Our JSONL: id, image, question, answers, boxes (optional), width/height (optional)."""
-    qid = _get(obj, "id", (str, int), "a string or an integer", required=False)
-    return dict(id=str(name if qid is None else qid), image=_get(obj, "image", str, "an image path"),
-                extra=(), question=_get(obj, "question", str, "a string"), answers=_answers(obj, "answers"),
-                boxes=_boxes(obj.get("boxes", []), "boxes"), box_key="boxes",
-                width=_get(obj, "width", int, "an integer", required=False),
-                height=_get(obj, "height", int, "an integer", required=False))
+    qid = field(obj, "id", (str, int), "a string or an integer", required=False)
+    return dict(id=str(name if qid is None else qid), image=field(obj, "image", str, "an image path"),
+                extra=(), question=field(obj, "question", str, "a string"), answers=_answers(obj, "answers"),
+                boxes=boxes_field(obj.get("boxes", []), "boxes"), box_key="boxes",
+                width=field(obj, "width", int, "an integer", required=False),
+                height=field(obj, "height", int, "an integer", required=False))
 
 def find_image(rel, candidates, root, key="image"):
     """The first candidate path (rel, then the release's other layouts) that is a file inside root after
@@ -340,20 +342,21 @@ def find_image(rel, candidates, root, key="image"):
     raise BadField(key, f"file not found: {os.path.join(root, rel)} (image paths are relative to the image "
                         f"root {root}; another one is set with --image-root)")
 
-def _image_size(path):
-    """(width, height) of an image after PIL's verify() (a cheap header + data check)."""
+def image_size(path, key="image", verify=True):
+    """(width, height) of an image, after PIL's verify() (a cheap header + data check) unless verify=False."""
     try:
         with Image.open(path) as im:
             size = im.size
-            im.verify()
+            if verify:
+                im.verify()
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, struct.error ...) for bad files
-        raise BadField("image", f"unreadable image {path}: {type(e).__name__}: {e}")
+        raise BadField(key, f"unreadable image {path}: {type(e).__name__}: {e}")
     return size
 
 def _record(r, root, source):
     """Check a parsed record against its image file and build the Record."""
     path = find_image(r["image"], r["extra"], root)
-    w, h = _image_size(path)
+    w, h = image_size(path)
     for key, given, actual in (("width", r["width"], w), ("height", r["height"], h)):
         if given is not None and given != actual:
             raise BadField(key, f"{r['width']}x{r['height']} in the file, but the image is {w}x{h}")
@@ -412,6 +415,44 @@ def _read(path, image_root, skip_bad, limit, build) -> list:
             errors.append(f"{source}: {e}")
     report_bad(errors, skip_bad, path, len(items))
     return items
+
+def read_jsonl_rows(path: Path, repair: bool = False, numbered: bool = False) -> list:
+    """Rows of a JSONL file we append to. A cut-off last line (a killed run) is dropped, and with repair cut
+    from the file so that appending goes on cleanly; a bad line elsewhere is a DataError naming file:line.
+    numbered: (line number, row) pairs."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    complete, _, tail = raw.rpartition(b"\n")  # every line we write ends in a newline: only a tail can be cut off
+    rows = []
+    for number, line in enumerate(complete.split(b"\n") if complete else [], 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise DataError(f"{path}:{number}: invalid JSON ({e}); fix or delete the line") from e
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            rows.append((number, row))
+    if tail.strip():
+        try:
+            row = json.loads(tail)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):  # complete, only its newline is missing
+            rows.append((raw.count(b"\n") + 1, row))
+            if repair:
+                with open(path, "ab") as f:
+                    f.write(b"\n")
+        else:
+            print(f"warning: {path}: dropping a cut-off last line (an interrupted run); it will be redone",
+                  file=sys.stderr)
+            if repair:
+                with open(path, "r+b") as f:
+                    f.truncate(len(raw) - len(tail))
+    return rows if numbered else [row for _, row in rows]
+
 
 def report_bad(errors: list[str], skip_bad: bool, what, kept: int) -> None:
     """Raise one DataError listing bad items, or (skip_bad) warn on stderr and go on."""
@@ -510,11 +551,11 @@ def _pair(obj, name, root, source):
     record = _record(_from_ours(obj, name), root, source)
     texts = []
     for key in PAIR_FIELDS:
-        text = _get(obj, key, str, "a string")
+        text = field(obj, key, str, "a string")
         if not text.strip():
             raise BadField(key, "empty response")
         texts.append(text)
-    form = _get(obj, "box_form", str, "a string", required=False) or "square"
+    form = field(obj, "box_form", str, "a string", required=False) or "square"
     if form not in BOX_FORMS:
         raise BadField("box_form", f"expected one of {BOX_FORMS}, got {form!r}")
     return Pair(record, *texts, box_form=form)

@@ -85,7 +85,7 @@ def evaluate_phase(cfg: DemoConfig, adapter: Path, test_file: Path, out: Path) -
     direct = evaluate.evaluate(direct_cfg, generate_fn)["sets"]["synth"]
 
     def well_formed(run: str) -> float:  # answers that are one of the pattern names: DPO must not erode the format
-        rows = evaluate.read_jsonl_rows(out / run / "predictions.jsonl")
+        rows = data.read_jsonl_rows(out / run / "predictions.jsonl")
         return 100 * sum(evaluate.normalize_answer(r["answer"] or "") in synth.SYNTH_PATTERNS for r in rows) / len(rows)
 
     return {"acc@0.5": two_step["detection"]["acc"], "answer_acc": 100 * two_step["answer"]["exact_match"],

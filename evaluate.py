@@ -262,44 +262,6 @@ def predict_batch(items: list[viscot.Item], generate_fn, box: str = "model", off
     return rows
 
 
-def read_jsonl_rows(path: Path, repair: bool = False, numbered: bool = False) -> list:
-    """Rows of a JSONL file we append to. A cut-off last line (a killed run) is dropped, and with repair cut
-    from the file so that appending goes on cleanly; a bad line elsewhere is a DataError naming file:line.
-    numbered: (line number, row) pairs."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    raw = path.read_bytes()
-    complete, _, tail = raw.rpartition(b"\n")  # every line we write ends in a newline: only a tail can be cut off
-    rows = []
-    for number, line in enumerate(complete.split(b"\n") if complete else [], 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise data.DataError(f"{path}:{number}: invalid JSON ({e}); fix or delete the line") from e
-            if not isinstance(row, dict):
-                raise data.DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            rows.append((number, row))
-    if tail.strip():
-        try:
-            row = json.loads(tail)
-        except ValueError:
-            row = None
-        if isinstance(row, dict):  # complete, only its newline is missing
-            rows.append((raw.count(b"\n") + 1, row))
-            if repair:
-                with open(path, "ab") as f:
-                    f.write(b"\n")
-        else:
-            print(f"warning: {path}: dropping a cut-off last line (an interrupted run); it will be redone",
-                  file=sys.stderr)
-            if repair:
-                with open(path, "r+b") as f:
-                    f.truncate(len(raw) - len(tail))
-    return rows if numbered else [row for _, row in rows]
-
-
 def _check_field(row: dict, key: str, kinds: str, required: bool = False):
     """row[key] checked against kinds ('str', 'int', 'box', 'none', 'bool', 'strs'); bools are never numbers."""
     if key not in row:
@@ -386,7 +348,7 @@ def predict(items: list[viscot.Item], cfg: "EvalConfig", generate_fn=None) -> li
     data.check_settings(out, "evaluate", dataclasses.asdict(cfg), PREDICTION_SETTINGS, "rerun it")
     data.write_config(out, "evaluate", dataclasses.asdict(cfg))
     path = out / "predictions.jsonl"
-    done = {(r.get("set"), r.get("id")): r for r in read_jsonl_rows(path, repair=True)}
+    done = {(r.get("set"), r.get("id")): r for r in data.read_jsonl_rows(path, repair=True)}
     todo = [it for it in items if (it.set, it.id) not in done]
     if done:
         print(f"evaluate: {len(items) - len(todo)} of {len(items)} items already in {path}; running {len(todo)}",
@@ -408,7 +370,7 @@ def predict(items: list[viscot.Item], cfg: "EvalConfig", generate_fn=None) -> li
 def run_judge(rows: list[dict], cfg: "EvalConfig") -> dict:
     """Judge scores {(set, id): score} for every answered row; cached in --out/judge.jsonl (resumable)."""
     path = Path(cfg.out) / "judge.jsonl"
-    cache = {(r.get("set"), r.get("id")): r for r in read_jsonl_rows(path, repair=True)}
+    cache = {(r.get("set"), r.get("id")): r for r in data.read_jsonl_rows(path, repair=True)}
 
     def cached(row):  # judged before, on this very answer, and the call worked (a failed one is tried again)
         entry = cache.get((row["set"], row["id"]))
@@ -686,7 +648,7 @@ def evaluate(cfg: EvalConfig, generate_fn=None) -> dict:
     if cfg.predictions:
         if not Path(cfg.predictions).is_file():
             raise data.DataError(f"--predictions {cfg.predictions}: no such file")
-        rows = _check_rows(read_jsonl_rows(Path(cfg.predictions), numbered=True), cfg.predictions, cfg.skip_bad_records)
+        rows = _check_rows(data.read_jsonl_rows(Path(cfg.predictions), numbered=True), cfg.predictions, cfg.skip_bad_records)
         if cfg.sets:
             rows = [r for r in rows if r["set"] in cfg.sets]
         if out.resolve() != Path(cfg.predictions).resolve().parent:  # re-scoring in place replaces derived files only

@@ -429,20 +429,10 @@ def run_chunk(cfg: GenerateConfig, items: list[tuple[int, data.Record]], sampler
 
 
 def read_progress(path: Path) -> list[dict]:
-    """Finished questions' lines of candidates.jsonl; a torn last line (a kill mid-write) is cut off."""
-    if not path.exists():
-        return []
-    raw = path.read_bytes()
-    if raw and not raw.endswith(b"\n"):
-        raw = raw[:raw.rfind(b"\n") + 1]
-        path.write_bytes(raw)  # the torn tail is that question's unfinished write: redo it
+    """Finished questions' lines of candidates.jsonl; a torn last line (a kill mid-write) is cut off and redone."""
     lines = []
-    for n, text in enumerate(raw.decode("utf-8").splitlines(), 1):
-        try:
-            line = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise data.DataError(f"{path}:{n}: invalid JSON ({e}); not a file this tool wrote whole") from e
-        if not isinstance(line, dict) or not isinstance(line.get("index"), int) or "pair" not in line:
+    for n, line in data.read_jsonl_rows(path, repair=True, numbered=True):
+        if not isinstance(line.get("index"), int) or "pair" not in line:
             raise data.DataError(f"{path}:{n}: field 'index'/'pair': not a candidates line written by generate.py")
         lines.append(line)
     return lines

@@ -9,7 +9,6 @@ the model on the Items and scores the predictions with the functions here. See "
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections import defaultdict
@@ -147,25 +146,6 @@ class Item:
         return b is not None and (b[2] < b[0] or b[3] < b[1])
 
 
-def _need(obj: dict, key: str, types, what: str):
-    if key not in obj:
-        raise data.BadField(key, "missing")
-    value = obj[key]
-    if not isinstance(value, types) or isinstance(value, bool):
-        raise data.BadField(key, f"expected {what}, got {type(value).__name__} {str(value)[:40]!r}")
-    return value
-
-
-def _box4(value, key: str) -> list[float]:
-    """[x1, y1, x2, y2], four finite numbers; inverted boxes are kept (the official scorer counts them)."""
-    if not (isinstance(value, list) and len(value) == 4 and
-            all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
-        raise data.BadField(key, f"expected [x1, y1, x2, y2], got {str(value)[:60]}")
-    if not all(math.isfinite(v) for v in value):
-        raise data.BadField(key, f"non-finite coordinate in {value}")
-    return [float(v) for v in value]
-
-
 def _json_objects(path: Path):
     """(line, object or error text) of a JSON list or JSONL file (data.py's reader, which tracks lines)."""
     try:
@@ -194,53 +174,43 @@ def _parse_file(path: Path, parse, errors: list[str]) -> list[dict]:
 
 
 def _qid(obj: dict, key: str = "question_id"):
-    return None if obj.get(key) is None else str(_need(obj, key, (int, str), "an integer or a string"))
+    return None if obj.get(key) is None else str(data.field(obj, key, (int, str), "an integer or a string"))
 
 
-_BOX_CUT = " Please provide the bounding box"  # the judge's question is the first turn cut here (upstream)
-_FOCUS_CUTS = (_BOX_CUT, " Please think step by step and provide the bounding box")
 _NUMBERS = re.compile(r"-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?")
 
 
 def _conv_fields(obj: dict, source: str) -> dict:
     """benchmark/<name>.json item: image [path, 'path###[x1, y1, x2, y2]'], 4 turns (question, box, <image>, answer)."""
-    images = _need(obj, "image", list, "a list [path, 'path###[x1, y1, x2, y2]']")
+    images = data.field(obj, "image", list, "a list [path, 'path###[x1, y1, x2, y2]']")
     if len(images) < 2 or not all(isinstance(s, str) for s in images) or "###" not in images[1]:
         raise data.BadField("image", "expected a list [path, 'path###[x1, y1, x2, y2]']")
     numbers = [float(n) for n in _NUMBERS.findall(images[1].split("###", 1)[1])]
     if len(numbers) != 4:
         raise data.BadField("image", f"expected four numbers after '###', got {images[1].split('###', 1)[1][:60]!r}")
-    turns = _need(obj, "conversations", list, "a list of turns")
+    turns = data.field(obj, "conversations", list, "a list of turns")
     if len(turns) < 4 or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
         raise data.BadField("conversations", "expected 4 turns {from, value}: question, box, <image>, answer")
     first = turns[0]["value"]
     question = first.replace("<image>\n", "").replace("<image>", "")
-    for cut in _FOCUS_CUTS:
+    for cut in data.FOCUS_CUTS:
         question = question.split(cut)[0]
     return dict(qid=_qid(obj), image=images[0], box=numbers, question=question.strip(), answer=turns[-1]["value"],
-                judge_question=first.split(_BOX_CUT)[0] if "Please provide the bounding box" in first else first,
+                judge_question=first.split(data.BOX_CUT)[0] if data.BOX_CUT.strip() in first else first,
                 source=source)
 
 
 def _det_fields(obj: dict, source: str) -> dict:
     """benchmark_det/<name>.jsonl (or a RefCOCO-style REC file) line: img_path, expression, bbox, height, width."""
-    return dict(qid=_qid(obj), sent_id=_qid(obj, "sent_id"), image=_need(obj, "img_path", str, "an image path"),
-                expression=_need(obj, "expression", str, "a string"), box=_box4(_need(obj, "bbox", list, "a list"), "bbox"),
-                width=_need(obj, "width", int, "an integer"), height=_need(obj, "height", int, "an integer"),
+    return dict(qid=_qid(obj), sent_id=_qid(obj, "sent_id"), image=data.field(obj, "img_path", str, "an image path"),
+                expression=data.field(obj, "expression", str, "a string"), box=list(data.boxes_field([data.field(obj, "bbox", list, "a list")], "bbox", inverted_ok=True)[0]),
+                width=data.field(obj, "width", int, "an integer"), height=data.field(obj, "height", int, "an integer"),
                 source=source)
 
 
 def _image_path(rel: str, root: str, key: str) -> str:
     """Absolute image path inside root: as given, under cot/ (the release's layout), or by file name (REC files)."""
     return data.find_image(rel, (os.path.join("cot", rel), os.path.basename(rel)), root, key)
-
-
-def _image_size(path: str, key: str) -> tuple[int, int]:
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except Exception as e:  # PIL raises many types for bad files
-        raise data.BadField(key, f"unreadable image {path}: {type(e).__name__}: {e}")
 
 
 def _unique_ids(items: list[Item]) -> list[Item]:
@@ -296,7 +266,7 @@ def read_benchmark_set(conv_path: Path | None, det_path: Path | None, name: str,
             if d:
                 width, height = d["width"], d["height"]
             else:
-                width, height = _image_size(path, key)
+                width, height = data.image_size(path, key, verify=False)
             if c:
                 item = Item(name, c["qid"] or main["source"].rsplit(":", 1)[-1], path, c["question"], [c["answer"]],
                             d["box"] if d else c["box"], width, height, "vqa",
