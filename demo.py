@@ -79,7 +79,7 @@ def evaluate_phase(cfg: DemoConfig, adapter: Path, test_file: Path, out: Path) -
     common = dict(model=cfg.model, adapter=str(adapter), data=str(test_file), batch_size=cfg.eval_batch_size,
                   max_new_tokens=40, seed=cfg.seed, pictures=3)
     two_step_cfg = evaluate.EvalConfig(out=str(out / "eval"), box="model", **common)
-    generate_fn = evaluate.model_generator(two_step_cfg)  # one model load for both evaluations
+    generate_fn = evaluate.reply_function(two_step_cfg)  # one model load for both evaluations
     two_step = evaluate.evaluate(two_step_cfg, generate_fn)["sets"]["synth"]
     direct_cfg = evaluate.EvalConfig(out=str(out / "eval-direct"), box="none", **common)
     direct = evaluate.evaluate(direct_cfg, generate_fn)["sets"]["synth"]

@@ -318,7 +318,7 @@ def _check_rows(numbered: list[tuple[int, dict]], path, skip_bad: bool = False) 
     return rows
 
 
-def model_generator(cfg: "EvalConfig"):
+def reply_function(cfg: "EvalConfig"):
     """generate_fn for the run: the in-process model (batched) or an OpenAI-compatible endpoint (concurrent)."""
     if cfg.endpoint:
         def call(prompt):
@@ -333,7 +333,7 @@ def model_generator(cfg: "EvalConfig"):
 
     net, processor = modeling.load(cfg.model, cfg.adapter, cfg.device, cfg.dtype)  # adapter merged, eval mode
     sampling = modeling.Sampling(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
-    return lambda prompts: modeling.generate(net, processor, prompts, sampling, batch_size=cfg.batch_size, seed=cfg.seed)
+    return lambda prompts: modeling.sample(net, processor, prompts, sampling, batch_size=cfg.batch_size, seed=cfg.seed)
 
 
 # settings that change what a prediction is: a rerun into the same --out must keep them
@@ -354,7 +354,7 @@ def predict(items: list[viscot.Item], cfg: "EvalConfig", generate_fn=None) -> li
         print(f"evaluate: {len(items) - len(todo)} of {len(items)} items already in {path}; running {len(todo)}",
               file=sys.stderr)
     if todo:
-        generate_fn = generate_fn or model_generator(cfg)
+        generate_fn = generate_fn or reply_function(cfg)
         with open(path, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc=f"evaluate (box {cfg.box})",
                                                           dynamic_ncols=True) as bar:
             for start in range(0, len(todo), cfg.batch_size):
@@ -665,7 +665,7 @@ def evaluate(cfg: EvalConfig, generate_fn=None) -> dict:
             bad = next(it for it in items if it.gt_box is None)
             raise data.DataError(f"{bad.source}: --box gt needs a ground-truth box, this item has none")
         if replaced:  # --overwrite: only once the items are read and the model is loaded
-            generate_fn = generate_fn or model_generator(cfg)
+            generate_fn = generate_fn or reply_function(cfg)
             data.clear_run(replaced)
         rows = predict(items, cfg, generate_fn)
     judge = run_judge(rows, cfg) if cfg.judge_endpoint else None

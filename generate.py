@@ -9,7 +9,7 @@ For each question (no box annotation needed) and each of --attempts K attempts, 
 Every candidate gets an answer score and a crop-relevance score in [0, 1] (`--scorer rule|judge`), then
 the pair filter keeps at most one (chosen, rejected) pair per question (RECIPE.md, upstream filter.py).
 
-The path of a chunk of --chunk questions: all 2K focus prompts in one batched model.generate call
+The path of a chunk of --chunk questions: all 2K focus prompts in one batched model.sample call
 -> parse boxes (malformed ones counted and dropped) -> diversity rule -> all answer prompts in one
 call -> scores -> filter -> one line per question appended to candidates.jsonl (every candidate with
 its scores, plus the question's pair) and the pair to pairs.jsonl, flushed. A rerun skips finished
@@ -62,7 +62,7 @@ class GenerateConfig:
     top_k: int = 50
     max_new_tokens: int = 64  # per reply (box, answer, crop-alone answer)
     batch_size: int = 16  # prompts per forward of the in-process model
-    chunk: int = 8  # questions sampled together: each step's prompts of a chunk go to one model.generate call
+    chunk: int = 8  # questions sampled together: each step's prompts of a chunk go to one model.sample call
     endpoint: str | None = None  # sample from this OpenAI-compatible server instead of the in-process model
     endpoint_model: str = "default"  # the `model` field sent to --endpoint
     # rule: offline answer score, crop score = the answer from the crop alone; judge: upstream's two judge
@@ -263,7 +263,7 @@ def _retry(call, retries: int):
 
 
 class LocalSampler:
-    """The in-process model: every prompt of a step in one model.generate call (batched, left-padded)."""
+    """The in-process model: every prompt of a step in one model.sample call (batched, left-padded)."""
 
     def __init__(self, cfg: GenerateConfig):
         device = modeling.setup_distributed(cfg.device).device  # under torchrun: this rank's device
@@ -271,7 +271,7 @@ class LocalSampler:
         self.batch_size = cfg.batch_size
 
     def __call__(self, prompts, sampling, seed):
-        return modeling.generate(self.net, self.processor, prompts, sampling, self.batch_size, seed)
+        return modeling.sample(self.net, self.processor, prompts, sampling, self.batch_size, seed)
 
 
 class EndpointSampler:

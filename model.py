@@ -567,7 +567,7 @@ class Sampling:
 
 
 @torch.no_grad()
-def generate(net: nn.Module, processor, prompts: list, sampling: Sampling = Sampling(),
+def sample(net: nn.Module, processor, prompts: list, sampling: Sampling = Sampling(),
              batch_size: int = 8, seed: int | None = None) -> list[str]:
     """Reply text for each (messages, images) prompt, rendered by data.render_chat; batched, left-padded."""
     tokenizer, image_processor = processor.tokenizer, processor.image_processor

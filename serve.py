@@ -81,7 +81,7 @@ def infer_command(cfg: InferConfig) -> dict:
     torch.manual_seed(cfg.seed)
     net, processor = modeling.load(cfg.model, cfg.adapter, cfg.device, cfg.dtype)
     sampling = modeling.Sampling(max_new_tokens=cfg.max_new_tokens)
-    row = evaluate.two_step(lambda prompts: modeling.generate(net, processor, prompts, sampling, seed=cfg.seed),
+    row = evaluate.two_step(lambda prompts: modeling.sample(net, processor, prompts, sampling, seed=cfg.seed),
                             [image], [data.focus_messages(cfg.question)], [cfg.question], cfg.crop)[0]
     row = {"image": str(Path(cfg.image).resolve()), "question": cfg.question, "width": image.width,
            "height": image.height, **row, "picture": str(Path(cfg.out))}
@@ -296,8 +296,8 @@ def parse_chat_request(payload, cfg: ServeConfig, image_processor) -> Job:
 
 
 class _Recorder:
-    """Stands in for the net inside modeling.generate and keeps each net.generate output, so token counts and
-    finish reasons are exact while the reply text is modeling.generate's own."""
+    """Stands in for the net inside modeling.sample and keeps each net.generate output, so token counts and
+    finish reasons are exact while the reply text is modeling.sample's own."""
 
     def __init__(self, net):
         self.net, self.calls = net, []
@@ -408,10 +408,10 @@ class Worker(threading.Thread):
         return job.error is None
 
     def _generate(self, prompts: list, job: Job) -> list[tuple[str, int, int, str]]:
-        """(reply, prompt tokens, completion tokens, finish reason) for each prompt, in one modeling.generate call."""
+        """(reply, prompt tokens, completion tokens, finish reason) for each prompt, in one modeling.sample call."""
         recorder = _Recorder(self.net)
         seed = job.seed if job.sampling.temperature > 0 else None
-        texts = modeling.generate(recorder, self.processor, prompts, job.sampling, batch_size=len(prompts), seed=seed)
+        texts = modeling.sample(recorder, self.processor, prompts, job.sampling, batch_size=len(prompts), seed=seed)
         (mask, out), = recorder.calls
         length, rows = mask.shape[1], []
         for i, text in enumerate(texts):

@@ -3,7 +3,7 @@
     python bench/generate.py [--questions 8] [--attempts 3] [--max-new-tokens 32] [--device cpu|cuda]
 
 Same tiny model, same synthetic questions, same settings (rule scorer, upstream sampling); only how
-prompts reach model.generate differs:
+prompts reach model.sample differs:
   one at a time   --chunk 1 --batch-size 1        every prompt its own forward (upstream: one request each)
   one question    --chunk 1 --batch-size 2K       one question's prompts per call
   batched         --chunk Q --batch-size 2K*Q     all questions' prompts per call (left-padded)

@@ -22,6 +22,6 @@ if world.world_size > 1:
 records = data.read_records(data_path)[:2]
 prompts = [(data.focus_messages(r.question), [data.load_image(r)]) for r in records]
 with model.unsharded(objective):
-    replies = model.generate(net, processor, prompts, model.Sampling(max_new_tokens=6))
+    replies = model.sample(net, processor, prompts, model.Sampling(max_new_tokens=6))
 if world.is_main:
     Path(out).write_text(json.dumps(replies))

@@ -165,7 +165,7 @@ def test_interrupted_run_resumes_without_duplicates(synth_dir, tmp_path):
 
 def test_tiny_model_run_writes_every_output_and_resumes(synth_dir, tiny_path, tmp_path):
     cfg = _config(tmp_path, synth_dir / "test.jsonl", model=str(tiny_path), max_new_tokens=6, limit=3)
-    model_fn = ev.model_generator(cfg)
+    model_fn = ev.reply_function(cfg)
     seen = []
 
     def counting(prompts):

@@ -168,11 +168,11 @@ def test_batched_left_padded_generation_equals_one_at_a_time(tiny, synth_dir):
     image = data.load_image(records[0])
     prompts.append((data.answer_messages(records[0].question), [image, image.crop(data.crop_window(records[0].box, *image.size))]))
     greedy = model.Sampling(max_new_tokens=8)
-    batched = model.generate(net, processor, prompts, greedy, batch_size=4)
-    single = [model.generate(net, processor, [p], greedy)[0] for p in prompts]
+    batched = model.sample(net, processor, prompts, greedy, batch_size=4)
+    single = [model.sample(net, processor, [p], greedy)[0] for p in prompts]
     assert batched == single and all(batched)
     sampled = model.Sampling(max_new_tokens=8, temperature=2.0, top_p=0.7, top_k=50)
-    assert model.generate(net, processor, prompts, sampled, seed=1) == model.generate(net, processor, prompts, sampled, seed=1)
+    assert model.sample(net, processor, prompts, sampled, seed=1) == model.sample(net, processor, prompts, sampled, seed=1)
 
 
 def test_building_the_tiny_model_leaves_the_random_stream_alone(tmp_path):

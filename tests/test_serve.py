@@ -55,13 +55,13 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(tiny_path):
-    """A second copy of the tiny model for direct model.generate calls (the server's belongs to its worker)."""
+    """A second copy of the tiny model for direct model.sample calls (the server's belongs to its worker)."""
     return model.load_model(str(tiny_path))
 
 
 def _generate(reference, prompts, max_tokens=MAX_TOKENS):
     net, processor = reference
-    return model.generate(net, processor, prompts, model.Sampling(max_new_tokens=max_tokens))
+    return model.sample(net, processor, prompts, model.Sampling(max_new_tokens=max_tokens))
 
 
 @pytest.fixture(scope="module")
@@ -377,14 +377,14 @@ def test_body_over_the_limit_or_without_length_is_refused_unread(server):
 
 def test_a_failing_generation_is_a_500_for_that_request_only(server, root, reference, monkeypatch):
     url, worker = server
-    real = model.generate
+    real = model.sample
 
     def flaky(net, processor, prompts, *args, **kwargs):
         if any("BOOM" in json.dumps(messages) for messages, _ in prompts):
             raise RuntimeError(f"boom in {root}/weights.bin")  # the server's paths stay in its log
         return real(net, processor, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(serve.modeling, "generate", flaky)
+    monkeypatch.setattr(serve.modeling, "sample", flaky)
     image = _picture()
     results = {}
 
@@ -435,7 +435,7 @@ def test_our_openai_client_works_against_the_server(server, root, reference):
     # a whole two-step prediction through the endpoint equals the in-process one
     item = viscot.Item(set="t", id="0", image=str(root / "sub" / "a.png"), question=QUESTION, answers=["7"],
                           gt_box=[40, 30, 120, 110], width=320, height=240)
-    endpoint = evaluate.model_generator(evaluate.EvalConfig(endpoint=url, max_new_tokens=MAX_TOKENS, batch_size=2))
+    endpoint = evaluate.reply_function(evaluate.EvalConfig(endpoint=url, max_new_tokens=MAX_TOKENS, batch_size=2))
     assert evaluate.predict_batch([item, item], endpoint) == \
         evaluate.predict_batch([item, item], lambda prompts: _generate(reference, prompts))
 
