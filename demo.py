@@ -52,9 +52,9 @@ class DemoConfig:
     lora_alpha: float = 32.0  # LoRA alpha of every phase
     batch_size: int = 8  # SFT batch size
     questions: int = 320  # questions (records after the SFT ones, boxes removed) each generation round samples
-    attempts: int = 2  # generate.py --attempts: each attempt a sampled and a diversity box
-    gen_temperature: float = 1.0  # generation's sampling temperature (upstream: 2)
-    gen_top_p: float = 1.0  # generation's top-p (upstream: 0.7)
+    attempts: int = 3  # generate.py --attempts: each attempt a sampled and a diversity box (upstream: 3)
+    gen_temperature: float = 2.0  # generation's sampling temperature (upstream: 2; top-k 50 as generate.py)
+    gen_top_p: float = 0.7  # generation's top-p (upstream: 0.7)
     dpo_epochs: float = 2.0  # epochs of each DPO stage over the round's pairs
     dpo_lr: float = 5e-4  # DPO learning rate (both stages)
     dpo_beta: float = 0.1  # DPO beta (both stages)
