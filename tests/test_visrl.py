@@ -313,3 +313,29 @@ def test_the_readme_layout_table_is_true_to_the_code():
     modules = {p.name: len(p.read_text().splitlines()) for p in root.glob("*.py")}
     assert set(rows) == set(modules)
     assert {name: int(n) for name, n in rows.items()} == modules
+
+
+def test_modules_import_one_way_and_only_at_the_top():
+    # the redesign's rule: no import cycle among the project's modules, and none imported inside a function
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    modules = {p.stem: ast.parse(p.read_text()) for p in root.glob("*.py")}
+
+    def imported(node):  # the project modules an import statement names
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] if isinstance(node, ast.ImportFrom) else []
+        return [n for n in names if n in modules]
+
+    graph = {}
+    for name, tree in modules.items():
+        graph[name] = {m for node in tree.body for m in imported(node)}
+        inner = [(node.lineno, m) for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.ClassDef))
+                 for node in ast.walk(fn) for m in imported(node)]
+        assert not inner, f"{name}.py imports project modules inside a function: {inner}"
+
+    def reaches(start, target, seen=()):
+        return any(dep == target or (dep not in seen and reaches(dep, target, (*seen, dep))) for dep in graph[start])
+
+    assert not [name for name in graph if reaches(name, name)], graph
