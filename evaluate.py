@@ -141,8 +141,19 @@ def retry_after(header: str | None, attempt: int) -> float:
 
 def chat_completion(endpoint: str, messages: list[dict], model: str = "default", max_tokens: int = 64,
                     temperature: float = 0.0, top_p: float = 1.0, top_k: int | None = None,
-                    timeout: float = 120.0) -> str:
-    """The reply text of one /v1/chat/completions call; EndpointError on any failure."""
+                    timeout: float = 120.0, retries: int = 0) -> str:
+    """The reply text of one /v1/chat/completions call; EndpointError on any failure after `retries` extra tries
+    (1 s, 2 s, ... apart). A busy server (429/503) is waited for apart from these, as long as it asks."""
+    for attempt in range(retries + 1):
+        try:
+            return _chat_once(endpoint, messages, model, max_tokens, temperature, top_p, top_k, timeout)
+        except EndpointError:
+            if attempt == retries:
+                raise
+            time.sleep(1.0 + attempt)
+
+
+def _chat_once(endpoint, messages, model, max_tokens, temperature, top_p, top_k, timeout) -> str:
     url = endpoint.rstrip("/")
     if not url.endswith("/chat/completions"):
         url += "/chat/completions" if url.endswith("/v1") else "/v1/chat/completions"
@@ -173,17 +184,12 @@ def chat_completion(endpoint: str, messages: list[dict], model: str = "default",
 def judge_answer(endpoint: str, question: str, reference: str, prediction: str, model: str = "default",
                  retries: int = 3, max_tokens: int = 256) -> tuple[float, str | None, str | None]:
     """(score, reply, error) of one judge call; after `retries` failed calls the score is 0 (as upstream)."""
-    error = None
-    for attempt in range(retries):
-        try:
-            reply = chat_completion(endpoint, viscot.judge_messages(question, reference, prediction), model=model,
-                                   max_tokens=max_tokens, temperature=0.0)
-            return viscot.parse_judge_score(reply), reply, None
-        except EndpointError as e:
-            error = str(e)
-            if attempt + 1 < retries:
-                time.sleep(0.2 * (attempt + 1))
-    return 0.0, None, error
+    try:
+        reply = chat_completion(endpoint, viscot.judge_messages(question, reference, prediction), model=model,
+                                max_tokens=max_tokens, temperature=0.0, retries=retries - 1)
+    except EndpointError as e:
+        return 0.0, None, str(e)
+    return viscot.parse_judge_score(reply), reply, None
 
 
 # --------------------------------------------------------------------------------------------

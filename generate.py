@@ -251,17 +251,6 @@ def select_pair(answer_scores: list[float | None], crop_scores: list[float | Non
 # Samplers: the in-process model (batched) and an OpenAI-compatible endpoint (concurrent requests).
 
 
-def _retry(call, retries: int):
-    """call() with `retries` extra tries after an EndpointError (1 s, 2 s, ... apart)."""
-    for attempt in range(retries + 1):
-        try:
-            return call()
-        except evaluate.EndpointError:
-            if attempt == retries:
-                raise
-            time.sleep(1.0 + attempt)
-
-
 class LocalSampler:
     """The in-process model: every prompt of a step in one model.sample call (batched, left-padded)."""
 
@@ -286,9 +275,9 @@ class EndpointSampler:
 
         def one(prompt):
             messages = evaluate.to_openai_messages(*prompt)
-            return _retry(lambda: evaluate.chat_completion(
-                cfg.endpoint, messages, cfg.endpoint_model, sampling.max_new_tokens, sampling.temperature,
-                sampling.top_p, sampling.top_k or None, cfg.timeout), cfg.retries)
+            return evaluate.chat_completion(cfg.endpoint, messages, cfg.endpoint_model, sampling.max_new_tokens,
+                                            sampling.temperature, sampling.top_p, sampling.top_k or None, cfg.timeout,
+                                            cfg.retries)
 
         with ThreadPoolExecutor(max(1, cfg.workers)) as pool:
             return list(pool.map(one, prompts))
@@ -298,8 +287,8 @@ def endpoint_judge(cfg: GenerateConfig) -> Judge:
     """The judge behind --judge-endpoint, greedy (upstream: temperature 0)."""
     if not cfg.judge_endpoint:
         raise data.UserError("--scorer judge needs --judge-endpoint URL (an OpenAI-compatible server)")
-    return lambda messages: _retry(lambda: evaluate.chat_completion(
-        cfg.judge_endpoint, messages, cfg.judge_model, cfg.judge_max_tokens, 0.0, 1.0, None, cfg.timeout), cfg.retries)
+    return lambda messages: evaluate.chat_completion(cfg.judge_endpoint, messages, cfg.judge_model,
+                                                     cfg.judge_max_tokens, 0.0, 1.0, None, cfg.timeout, cfg.retries)
 
 
 # --------------------------------------------------------------------------------------------
