@@ -4,8 +4,9 @@
     python evaluate.py --model CKPT --adapter runs/dpo2/adapter --data viscot_benchmark --out runs/eval-viscot
     python evaluate.py --predictions runs/eval/predictions.jsonl --judge-endpoint URL --out runs/eval
 
-Top to bottom: offline answer scores; the client for OpenAI-compatible endpoints; inference with
-resume; scoring and reports; the CLI. The protocol itself (the official detection scorer, the judge,
+Top to bottom: offline answer scores; the one client for OpenAI-compatible endpoints (with retries) and
+the judge call; two_step, the one Visual-CoT inference (also behind `visrl.py infer|serve`), and
+prediction with resume; scoring, reports and pictures; the CLI (also `visrl.py eval`). The protocol itself (the official detection scorer, the judge,
 the benchmark readers and their Items) is in viscot.py. See "Evaluation" in ../shared/RECIPE.md.
 """
 

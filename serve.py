@@ -3,9 +3,10 @@
     python visrl.py infer --image photo.png --question "What is on the sign?" --out infer.png
     python visrl.py serve --model CKPT --adapter runs/dpo2/adapter --image-root /data/images
 
-Top to bottom: loading; the two-step inference both commands share; `infer`; request parsing (body,
-messages, images, limits); the worker thread, the only one that touches the model, which batches
-requests; the HTTP handler and `serve`. Standard library http.server only: no web framework.
+Both load with model.load and answer with evaluate.two_step (the same inference evaluate.py runs).
+Top to bottom: `infer`; request parsing (body, messages, images, limits); the worker thread, the only one
+that touches the model, which batches requests; the HTTP handler and `serve`. Standard library
+http.server only: no web framework.
 """
 
 from __future__ import annotations
