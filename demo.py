@@ -19,6 +19,7 @@ import json
 import math
 import random
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -130,9 +131,20 @@ def stage_args(subcommand: str, flags: dict) -> list[str]:
 
 
 def run_stage(args: list[str]) -> None:
-    """Run one training stage as its own process, exactly the printed command; its errors are its own lines."""
+    """Run one training stage as its own process, exactly the printed command; its errors are its own lines.
+
+    Ctrl-C reaches the stage itself (it shares the terminal's process group): it finishes its step, saves a
+    checkpoint and exits, while the demo only waits; a SIGTERM sent to the demo is passed on to it."""
     print("demo: python " + shlex.join(["visrl.py", *args[1:]]), flush=True)
-    code = subprocess.run([sys.executable, *args]).returncode
+    process = subprocess.Popen([sys.executable, *args],
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signum))}
+    try:
+        code = process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if code != 0:
         raise data.UserError(f"demo: `visrl.py {args[1]}` stopped with exit code {code} (its message is above); "
                              "run the demo again to resume: finished phases are kept")

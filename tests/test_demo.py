@@ -103,3 +103,30 @@ def test_stage_commands_parse_back_to_the_configs_the_demo_means():
                                                                        resume=True)
     gen = dict(data="q.jsonl", attempts=2, out="o", temperature=1.0)
     assert tyro.cli(generate.GenerateConfig, args=demo.flag_args(gen)) == generate.GenerateConfig(**gen)
+
+
+def test_a_stage_gets_the_signal_and_the_demo_waits_for_it(tmp_path):
+    # SIGTERM to the demo reaches the running stage (which checkpoints and exits in the real one); the demo
+    # waits for it instead of dying and leaving it behind
+    import os
+    import signal
+    import threading
+
+    marker, ready = tmp_path / "stopped", tmp_path / "ready"
+    stage = tmp_path / "stage.py"
+    stage.write_text(
+        "import pathlib, signal, sys, time\n"
+        f"signal.signal(signal.SIGTERM, lambda *_: (pathlib.Path({str(marker)!r}).write_text('checkpoint'), sys.exit(0)))\n"
+        f"pathlib.Path({str(ready)!r}).write_text('')\n"
+        "time.sleep(60)\n")
+
+    def terminate_when_ready():
+        while not ready.exists():
+            threading.Event().wait(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    threading.Thread(target=terminate_when_ready, daemon=True).start()
+    demo.run_stage([str(stage), "sft"])  # returns: the stage exited 0 after its handler ran
+    assert marker.read_text() == "checkpoint"
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # the demo's own again
