@@ -505,13 +505,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VISRL_CACHE", Path.home() / ".cache" / "visrl"))
 
 
-def load_image(record: Record) -> Image.Image:
-    """The record's image as RGB; a read failure is a DataError naming the record."""
+def open_rgb(path, source: str | None = None) -> Image.Image:
+    """An image file as RGB (every reader's one opener); a missing or unreadable file is a DataError naming
+    the record (source, its file:line) or else the file."""
+    where = f"{source}: field 'image': {path}" if source else str(path)
+    if not Path(path).is_file():
+        raise DataError(f"{where}: no such image file")
     try:
-        with Image.open(record.image) as im:
+        with Image.open(path) as im:
             return im.convert("RGB")
-    except Exception as e:  # see _image_size
-        raise DataError(f"{record.source}: field 'image': cannot read {record.image}: {e}") from e
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, struct.error ...) for bad files
+        raise DataError(f"{where}: cannot read the image: {e}") from e
+
+
+def load_image(record: Record) -> Image.Image:
+    """The record's image as RGB."""
+    return open_rgb(record.image, record.source)
 
 def relative_image(image, base_dir) -> str:
     """An image path relative to base_dir when inside it (both resolved, as path_inside resolves), else absolute."""

@@ -532,8 +532,7 @@ def _dashed_rect(draw: ImageDraw.ImageDraw, box, color, dash: int = 6) -> None:
 def draw_picture(row: dict, path) -> Path:
     """One PNG: the image with the predicted box (orange), the true box (black and white) and the crop window
     (dashed), the crop beside it, a legend of what is drawn, and the question, box text and answer."""
-    with Image.open(row["image"]) as im:
-        image = im.convert("RGB")
+    image = data.open_rgb(row["image"])
     scale = 512 / max(image.size)
     left = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
     draw = ImageDraw.Draw(left)

@@ -60,20 +60,9 @@ class InferConfig:
     seed: int = 0
 
 
-def read_image(path: str | Path) -> Image.Image:
-    """An image file as RGB; a missing or unreadable file is a DataError naming it."""
-    if not Path(path).is_file():
-        raise data.DataError(f"{path}: no such image file")
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except Exception as e:  # PIL raises many types for bad files
-        raise data.DataError(f"{path}: cannot read the image: {e}") from e
-
-
 def infer_command(cfg: InferConfig) -> dict:
     """Run focus -> crop -> answer on one image (greedy), print the box and answer, save the picture; the row."""
-    image = read_image(cfg.image)  # before loading the model: a typo or a taken --out fails at once
+    image = data.open_rgb(cfg.image)  # before loading the model: a typo or a taken --out fails at once
     out = Path(cfg.out)
     if out.resolve() == Path(cfg.image).resolve():
         raise data.UserError(f"--out {cfg.out} is the input image; choose another --out")
