@@ -13,6 +13,7 @@ import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from PIL import Image
 
@@ -661,15 +662,18 @@ def encode(tokenizer, image_processor, messages: list[dict], image_sizes: list[t
     return input_ids, labels
 
 
+Window = tuple[int, int, int, int]
+
+
 @dataclass
 class Sample:
-    """One training sequence: ids and labels now, pixels on demand (images are decoded lazily)."""
+    """One sequence: ids and labels now, its images as windows of the record's image (decoded in collate)."""
 
     input_ids: list[int]
     labels: list[int]
     record: Record
-    crop: tuple[int, int, int, int] | None  # second image (the only one for "crop") = this window of the image
-    kind: str  # "focus" | "answer" | "crop"
+    images: list[Window | None]  # in token order: None = the whole image, else a crop window of it
+    kind: str  # SFT: "focus" | "answer" | "crop"; a DPO pair's side: "box" | "answer"
 
 
 def sft_samples(record: Record, tokenizer, image_processor, box_form: str = "square",
@@ -683,78 +687,76 @@ def sft_samples(record: Record, tokenizer, image_processor, box_form: str = "squ
     size = (record.width, record.height)
     resized = model_view_size(record.width, record.height, image_processor) if box_form == "pixel" else None
     box_text = box_to_text(box, record.width, record.height, form=box_form, resized=resized)
-    ids, labels = encode(tokenizer, image_processor, focus_messages(record.question), [size], box_text)
-    samples = [Sample(ids, labels, record, None, "focus")]
+    samples = [Sample(*encode(tokenizer, image_processor, focus_messages(record.question), [size], box_text),
+                      record, [None], "focus")]
     window = crop_window(box, record.width, record.height, rule=crop_rule)
     crop_size = (window[2] - window[0], window[3] - window[1])
-    ids, labels = encode(tokenizer, image_processor, answer_messages(record.question), [size, crop_size],
-                         record.answer)
-    samples.append(Sample(ids, labels, record, window, "answer"))
+    samples.append(Sample(*encode(tokenizer, image_processor, answer_messages(record.question), [size, crop_size],
+                                  record.answer), record, [None, window], "answer"))
     if crop_alone:
-        ids, labels = encode(tokenizer, image_processor, direct_messages(record.question), [crop_size], record.answer)
-        samples.append(Sample(ids, labels, record, window, "crop"))
+        samples.append(Sample(*encode(tokenizer, image_processor, direct_messages(record.question), [crop_size],
+                                      record.answer), record, [window], "crop"))
     return samples
 
 
-def sample_pixels(sample: Sample, image_processor, cache: dict | None = None) -> dict:
-    """pixel_values [patches, C*T*P*P] and image_grid_thw [n_images, 3] for a sample's images.
-
-    With a cache (a dict kept by the caller), each (image, crop window) is decoded and processed once
-    and reused: a record's samples share its full view, and later epochs decode nothing."""
+def collate(rows: list[Sample], image_processor, pad_id: int, image_token_id: int,
+            pixel_cache: dict | None = None) -> dict:
+    """Right-pad rows into one batch (SFT samples, or a DPO batch's chosen then rejected rows). Each distinct
+    image (a page, a crop window of it) is processed once and referenced by every row that shows it; with a
+    pixel_cache (a dict the caller keeps) once per run. Response positions are listed for the fused log-probs."""
     import torch
 
-    views = [None] if sample.kind != "crop" else []  # None: the whole image; else a crop window
-    views += [sample.crop] if sample.crop is not None else []
-    if cache is None:
-        image = load_image(sample.record)
-        images = [image if view is None else image.crop(view) for view in views]
-        out = image_processor(images=images, return_tensors="pt")
-        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
-    keys = [(sample.record.image, view) for view in views]
-    missing = [key for key in keys if key not in cache]
-    if missing:
-        image = load_image(sample.record)
-        for key in missing:  # one by one, as the processor does inside a list
-            out = image_processor(images=[image if key[1] is None else image.crop(key[1])], return_tensors="pt")
-            cache[key] = (out["pixel_values"], out["image_grid_thw"])
-    return {"pixel_values": torch.cat([cache[key][0] for key in keys]),
-            "image_grid_thw": torch.cat([cache[key][1] for key in keys])}
-
-
-def collate(items: list[dict], pad_id: int, image_token_id: int) -> dict:
-    """Right-pad a list of {input_ids, labels, pixel_values, image_grid_thw} into one batch."""
-    import torch
-
-    length = max(len(item["input_ids"]) for item in items)
-    input_ids = torch.full((len(items), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(items), length), dtype=torch.long)
-    for row, item in enumerate(items):
-        n = len(item["input_ids"])
-        input_ids[row, :n] = torch.as_tensor(item["input_ids"])
-        labels[row, :n] = torch.as_tensor(item["labels"])
-        attention_mask[row, :n] = 1
+    length = max(len(row.input_ids) for row in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    unique: dict[tuple, int] = {}  # (image path, crop window or None) -> index into the unique images
+    views, image_index, response_index, response_row, response_targets = [], [], [], [], []
+    for r, row in enumerate(rows):
+        input_ids[r, :len(row.input_ids)] = torch.as_tensor(row.input_ids)
+        attention_mask[r, :len(row.input_ids)] = 1
+        for window in row.images:
+            key = (row.record.image, window)
+            if key not in unique:
+                unique[key] = len(unique)
+                views.append((row.record, window))
+            image_index.append(unique[key])
+        for t in range(1, len(row.input_ids)):  # hidden state at t - 1 predicts token t
+            if row.labels[t] != IGNORE_INDEX:
+                response_index.append(r * length + t - 1)
+                response_row.append(r)
+                response_targets.append(row.labels[t])
+    cache = {} if pixel_cache is None else pixel_cache
+    opened = {}  # each file decoded once per batch
+    for record, window in views:
+        if (record.image, window) not in cache:
+            if record.image not in opened:
+                opened[record.image] = load_image(record)
+            image = opened[record.image] if window is None else opened[record.image].crop(window)
+            out = image_processor(images=[image], return_tensors="pt")  # one by one, as the processor does a list
+            cache[record.image, window] = (out["pixel_values"], out["image_grid_thw"])
+    pixels = [cache[record.image, window] for record, window in views]
+    grid = torch.cat([g for _, g in pixels])  # [U, 3]
     return {
-        "input_ids": input_ids,  # [B, L]
-        "labels": labels,  # [B, L], IGNORE_INDEX outside responses
-        "attention_mask": attention_mask,  # [B, L]
-        "mm_token_type_ids": (input_ids == image_token_id).int(),  # 1 = image token; drives mrope positions
-        "pixel_values": torch.cat([item["pixel_values"] for item in items]),  # [sum patches, C*T*P*P]
-        "image_grid_thw": torch.cat([item["image_grid_thw"] for item in items]),  # [n_images, 3]
+        "input_ids": input_ids,  # [R, L]
+        "attention_mask": attention_mask,  # [R, L]
+        "mm_token_type_ids": (input_ids == image_token_id).int(),  # [R, L] 1 = image token; drives mrope positions
+        "pixel_values": torch.cat([p for p, _ in pixels]),  # [patches of the U unique images, C*T*P*P]
+        "image_grid_thw": grid,  # [U, 3]
+        "image_index": image_index,  # host list: the unique image of each row image, in token order
+        "row_grid_thw": grid[torch.as_tensor(image_index, dtype=torch.long)],  # [row images, 3]
+        "response_index": torch.as_tensor(response_index, dtype=torch.long),  # [N] into [R * L]
+        "response_row": torch.as_tensor(response_row, dtype=torch.long),  # [N]
+        "response_targets": torch.as_tensor(response_targets, dtype=torch.long),  # [N]
     }
 
 
 @dataclass
 class PairSample:
-    """Chosen and rejected sequences sharing one prompt; images as crop windows of the record's image."""
+    """One step of a preference pair: chosen and rejected sequences sharing one prompt."""
 
     kind: str  # "box" (focus step) | "answer" (answer step)
-    chosen_ids: list[int]
-    chosen_labels: list[int]
-    rejected_ids: list[int]
-    rejected_labels: list[int]
-    chosen_images: list[tuple[int, int, int, int] | None]  # None = the full image, else a crop window
-    rejected_images: list[tuple[int, int, int, int] | None]
+    chosen: Sample
+    rejected: Sample
     pair: Pair
     index: int = 0  # position in the run's sample list (keys precomputed reference log-probs)
 
@@ -765,9 +767,13 @@ def dpo_samples(pair: Pair, tokenizer, image_processor, stage: int, crop_rule: s
     [image, crop] + question, both answers on the chosen box's crop (upstream) or each on its own."""
     r = pair.record
     size = (r.width, r.height)
-    box = PairSample("box", *encode(tokenizer, image_processor, focus_messages(r.question), [size], pair.chosen_box),
-                     *encode(tokenizer, image_processor, focus_messages(r.question), [size], pair.rejected_box),
-                     [None], [None], pair)
+
+    def side(messages, sizes, response, images, kind):
+        return Sample(*encode(tokenizer, image_processor, messages, sizes, response), r, images, kind)
+
+    focus = focus_messages(r.question)
+    box = PairSample("box", side(focus, [size], pair.chosen_box, [None], "box"),
+                     side(focus, [size], pair.rejected_box, [None], "box"), pair)
     if stage == 1:
         return _distinct([box])
     resized = model_view_size(r.width, r.height, image_processor) if pair.box_form == "pixel" else None
@@ -783,16 +789,16 @@ def dpo_samples(pair: Pair, tokenizer, image_processor, stage: int, crop_rule: s
     rejected_window = chosen_window if rejected_crop == "chosen" else window("rejected_box")
     sizes = [(w[2] - w[0], w[3] - w[1]) for w in (chosen_window, rejected_window)]
     messages = answer_messages(r.question)
-    answer = PairSample("answer",
-                        *encode(tokenizer, image_processor, messages, [size, sizes[0]], pair.chosen_answer),
-                        *encode(tokenizer, image_processor, messages, [size, sizes[1]], pair.rejected_answer),
-                        [None, chosen_window], [None, rejected_window], pair)
+    answer = PairSample("answer", side(messages, [size, sizes[0]], pair.chosen_answer, [None, chosen_window], "answer"),
+                        side(messages, [size, sizes[1]], pair.rejected_answer, [None, rejected_window], "answer"),
+                        pair)
     return _distinct([box, answer])
+
 
 def _distinct(samples: list[PairSample]) -> list[PairSample]:
     """The samples whose chosen and rejected sequences differ: an identical one has loss ln 2 and zero gradient
     (a stage-2 pair with one box for both answers keeps its answer step). None left is a DataError."""
-    kept = [s for s in samples if s.chosen_ids != s.rejected_ids or s.chosen_images != s.rejected_images]
+    kept = [s for s in samples if s.chosen.input_ids != s.rejected.input_ids or s.chosen.images != s.rejected.images]
     if not kept:
         what = samples[-1].kind
         raise DataError(f"{samples[0].pair.record.source}: field 'rejected_{what}': the same as 'chosen_{what}' "
@@ -801,6 +807,25 @@ def _distinct(samples: list[PairSample]) -> list[PairSample]:
 
 # -----------------------------------------------------------------------------
 # entry points: an expected error is one line a user can act on; an --out never destroys an input or a run
+
+@dataclass
+class RunConfig:
+    """What every pipeline stage (sft, generate, dpo, eval) is told: the model, the data, where its run goes."""
+
+    model: str = "tiny"  # checkpoint directory, or `tiny` / `tiny-qwen2-vl` (built on first use)
+    adapter: str | None = None  # a trained adapter, merged into the base first (with its parent chain)
+    data: str = "synth"  # records: Visual-CoT .jsonl/.json or ours, a directory with <split>.jsonl, or `synth`
+    image_root: str | None = None  # image paths are relative to this (default: the data file's directory)
+    out: str = "runs/out"  # the run's directory (each command has its own default)
+    limit: int | None = None  # the first N records only
+    seed: int = 0
+    skip_bad_records: bool = False  # skip (and report) malformed records instead of stopping
+    # replace the run in --out (only this command's files); without it generate and eval resume a rerun with the
+    # same settings, sft and dpo refuse one unless --resume
+    overwrite: bool = False
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
 
 def cli(parse, run) -> None:
     """Run an entry point: run(parse()). An expected error (UserError) prints `error: <message>` once (rank 0

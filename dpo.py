@@ -3,21 +3,21 @@
 One DPO step, file by file:
   data.read_pairs / data.dpo_samples      pair record -> 1 (stage 1) or 2 (stage 2: box, answer) samples
   dpo.build_dpo_samples                   every pair's samples checked once, before training
-  dpo.collate_pairs -> model.to_device    chosen rows then rejected rows; each distinct image processed once
+  dpo.collate_pairs -> data.collate       chosen rows then rejected rows; each distinct image processed once
   dpo.DPOObjective.forward                (the FSDP2 root)
     encode_images                         vision features once per image, shared by policy and reference
-    sequence_logps                        hidden states at response positions only -> fused chunked
+    sequence_logps -> token_logps         hidden states at response positions only -> fused chunked
                                           logsumexp + gather (linear_logprobs) -> summed log-probs [2B]
     reference_logps                       the same with adapters off, or the precomputed table
     step_loss -> preference_loss          one loss call with a per-row beta; stage 2 weighs the box and
                                           answer means by lambda_box / lambda_answer; + the NLL anchor
-  visrl.dpo_train                         backward, reduce, optimizer step, metrics, checkpoint
+  visrl.train                             backward, reduce, optimizer step, metrics, checkpoint
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 import torch
@@ -127,56 +127,17 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
 
 # --------------------------------------------------------------------------------------------
-# Batching pairs: rows = chosen sequences then rejected sequences; each distinct image (the full
-# image, a crop window of it) is processed once and referenced by every row that shows it.
+# Batching pairs (data.collate): rows = chosen sequences then rejected sequences; each distinct image
+# (the full image, a crop window of it) is processed once and referenced by every row that shows it.
 
 
 def collate_pairs(samples: list[data.PairSample], image_processor, pad_id: int, image_token_id: int) -> dict:
-    """One DPO batch of B pair samples: 2B rows, unique images, response positions precomputed."""
-    rows = [(s.chosen_ids, s.chosen_labels, s.chosen_images, s) for s in samples] + \
-           [(s.rejected_ids, s.rejected_labels, s.rejected_images, s) for s in samples]
-    length = max(len(ids) for ids, *_ in rows)
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    unique: dict[tuple, int] = {}  # (image path, crop window or None) -> index into the unique images
-    images, image_index, response_index, response_row, response_targets = [], [], [], [], []
-    for r, (ids, labels, windows, sample) in enumerate(rows):
-        input_ids[r, :len(ids)] = torch.as_tensor(ids)
-        attention_mask[r, :len(ids)] = 1
-        for window in windows:
-            key = (sample.pair.record.image, window)
-            if key not in unique:
-                unique[key] = len(unique)
-                images.append((sample.pair.record, window))
-            image_index.append(unique[key])
-        for t in range(1, len(ids)):  # hidden state at t - 1 predicts token t
-            if labels[t] != data.IGNORE_INDEX:
-                response_index.append(r * length + t - 1)
-                response_row.append(r)
-                response_targets.append(labels[t])
-    loaded = {}
-    pil_images = []
-    for record, window in images:  # decode each file once, crop as needed
-        if record.image not in loaded:
-            loaded[record.image] = data.load_image(record)
-        full = loaded[record.image]
-        pil_images.append(full if window is None else full.crop(window))
-    pixels = image_processor(images=pil_images, return_tensors="pt")
-    grid = pixels["image_grid_thw"]  # [U, 3]
-    return {
-        "input_ids": input_ids,  # [2B, L]
-        "attention_mask": attention_mask,  # [2B, L]
-        "mm_token_type_ids": (input_ids == image_token_id).int(),  # [2B, L], drives mrope positions
-        "pixel_values": pixels["pixel_values"],  # [patches of the U unique images, C*T*P*P]
-        "image_grid_thw": grid,  # [U, 3]
-        "image_index": image_index,  # host list: unique image of each row image, in token order
-        "row_grid_thw": grid[torch.as_tensor(image_index, dtype=torch.long)],  # [row images, 3]
-        "response_index": torch.as_tensor(response_index, dtype=torch.long),  # [N] into [2B * L]
-        "response_row": torch.as_tensor(response_row, dtype=torch.long),  # [N]
-        "response_targets": torch.as_tensor(response_targets, dtype=torch.long),  # [N]
-        "kind": torch.as_tensor([s.kind == "answer" for s in samples], dtype=torch.long),  # [B] 0 box, 1 answer
-        "sample_index": torch.as_tensor([s.index for s in samples], dtype=torch.long),  # [B]
-    }
+    """One DPO batch of B pair samples: 2B rows (data.collate), each sample's kind and index."""
+    batch = data.collate([s.chosen for s in samples] + [s.rejected for s in samples], image_processor, pad_id,
+                         image_token_id)
+    batch["kind"] = torch.as_tensor([s.kind == "answer" for s in samples], dtype=torch.long)  # [B] 0 box, 1 answer
+    batch["sample_index"] = torch.as_tensor([s.index for s in samples], dtype=torch.long)  # [B]
+    return batch
 
 
 def encode_images(net, batch: dict) -> list[torch.Tensor]:
@@ -186,19 +147,24 @@ def encode_images(net, batch: dict) -> list[torch.Tensor]:
     return list(features)
 
 
-def sequence_logps(net, batch: dict, features: list[torch.Tensor], chunk_size: int = 1024) -> torch.Tensor:
-    """Summed response log-probs of every row, [2B], reusing precomputed image features."""
+def token_logps(net, batch: dict, features: list[torch.Tensor], chunk_size: int = 1024) -> torch.Tensor:
+    """Log-probs of every response token [N] (batch["response_targets"]), reusing precomputed image features:
+    hidden states at response positions only -> fused chunked logsumexp + gather (no [N, V] logits kept)."""
     row_features = [features[i] for i in batch["image_index"]]  # the same tensors, referenced again
     hidden = net.model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
         mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch["row_grid_thw"],
         mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=row_features)},
-    ).last_hidden_state  # [2B, L, H]
+    ).last_hidden_state  # [R, L, H]
     response_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["response_index"])  # [N, H]
-    token_logps = linear_logprobs(response_hidden, net.lm_head.weight, batch["response_targets"], chunk_size)
+    return linear_logprobs(response_hidden, net.lm_head.weight, batch["response_targets"], chunk_size)
+
+
+def sequence_logps(net, batch: dict, features: list[torch.Tensor], chunk_size: int = 1024) -> torch.Tensor:
+    """Summed response log-probs of every row, [R] (R = 2B in a DPO batch: chosen rows, then rejected)."""
+    logps = token_logps(net, batch, features, chunk_size)
     rows = batch["input_ids"].shape[0]
-    return torch.zeros(rows, dtype=token_logps.dtype, device=token_logps.device).index_add_(
-        0, batch["response_row"], token_logps)
+    return torch.zeros(rows, dtype=logps.dtype, device=logps.device).index_add_(0, batch["response_row"], logps)
 
 
 def response_lengths(batch: dict) -> torch.Tensor:
@@ -216,27 +182,18 @@ DPO_STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "r
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(modeling.TrainConfig):
     """DPO stage 1 (focus: box pairs) or stage 2 (step-level: box pairs + answer pairs on the crop)."""
 
-    data: str  # pair records (.jsonl written by generate.py; format in README)
-    stage: Literal[1, 2] = 1
-    model: str = "tiny"  # checkpoint directory, or `tiny` / `tiny-qwen2-vl`
+    data: str = field(kw_only=True)  # pair records (.jsonl written by generate.py; format in docs/guide.md)
     # The previous phase's adapter (SFT for stage 1, stage 1 for stage 2): merged into the base at
     # load, so the reference (adapters off) is exactly the model at the start of this stage.
     adapter: Annotated[str | None, tyro.conf.arg(aliases=("--init-adapter",))] = None
-    image_root: str | None = None  # image paths are relative to this (default: the data file's directory)
     out: str | None = None  # default runs/dpo1 or runs/dpo2, by --stage
-    limit: int | None = None  # use the first N pairs only
-    seed: int = 0
+    stage: Literal[1, 2] = 1
     epochs: float = 5.0
-    max_steps: int = -1  # optimizer steps; overrides epochs when > 0
     lr: float = 5e-6
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
     batch_size: int = 2  # pairs per process per micro-step (a stage-2 pair is a box and an answer sample)
-    grad_accum: int = 1
     loss: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
     beta: float = 0.1  # for the box step (stage 1 and stage 2)
     beta_answer: float | None = None  # for the answer step in stage 2 (default: --beta)
@@ -248,22 +205,6 @@ class DPOConfig:
     crop: Literal["vcot", "raw"] = "vcot"
     precompute_ref: bool = False  # all reference log-probs in one pass before training
     logp_chunk: int = 1024  # response tokens per chunk of the fused log-prob kernel
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "all"
-    max_len: int = 2048  # pairs with a longer sequence are dropped whole
-    error_on_long: bool = False
-    skip_bad_records: bool = False  # skip (and report) malformed pairs instead of stopping
-    grad_checkpointing: bool = False
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    log_every: int = 1
-    save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end or on SIGTERM/SIGINT)
-    keep_checkpoints: int = 2
-    resume: bool = False  # continue the run in --out from its newest complete checkpoint
-    overwrite: bool = False  # replace the run in --out (its adapter, checkpoints, config and metrics)
-    fsdp: bool = True  # under torchrun: shard with FSDP2 (--no-fsdp: replicate, all-reduce gradients)
 
     def __post_init__(self):
         if self.out is None:  # stages 1 and 2 never share a default --out: stage 2 reads stage 1's adapter
@@ -281,7 +222,7 @@ def build_dpo_samples(cfg: DPOConfig, pairs: list[data.Pair], processor, world: 
             errors.append(str(e))
             continue
         same_box += cfg.stage == 2 and samples[0].kind != "box"  # its box step was dropped
-        longest = max(max(len(s.chosen_ids), len(s.rejected_ids)) for s in samples)
+        longest = max(max(len(s.chosen.input_ids), len(s.rejected.input_ids)) for s in samples)
         if longest > cfg.max_len:
             if cfg.error_on_long:
                 raise data.UserError(f"{pair.record.source}: a sequence of {longest} tokens > --max-len {cfg.max_len}")

@@ -603,16 +603,15 @@ def draw_pictures(rows: list[dict], out_dir, n: int) -> list[Path]:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(data.RunConfig):
     """Two-step evaluation (focus -> crop -> answer) with the Visual-CoT benchmark protocol; resumable."""
 
-    model: str = "tiny"  # checkpoint directory, or `tiny` / `tiny-qwen2-vl`
-    adapter: str | None = None  # a trained adapter (merged into the base for inference)
     data: str = "synth"  # Visual-CoT release dir (benchmark/, benchmark_det/), a file, a dir with test.jsonl, or `synth`
     image_root: str | None = None  # image paths are relative to this (default: the release root / the file's dir)
-    sets: tuple[str, ...] = ()  # sets to evaluate (default for a release dir: the 11 scored sets)
-    limit: int | None = None  # first N items of each set
     out: str = "runs/eval"  # predictions.jsonl, results.json, results.md, pictures/ (and judge.jsonl)
+    limit: int | None = None  # first N items of each set
+    seed: int = 0  # random-box ablation and sampling; also picks the synthetic set
+    sets: tuple[str, ...] = ()  # sets to evaluate (default for a release dir: the 11 scored sets)
     box: Literal["model", "gt", "center", "random", "none"] = "model"  # the box the crop is cut from; none = answer directly
     endpoint: str | None = None  # an OpenAI-compatible server to run instead of the in-process model
     endpoint_model: str = "default"  # the model name sent to --endpoint
@@ -628,11 +627,6 @@ class EvalConfig:
     crop: Literal["vcot", "raw"] = "vcot"  # crop rule for the answer step's second image
     parser: Literal["official", "lenient"] = "official"  # box parser for the headline Acc@0.5 (both are reported)
     pictures: int = 6  # how many PNGs with boxes and crop to draw
-    skip_bad_records: bool = False  # skip (and report) malformed items instead of stopping
-    seed: int = 0  # random-box ablation and sampling; also picks the synthetic set
-    overwrite: bool = False  # replace the evaluation in --out (a rerun with the same settings resumes it instead)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
 
 OUT_FILES = ("predictions.jsonl", "judge.jsonl", "results.json", "results.md", "pictures", "config.json")

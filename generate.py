@@ -45,17 +45,15 @@ import synth
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(data.RunConfig):
     """Self-evolution data generation: sample boxes and answers, score them, keep preference pairs."""
 
     model: str = "tiny"  # checkpoint directory, or `tiny` / `tiny-qwen2-vl` (ignored with --endpoint)
     adapter: str | None = None  # the current policy's adapter (its parent stack is rebuilt and merged)
     data: str = "synth"  # records file (Visual-CoT .jsonl/.json or ours; boxes optional), a directory, or `synth`
-    split: str = "train"  # which <split>.jsonl of a directory / `synth`
-    image_root: str | None = None  # image paths are relative to this (default: the data file's directory)
     out: str = "runs/generate"  # candidates.jsonl, pairs.jsonl, summary.json, config.json go here
-    limit: int | None = None  # the first N questions only
     seed: int = 0  # chunk c samples with seed * 1000003 + 10c, so a resumed run reproduces an uninterrupted one
+    split: str = "train"  # which <split>.jsonl of a directory / `synth`
     attempts: int = 3  # K: each attempt makes a sampled and a diversity candidate
     temperature: float = 2.0  # policy sampling (upstream: 2, top-p 0.7, top-k 50)
     top_p: float = 0.7
@@ -81,10 +79,6 @@ class GenerateConfig:
     crop_low: float = 0.2  # rejected needs crop score <= this
     box_form: Literal["square", "axis", "pixel"] = "square"  # how the model writes boxes
     crop: Literal["vcot", "raw"] = "vcot"  # crop rule for the answer step's second image
-    skip_bad_records: bool = False  # skip (and report) malformed records instead of stopping
-    overwrite: bool = False  # replace the run in --out (a rerun with the same settings resumes it instead)
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 OUT_FILES = ("candidates.jsonl", "pairs.jsonl", "summary.json", "config.json")  # what a run writes into --out

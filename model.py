@@ -338,6 +338,32 @@ class LoRALinear(nn.Linear):
 
 
 @dataclass
+class TrainConfig(data.RunConfig):
+    """What SFT and DPO share besides the run: optimizer, batches, the LoRA to train, checkpoints."""
+
+    epochs: float = 3.0
+    max_steps: int = -1  # optimizer steps; overrides epochs when > 0
+    lr: float = 1e-4
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    batch_size: int = 4  # per process per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "all"  # `all` linear layers of the language model, or e.g. `q_proj,v_proj`
+    max_len: int = 2048  # longer samples are dropped whole (never cut through image tokens)
+    error_on_long: bool = False  # raise instead of dropping over-long samples
+    grad_checkpointing: bool = False
+    log_every: int = 1
+    save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end or on SIGTERM/SIGINT)
+    keep_checkpoints: int = 2
+    resume: bool = False  # continue the run in --out from its newest complete checkpoint
+    fsdp: bool = True  # under torchrun: shard with FSDP2 (--no-fsdp: replicate, all-reduce gradients)
+
+
+@dataclass
 class LoRAConfig:
     """What an adapter is: saved as adapter_config.json beside adapter.safetensors."""
 

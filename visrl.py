@@ -12,9 +12,10 @@
     python visrl.py serve [--port 8000]     an OpenAI-compatible server on the in-process model
     python visrl.py demo --out DIR          the whole recipe on the tiny model, with a table and plots
 
-The path of data in `sft`: record -> two samples (data.sft_samples) -> tokens + pixels
-(data.encode / data.sample_pixels) -> batch (data.collate) -> forward to the last hidden states
--> logits at supervised positions only -> cross-entropy summed over the optimizer step's tokens.
+The path of data in `sft`: record -> two samples (data.sft_samples: tokens, image windows) -> batch
+(data.collate: each distinct image processed once) -> image features once (dpo.encode_images) -> hidden
+states at supervised positions only -> fused log-probs (dpo.token_logps) -> negative sum over the
+optimizer step's tokens. DPO takes the same path to summed log-probs per sequence (dpo.py's top).
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-import torch.nn.functional as F
 import tyro
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -65,28 +65,10 @@ import synth
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(modeling.TrainConfig):
     """Supervised warm-up: LoRA on the language model, loss on assistant tokens only."""
 
-    model: str = "tiny"  # checkpoint directory, or `tiny` / `tiny-qwen2-vl` (built on first use)
-    adapter: str | None = None  # a trained adapter to start from (merged into the base first)
-    data: str = "synth"  # records file (Visual-CoT .jsonl/.json or ours), a directory with train.jsonl, or `synth`
-    image_root: str | None = None  # image paths are relative to this (default: the data file's directory)
     out: str = "runs/sft"  # where adapter/, config.json and metrics.jsonl go
-    limit: int | None = None  # use the first N records only
-    seed: int = 0
-    epochs: float = 3.0
-    max_steps: int = -1  # optimizer steps; overrides epochs when > 0
-    lr: float = 1e-4
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    batch_size: int = 4  # sequences per process per micro-step
-    grad_accum: int = 1  # micro-steps per optimizer step
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "all"  # `all` linear layers of the language model, or e.g. `q_proj,v_proj`
     box_form: Literal["square", "axis", "pixel"] = "square"  # how boxes are written as text
     crop: Literal["vcot", "raw"] = "vcot"  # crop rule for the answer step's second image
     # also train the bare question on the ground-truth crop alone: what generate.py's rule scorer asks
@@ -95,37 +77,8 @@ class SFTConfig:
     # keep every processed image (page view and crop) in memory after its first use: each is decoded once
     # instead of once per sample and epoch (~0.6 MB per record: for small sets such as the demo's)
     cache_pixels: bool = False
-    # a curriculum: the first N optimizer steps draw focus (box) samples only, then all kinds mixed (the
-    # random tiny model needs it to learn boxes; measurements in BENCHMARKS.md)
+    # a curriculum: the first N optimizer steps draw focus (box) samples only, then all kinds mixed
     focus_first_steps: int = 0
-    max_len: int = 2048  # longer samples are dropped whole (never cut through image tokens)
-    error_on_long: bool = False  # raise instead of dropping over-long samples
-    skip_bad_records: bool = False  # skip (and report) malformed records instead of stopping
-    grad_checkpointing: bool = False
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    log_every: int = 1
-    save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end or on SIGTERM/SIGINT)
-    keep_checkpoints: int = 2
-    resume: bool = False  # continue the run in --out from its newest complete checkpoint
-    overwrite: bool = False  # replace the run in --out (its adapter, checkpoints, config and metrics)
-    fsdp: bool = True  # under torchrun: shard with FSDP2 (--no-fsdp: replicate, all-reduce gradients)
-
-
-class SFTDataset(torch.utils.data.Dataset):
-    """Samples with text already tokenised; images decoded and processed per item (once, with cache_pixels)."""
-
-    def __init__(self, samples: list[data.Sample], image_processor, cache_pixels: bool = False):
-        self.samples, self.image_processor = samples, image_processor
-        self.pixel_cache = {} if cache_pixels else None
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict:
-        sample = self.samples[index]
-        pixels = data.sample_pixels(sample, self.image_processor, self.pixel_cache)
-        return {"input_ids": sample.input_ids, "labels": sample.labels, **pixels}
 
 
 def build_sft_samples(cfg: SFTConfig, records: list[data.Record], processor, world: modeling.Dist) -> list[data.Sample]:
@@ -161,20 +114,10 @@ def sft_index_stream(cfg: SFTConfig, samples: list[data.Sample], world: modeling
     yield from batch_stream(len(samples), cfg.batch_size, world, cfg.seed, start=max(0, done - first))
 
 
-def sft_loss(net, batch: dict, n_tokens: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over supervised tokens, divided by the step's token count.
-
-    Logits are computed only at supervised positions ([N, V] instead of [B, L, V]).
-    """
-    hidden = net.model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-        pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
-        mm_token_type_ids=batch["mm_token_type_ids"],
-    ).last_hidden_state  # [B, L, H]
-    targets = batch["labels"][:, 1:]  # position t predicts token t + 1
-    supervised = targets != data.IGNORE_INDEX  # [B, L-1]
-    logits = net.lm_head(hidden[:, :-1][supervised]).float()  # [N, V]
-    return F.cross_entropy(logits, targets[supervised], reduction="sum") / n_tokens
+def sft_loss(net, batch: dict, n_tokens: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """Summed next-token cross-entropy over supervised tokens, divided by the step's token count: the negative
+    log-probs of the fused path DPO uses (image features once, hidden states at response positions only)."""
+    return -dpo.token_logps(net, batch, dpo.encode_images(net, batch), chunk_size).sum() / n_tokens
 
 
 class SFTObjective(nn.Module):
@@ -190,11 +133,10 @@ class SFTObjective(nn.Module):
 
     def step_counts(self, micro: list[dict]) -> torch.Tensor:
         """This rank's supervised tokens in the optimizer step [] (the loop sums them over ranks)."""
-        return sum((b["labels"][:, 1:] != data.IGNORE_INDEX).sum() for b in micro).float()
+        return torch.tensor(float(sum(len(b["response_targets"]) for b in micro)), device=micro[0]["input_ids"].device)
 
     def log_fields(self, stats: torch.Tensor, n_tokens: torch.Tensor, loss: float) -> dict:
-        tokens = int(stats[0].item())
-        return {"tokens": tokens}
+        return {"tokens": int(stats[0].item())}
 
 
 # --------------------------------------------------------------------------------------------
@@ -506,8 +448,9 @@ def train(cfg: SFTConfig | dpo.DPOConfig) -> Path:
         records = data.read_records(synth.resolve_data(cfg.data, "train", cfg.seed), image_root=cfg.image_root,
                                     skip_bad=cfg.skip_bad_records, limit=cfg.limit)
         items = build_sft_samples(cfg, records, processor, world)
-        dataset = SFTDataset(items, processor.image_processor, cfg.cache_pixels)
-        collate = lambda indices: data.collate([dataset[i] for i in indices], pad_id, image_token_id)
+        pixel_cache = {} if cfg.cache_pixels else None
+        collate = lambda indices: data.collate([items[i] for i in indices], processor.image_processor, pad_id,
+                                               image_token_id, pixel_cache)
         objective, what = SFTObjective(net), f"{len(records)} records -> {len(items)} samples"
     else:
         pairs = data.read_pairs(cfg.data, image_root=cfg.image_root, skip_bad=cfg.skip_bad_records, limit=cfg.limit)

@@ -80,9 +80,16 @@ def make_pairs(n_pairs: int, side: int, root: Path) -> list[data.Pair]:
 
 def naive_logps(net, rows: list[dict], pad_id: int, image_token_id: int) -> torch.Tensor:
     """Full-logits baseline: every row's images go through the vision tower in this forward."""
-    batch = data.collate(rows, pad_id, image_token_id)
+    length = max(len(row["input_ids"]) for row in rows)
+    input_ids = torch.tensor([row["input_ids"] + [pad_id] * (length - len(row["input_ids"])) for row in rows])
+    labels = torch.tensor([row["labels"] + [data.IGNORE_INDEX] * (length - len(row["labels"])) for row in rows])
+    batch = {"input_ids": input_ids, "attention_mask": (torch.arange(length)[None] < torch.tensor(
+                 [[len(row["input_ids"])] for row in rows])).long(),
+             "mm_token_type_ids": (input_ids == image_token_id).int(),
+             "pixel_values": torch.cat([row["pixel_values"] for row in rows]),
+             "image_grid_thw": torch.cat([row["image_grid_thw"] for row in rows])}
     batch = {k: v.to(net.device) for k, v in batch.items()}
-    labels = batch.pop("labels")
+    labels = labels.to(net.device)
     logits = net(**batch).logits.float()  # [rows, L, V] fp32
     logps = torch.log_softmax(logits[:, :-1], dim=-1)  # [rows, L-1, V]
     targets = labels[:, 1:]
@@ -105,12 +112,11 @@ def run_variant(size: str, variant: str, n_pairs: int, steps: int, device: torch
             for side_name in ("chosen", "rejected"):
                 for s in samples:
                     image = data.load_image(s.pair.record)
-                    windows = getattr(s, f"{side_name}_images")
+                    row = getattr(s, side_name)
                     pixels = processor.image_processor(
-                        images=[image if w is None else image.crop(w) for w in windows], return_tensors="pt")
-                    rows.append({"input_ids": getattr(s, f"{side_name}_ids"),
-                                 "labels": getattr(s, f"{side_name}_labels"), **pixels})
-        n_tokens = sum(len(s.chosen_ids) + len(s.rejected_ids) for s in samples)
+                        images=[image if w is None else image.crop(w) for w in row.images], return_tensors="pt")
+                    rows.append({"input_ids": row.input_ids, "labels": row.labels, **pixels})
+        n_tokens = sum(len(s.chosen.input_ids) + len(s.rejected.input_ids) for s in samples)
         image_tokens = data.image_token_count(side, side, processor.image_processor)
 
         def step():

@@ -19,27 +19,33 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
+import dpo  # noqa: E402
 import model as modeling  # noqa: E402
 import synth  # noqa: E402
 import visrl  # noqa: E402
 
 
 @torch.no_grad()
-def exact_match_by_kind(net, dataset, kinds, pad_id, image_token_id) -> dict[str, float]:
+def exact_match_by_kind(net, collate, samples) -> dict[str, float]:
     """Share of samples of each kind whose response tokens are all the greedy argmax."""
     net.eval()
     hits: dict[str, list[bool]] = {}
-    for start in range(0, len(dataset), 48):
-        batch = data.collate([dataset[i] for i in range(start, min(start + 48, len(dataset)))], pad_id, image_token_id)
-        logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
-                     mm_token_type_ids=batch["mm_token_type_ids"]).logits[:, :-1]  # [B, L-1, V]
-        targets = batch["labels"][:, 1:]
-        ok = ((logits.argmax(-1) == targets) | (targets == data.IGNORE_INDEX)).all(1)
-        for kind, hit in zip(kinds[start:start + 48], ok.tolist()):
+    for start in range(0, len(samples), 48):
+        chunk = samples[start:start + 48]
+        batch = collate(chunk)
+        features = dpo.encode_images(net, batch)
+        hidden = net.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch["row_grid_thw"],
+                           mm_encoder_outputs={"image": BaseModelOutputWithPooling(
+                               pooler_output=[features[i] for i in batch["image_index"]])}).last_hidden_state
+        response = hidden.reshape(-1, hidden.shape[-1])[batch["response_index"]]  # [N, H]
+        wrong = (net.lm_head(response).argmax(-1) != batch["response_targets"]).long()  # [N]
+        wrong_per_row = torch.zeros(len(chunk), dtype=torch.long).index_add_(0, batch["response_row"], wrong)
+        for kind, hit in zip([s.kind for s in chunk], (wrong_per_row == 0).tolist()):
             hits.setdefault(kind, []).append(hit)
     net.train()
     return {kind: round(100 * sum(v) / len(v), 1) for kind, v in hits.items()}
@@ -65,12 +71,11 @@ def main() -> None:
     samples = visrl.build_sft_samples(cfg, records, processor, world)
     if args.focus_only:
         samples = [s for s in samples if s.kind == "focus"]
-    dataset = visrl.SFTDataset(samples, processor.image_processor, cache_pixels=True)
     test_records = data.read_records(synth.resolve_data("synth", "test", args.seed))
     test_samples = visrl.build_sft_samples(cfg, test_records, processor, world)
-    test_set = visrl.SFTDataset(test_samples, processor.image_processor, cache_pixels=True)
-    kinds = [s.kind for s in test_samples]
-    pad_id, image_token_id = processor.tokenizer.pad_token_id, net.config.image_token_id
+    pixel_cache = {}
+    collate = lambda rows: data.collate(rows, processor.image_processor, processor.tokenizer.pad_token_id,
+                                        net.config.image_token_id, pixel_cache)
 
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer, scheduler = visrl.make_optimizer(params, cfg.lr, cfg.weight_decay, args.steps, cfg.warmup_ratio)
@@ -78,9 +83,8 @@ def main() -> None:
     print(f"{len(samples)} samples from {len(records)} records; {args.steps} steps, "
           f"focus first {args.focus_first_steps}{', focus only' if args.focus_only else ''}", flush=True)
     for step in range(1, args.steps + 1):
-        batch = data.collate([dataset[i] for i in next(stream)], pad_id, image_token_id)
-        n_tokens = (batch["labels"][:, 1:] != data.IGNORE_INDEX).sum().float()
-        loss = visrl.sft_loss(net, batch, n_tokens)
+        batch = collate([samples[i] for i in next(stream)])
+        loss = visrl.sft_loss(net, batch, torch.tensor(float(len(batch["response_targets"]))))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
@@ -88,7 +92,7 @@ def main() -> None:
         optimizer.zero_grad()
         if step % args.every == 0 or step == args.steps:
             print(f"step {step}  loss {loss.item():.4f}  held-out exact match %: "
-                  f"{exact_match_by_kind(net, test_set, kinds, pad_id, image_token_id)}", flush=True)
+                  f"{exact_match_by_kind(net, collate, test_samples)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -171,3 +171,21 @@ def assert_one_line_error(returncode, stderr, *fragments):
     message = stderr[stderr.index("error: "):]
     for fragment in fragments:
         assert fragment in message, (fragment, message[:2000])
+
+
+def plain_token_logps(net, processor, sample):
+    """Independent reference for the fused path: one sample through a plain HF forward (pixel values in,
+    full [L, V] logits out), the log-softmax of each supervised token, [n_supervised]."""
+    import torch
+
+    import data
+
+    image = data.load_image(sample.record)
+    pixels = processor.image_processor(images=[image if w is None else image.crop(w) for w in sample.images],
+                                       return_tensors="pt")
+    input_ids = torch.tensor([sample.input_ids])
+    logits = net(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                 mm_token_type_ids=(input_ids == net.config.image_token_id).int(), **pixels).logits[0, :-1]
+    targets = torch.tensor(sample.labels[1:])
+    mask = targets != data.IGNORE_INDEX
+    return torch.log_softmax(logits[mask].float(), -1).gather(1, targets[mask][:, None])[:, 0]

@@ -25,9 +25,9 @@ for m in model.lora_modules(net).values():  # non-zero B so every factor has a g
 records = data.read_records(data_path)
 samples = visrl.build_sft_samples(cfg, records, processor, world)
 indices = next(visrl.batch_stream(len(samples), batch_size, world, seed=0, start=0))
-items = [visrl.SFTDataset(samples, processor.image_processor)[i] for i in indices]
-batch = data.collate(items, processor.tokenizer.pad_token_id, net.config.image_token_id)
-n_tokens = model.all_reduce_sum((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum().float(), world)
+batch = data.collate([samples[i] for i in indices], processor.image_processor, processor.tokenizer.pad_token_id,
+                     net.config.image_token_id)
+n_tokens = model.all_reduce_sum(torch.tensor(float(len(batch["response_targets"]))), world)
 visrl.sft_loss(net, batch, n_tokens).backward()
 params = model.trainable_parameters(net)
 visrl.reduce_gradients(params, world)

@@ -343,13 +343,13 @@ def test_crop_alone_sample_is_the_bare_question_on_the_crop(processor, synth_dir
     tok, image_processor = processor.tokenizer, processor.image_processor
     record = data.read_records(synth_dir / "train.jsonl")[1]
     focus, answer, crop = data.sft_samples(record, tok, image_processor, crop_alone=True)
-    assert crop.kind == "crop" and crop.crop == answer.crop
+    assert crop.kind == "crop" and crop.images == answer.images[1:]
     text = tok.decode(crop.input_ids)
     assert text.count("<|vision_start|>") == 1 and "<|vision_end|>" + record.question + "<|im_end|>" in text
     assert tok.decode([t for t, label in zip(crop.input_ids, crop.labels) if label != data.IGNORE_INDEX]) == \
         record.answer + "<|im_end|>"
-    pixels = data.sample_pixels(crop, image_processor)  # one image: the crop, not the whole page
-    expected = image_processor(images=[data.load_image(record).crop(crop.crop)], return_tensors="pt")
+    pixels = data.collate([crop], image_processor, tok.pad_token_id, 0)  # one image: the crop, not the whole page
+    expected = image_processor(images=[data.load_image(record).crop(crop.images[0])], return_tensors="pt")
     assert pixels["image_grid_thw"].tolist() == expected["image_grid_thw"].tolist()
     assert torch.equal(pixels["pixel_values"], expected["pixel_values"])
     image_pad = tok.convert_tokens_to_ids("<|image_pad|>")
@@ -362,7 +362,7 @@ def test_image_tokens_match_the_processor(processor, synth_dir):
     image_pad = tok.convert_tokens_to_ids("<|image_pad|>")
     for record in data.read_records(synth_dir / "train.jsonl")[:4]:
         for sample in data.sft_samples(record, tok, image_processor):
-            pixels = data.sample_pixels(sample, image_processor)
+            pixels = data.collate([sample], image_processor, tok.pad_token_id, image_pad)
             grid = pixels["image_grid_thw"]
             assert len(grid) == (1 if sample.kind == "focus" else 2)
             expected = int((grid.prod(-1) // image_processor.merge_size**2).sum())
@@ -370,23 +370,32 @@ def test_image_tokens_match_the_processor(processor, synth_dir):
             assert pixels["pixel_values"].shape[0] == int(grid.prod(-1).sum())
 
 
-def test_pixel_cache_gives_the_same_pixels_and_decodes_each_view_once(processor, synth_dir, monkeypatch):
-    image_processor = processor.image_processor
+def test_collate_processes_each_distinct_view_once_and_the_cache_decodes_nothing_twice(processor, synth_dir,
+                                                                                      monkeypatch):
+    tok, image_processor = processor.tokenizer, processor.image_processor
     records = data.read_records(synth_dir / "train.jsonl")[:3]
-    samples = [s for r in records for s in data.sft_samples(r, processor.tokenizer, image_processor, crop_alone=True)]
-    plain = [data.sample_pixels(s, image_processor) for s in samples]
+    samples = [s for r in records for s in data.sft_samples(r, tok, image_processor, crop_alone=True)]
+    # independently: every row's images processed on their own, in token order
+    expected = [image_processor(images=[data.load_image(s.record) if w is None else data.load_image(s.record).crop(w)],
+                                return_tensors="pt") for s in samples for w in s.images]
+    batch = data.collate(samples, image_processor, tok.pad_token_id, 0)
+    # per record: the page and one crop window (the answer and crop-alone samples share it)
+    assert batch["image_grid_thw"].shape[0] == 2 * len(records) and len(batch["image_index"]) == len(expected)
+    offsets = [0] + batch["image_grid_thw"].prod(-1).cumsum(0).tolist()
+    for i, e in zip(batch["image_index"], expected):
+        assert torch.equal(batch["pixel_values"][offsets[i]:offsets[i + 1]], e["pixel_values"])
+        assert batch["image_grid_thw"][i].tolist() == e["image_grid_thw"][0].tolist()
+    plain = [data.collate([s], image_processor, tok.pad_token_id, 0) for s in samples]
     loads = []
     real_load = data.load_image
     monkeypatch.setattr(data, "load_image", lambda record: loads.append(record.image) or real_load(record))
     cache = {}
-    for _ in range(2):  # two epochs
-        for s, expected in zip(samples, plain):
-            got = data.sample_pixels(s, image_processor, cache)
-            assert torch.equal(got["pixel_values"], expected["pixel_values"])
-            assert torch.equal(got["image_grid_thw"], expected["image_grid_thw"])
-    # per record: focus (page), answer (page + crop), crop alone: one decode for the page and its crop view
-    # is not guaranteed (the crop sample may come first), but never more than one per distinct view
-    assert len(cache) == 2 * len(records) and len(loads) <= 2 * len(records)
+    for _ in range(2):  # two epochs, one sample per batch
+        for s, expected_batch in zip(samples, plain):
+            got = data.collate([s], image_processor, tok.pad_token_id, 0, cache)
+            assert torch.equal(got["pixel_values"], expected_batch["pixel_values"])
+            assert torch.equal(got["image_grid_thw"], expected_batch["image_grid_thw"])
+    assert len(cache) == 2 * len(records) and len(loads) <= 2 * len(records)  # never a view decoded twice
 
 
 def test_encode_rejects_extra_images(processor):
@@ -399,18 +408,22 @@ def test_collate_pads_right_and_marks_image_tokens(processor, synth_dir):
     tok, image_processor = processor.tokenizer, processor.image_processor
     record = data.read_records(synth_dir / "train.jsonl")[0]
     samples = data.sft_samples(record, tok, image_processor)
-    items = [{"input_ids": s.input_ids, "labels": s.labels, **data.sample_pixels(s, image_processor)}
-             for s in samples]
     image_pad = tok.convert_tokens_to_ids("<|image_pad|>")
-    batch = data.collate(items, tok.pad_token_id, image_pad)
+    batch = data.collate(samples, image_processor, tok.pad_token_id, image_pad)
     lengths = [len(s.input_ids) for s in samples]
     assert batch["input_ids"].shape == (2, max(lengths))
     assert batch["attention_mask"].sum(1).tolist() == lengths
     short = lengths.index(min(lengths))
     assert (batch["input_ids"][short, min(lengths):] == tok.pad_token_id).all()
-    assert (batch["labels"][short, min(lengths):] == data.IGNORE_INDEX).all()
     assert batch["mm_token_type_ids"].sum() == (batch["input_ids"] == image_pad).sum()
-    assert batch["image_grid_thw"].shape == (3, 3)  # focus: 1 image, answer: image + crop
+    assert batch["image_grid_thw"].shape == (2, 3)  # the page (shown by both) and the crop: each once
+    assert batch["row_grid_thw"].shape == (3, 3) and batch["image_index"] == [0, 0, 1]
+    # response positions: exactly the supervised tokens, each predicted from the position before it
+    for r, s in enumerate(samples):
+        mine = batch["response_row"] == r
+        assert batch["response_targets"][mine].tolist() == [t for t in s.labels if t != data.IGNORE_INDEX]
+        flat = batch["input_ids"].reshape(-1)
+        assert torch.equal(flat[batch["response_index"][mine] + 1], batch["response_targets"][mine])
 
 
 # -----------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """Several processes and interrupted runs: torchrun on CPU/gloo, checkpoints, resume, signals."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess

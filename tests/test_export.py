@@ -61,9 +61,9 @@ def _inputs(processor, net, image):
     messages = data.focus_messages("What digit is inside the red frame?")
     ids, _ = data.encode(processor.tokenizer, processor.image_processor, messages, [image.size], RESPONSE)
     pixels = processor.image_processor(images=[image], return_tensors="pt")
-    batch = data.collate([{"input_ids": ids, "labels": ids, **pixels}], processor.tokenizer.pad_token_id,
-                         net.config.image_token_id)
-    batch.pop("labels")
+    input_ids = torch.tensor([ids])
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+             "mm_token_type_ids": (input_ids == net.config.image_token_id).int(), **pixels}
     return batch, data.render_chat(messages)
 
 

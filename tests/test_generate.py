@@ -518,7 +518,7 @@ def test_a_run_that_keeps_no_pair_says_why_and_exits_non_zero(synth_dir, tmp_pat
     message = err[err.index("error: "):]
     summary = json.loads((out / "summary.json").read_text())  # the work done is kept, and the counts say why
     assert summary["pairs_kept"] == 0 and summary["questions"] == 2
-    assert f"no preference pair kept from 2 questions" in message
+    assert "no preference pair kept from 2 questions" in message
     assert f"{summary['box_parse_failures']} of {summary['candidates']} candidates had a box that did not parse" in message
     assert "--temperature" in message
 

@@ -21,11 +21,10 @@ def _batch(processor, net, n_images: int = 1, seed: int = 0):
     ids, labels = data.encode(processor.tokenizer, processor.image_processor, messages,
                               [im.size for im in images], "7")
     pixels = processor.image_processor(images=images, return_tensors="pt")
-    item = {"input_ids": ids, "labels": labels, "pixel_values": pixels["pixel_values"],
-            "image_grid_thw": pixels["image_grid_thw"]}
-    batch = data.collate([item], processor.tokenizer.pad_token_id, net.config.image_token_id)
-    batch.pop("labels")
-    return batch
+    input_ids = torch.tensor([ids])
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+            "mm_token_type_ids": (input_ids == net.config.image_token_id).int(),
+            "pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"]}
 
 
 @pytest.mark.parametrize("which", ["tiny_path", "tiny_qwen2_path"])

@@ -1,6 +1,7 @@
 """The SFT loop and the CLI, on the tiny model and a small synthetic set."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import dpo
 import model
 import synth
 import visrl
-from conftest import assert_one_line_error, finish_cli, run_cli, snapshot, start_cli
+from conftest import assert_one_line_error, finish_cli, plain_token_logps, run_cli, snapshot, start_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,17 +25,27 @@ def _config(synth_dir, out, **overrides):
     return visrl.SFTConfig(**{**base, **overrides})
 
 
-def _items(processor, samples):
-    return [{"input_ids": s.input_ids, "labels": s.labels, **data.sample_pixels(s, processor.image_processor)}
-            for s in samples]
+def _collate(processor, net, samples):
+    return data.collate(samples, processor.image_processor, processor.tokenizer.pad_token_id, net.config.image_token_id)
 
 
 def _mean_loss(net, processor, samples):
     """Token-mean loss of samples, one forward."""
-    batch = data.collate(_items(processor, samples), processor.tokenizer.pad_token_id, net.config.image_token_id)
-    n_tokens = (batch["labels"][:, 1:] != data.IGNORE_INDEX).sum().float()
+    batch = _collate(processor, net, samples)
     with torch.no_grad():
-        return visrl.sft_loss(net, batch, n_tokens).item()
+        return visrl.sft_loss(net, batch, torch.tensor(float(len(batch["response_targets"])))).item()
+
+
+def test_sft_loss_is_the_mean_cross_entropy_of_a_plain_forward(tiny_path, synth_dir):
+    """The fused path (features once, response positions only) against HF's full logits, sample by sample."""
+    net, processor = model.load_model(str(tiny_path))
+    records = data.read_records(synth_dir / "train.jsonl")[:2]
+    samples = [s for r in records for s in data.sft_samples(r, processor.tokenizer, processor.image_processor,
+                                                            crop_alone=True)]
+    with torch.no_grad():
+        expected = -torch.cat([plain_token_logps(net, processor, s) for s in samples]).mean()
+        ours = _mean_loss(net, processor, samples)
+    assert math.isclose(ours, expected.item(), rel_tol=1e-5)
 
 
 def test_sft_lowers_the_loss(synth_dir, tmp_path):
@@ -63,8 +74,6 @@ def test_step_loss_does_not_depend_on_the_accumulation_split(tiny_path, synth_di
         torch.nn.init.normal_(m.lora_B.weight, std=0.02)
     records = data.read_records(synth_dir / "train.jsonl")[:2]
     samples = [s for r in records for s in data.sft_samples(r, processor.tokenizer, processor.image_processor)]
-    items = _items(processor, samples)
-    pad, image = processor.tokenizer.pad_token_id, net.config.image_token_id
     n_tokens = sum(sum(label != data.IGNORE_INDEX for label in s.labels[1:]) for s in samples)
     n_tokens = torch.tensor(float(n_tokens))
     params = model.trainable_parameters(net)
@@ -73,10 +82,10 @@ def test_step_loss_does_not_depend_on_the_accumulation_split(tiny_path, synth_di
         for p in params:
             p.grad = None
         for group in groups:
-            visrl.sft_loss(net, data.collate(group, pad, image), n_tokens).backward()
+            visrl.sft_loss(net, _collate(processor, net, group), n_tokens).backward()
         return [p.grad.clone() for p in params]
 
-    whole, split = grads([items]), grads([items[:2], items[2:]])
+    whole, split = grads([samples]), grads([samples[:2], samples[2:]])
     for a, b in zip(whole, split):
         # fp32; padding changes only the summation order: agree to rounding, relative to the gradient's scale
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * a.abs().max().item())
