@@ -18,16 +18,25 @@ finding the one coloured frame among grey ones is learnt in a few hundred LoRA s
 """
 
 import hashlib
+import inspect
 import json
 import os
 import random
+import shutil
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import PIL
+import torch
+import torch.nn as nn
+import transformers
 from PIL import Image, ImageDraw
+from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2VLConfig
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 import data
 
@@ -161,3 +170,177 @@ def resolve_data(path: str, split: str = "train", seed: int = 0) -> Path:
         return root / f"{split}.jsonl"
     p = Path(path)
     return p / f"{split}.jsonl" if p.is_dir() else p
+
+
+# --------------------------------------------------------------------------------------------
+# The tiny checkpoint: Qwen's special tokens and chat template, a byte-level BPE trained on the spot,
+# random weights. model.make_tiny / `--model tiny` call build_tiny with the classes of the arch.
+
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
+    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>",
+]
+
+# The chat template shipped with Qwen2-VL-7B-Instruct / Qwen2.5-VL-7B-Instruct.
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Qwen2's pre-tokenizer: digits split one by one, which keeps box coordinates learnable.
+QWEN_PRETOKENIZE_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+@dataclass
+class TinyConfig:
+    """Sizes of the built-in tiny model (CPU-friendly; every shape a real Qwen-VL has, just small)."""
+
+    arch: str = "qwen2.5-vl"  # qwen2.5-vl | qwen2-vl
+    vocab_size: int = 1024  # BPE target; the special tokens come on top
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    vision_hidden: int = 64
+    vision_depth: int = 2
+    vision_heads: int = 2
+    min_pixels: int = 56 * 56
+    # Every square image over 113 px is seen at 112 x 112: the whole 1344 px synthetic page at 1/12 scale,
+    # a ~288 px crop at ~0.39. Not 112 * 112: at exactly that cap, smart_resize's floor(side / beta / 28)
+    # lands on 3.999... for some sides (246, 251, ..., 288, 295 px) and shrinks them to 84 px, so a
+    # crop's scale would jump with a pixel of its size (a trained reader then fails on the model's own crops).
+    max_pixels: int = 113 * 113
+    # A frozen random lm_head at the usual std 0.02 caps logits near +-2.5 after the final RMSNorm,
+    # so no adapter could make a confident prediction; real checkpoints have far larger output norms.
+    lm_head_std: float = 0.3
+    seed: int = 0
+
+
+def _tokenizer_corpus() -> list[str]:
+    """Text the tiny BPE is trained on: the prompt table, the synthetic set's questions and answers (colours,
+    patterns), boxes, judge replies."""
+    rng = random.Random(0)
+    lines = [data.SYSTEM_PROMPT, data.FOCUS_INSTRUCTION, data.VISRL_INSTRUCTION, data.VCOT_ANSWER_TEXT]
+    colours = "red green blue yellow magenta cyan".split()
+    patterns = "horizontal vertical diagonal checkered dotted grid".split()
+    questions = ("What pattern is inside the {} frame?", "Which pattern fills the {} square?",
+                 "What is the pattern in the {} box?", "Name the pattern the {} frame contains.")
+    for _ in range(2000):
+        box = sorted(round(rng.random(), 3) for _ in range(4))
+        lines.append(f"[{box[0]:.3f}, {box[1]:.3f}, {box[2]:.3f}, {box[3]:.3f}]")
+        lines.append(rng.choice(questions).format(rng.choice(colours)) + " " + rng.choice(patterns))
+    lines += ["The answer is yes. No. A photo of a cat on a table. score: 1.0 {\"score\": 0.5}"] * 20
+    return lines
+
+
+def tiny_cache_key(cfg: "TinyConfig") -> str:
+    """What determines the tiny checkpoint, hashed: its config, the tokenizer corpus, the code that builds it
+    and the library versions whose initialisers draw its random weights. A change in any gives a new cache
+    directory, so a fresh machine and an old one build the same model."""
+    parts = [json.dumps(asdict(cfg), sort_keys=True), "\n".join(_tokenizer_corpus()), QWEN_VL_CHAT_TEMPLATE,
+             json.dumps(QWEN_SPECIAL_TOKENS), QWEN_PRETOKENIZE_REGEX, torch.__version__, transformers.__version__]
+    parts += [inspect.getsource(fn) for fn in (build_tokenizer, tiny_model_config, build_tiny)]
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:12]
+
+
+def build_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """Train a small byte-level BPE holding every Qwen special token, with Qwen's pre-tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=QWEN_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        unk_token=None, bos_token=None, additional_special_tokens=QWEN_SPECIAL_TOKENS[1:],
+        chat_template=QWEN_VL_CHAT_TEMPLATE, model_max_length=32768,
+        clean_up_tokenization_spaces=False, split_special_tokens=False,
+    )
+
+
+def tiny_model_config(cfg: TinyConfig, tokenizer) -> Qwen2_5_VLConfig | Qwen2VLConfig:
+    """A Qwen-VL config with the tiny sizes and the tokenizer's special-token ids."""
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    vocab = (len(tokenizer) + 63) // 64 * 64  # padded like real checkpoints' embedding tables
+    head_dim = cfg.hidden_size // cfg.num_heads
+    unit = head_dim // 16  # mrope splits head_dim/2 rotary pairs over (t, h, w): [16, 24, 24] at 128
+    text = dict(
+        vocab_size=vocab, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=4096, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                         "mrope_section": [2 * unit, 3 * unit, 3 * unit]},
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+    )
+    tokens = dict(
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    if cfg.arch == "qwen2.5-vl":
+        vision = dict(
+            depth=cfg.vision_depth, hidden_size=cfg.vision_hidden, intermediate_size=2 * cfg.vision_hidden,
+            num_heads=cfg.vision_heads, out_hidden_size=cfg.hidden_size, patch_size=14,
+            spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+            fullatt_block_indexes=[cfg.vision_depth - 1],
+        )
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
+    if cfg.arch == "qwen2-vl":
+        vision = dict(
+            depth=cfg.vision_depth, embed_dim=cfg.vision_hidden, hidden_size=cfg.hidden_size,
+            num_heads=cfg.vision_heads, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
+        return Qwen2VLConfig(text_config=text, vision_config=vision, **tokens)
+    raise ValueError(f"unknown tiny arch {cfg.arch!r}; expected one of {sorted(TINY_ARCHS)}")
+
+
+TINY_ARCHS = {"qwen2.5-vl": "qwen2_5_vl", "qwen2-vl": "qwen2_vl"}  # --arch -> model_type
+
+
+def build_tiny(out_dir: str | Path, cfg: TinyConfig, model_cls, processor_cls) -> Path:
+    """Write the tiny checkpoint directory (model, tokenizer, processor); atomic, so ranks may race."""
+    out_dir = Path(out_dir)
+    tokenizer = build_tokenizer(cfg.vocab_size)
+    config = tiny_model_config(cfg, tokenizer)
+    with torch.random.fork_rng(devices=[]):  # building on first use must not shift the caller's random stream
+        torch.manual_seed(cfg.seed)
+        model = model_cls(config)
+        nn.init.normal_(model.lm_head.weight, std=cfg.lm_head_std)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    processor = processor_cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_VL_CHAT_TEMPLATE)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp", dir=out_dir.parent))
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    (tmp / "visrl_tiny.json").write_text(json.dumps(asdict(cfg), indent=2))
+    try:
+        os.replace(tmp, out_dir) if not out_dir.exists() else shutil.rmtree(tmp)
+    except OSError:  # another process renamed its copy first; theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

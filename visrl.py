@@ -539,7 +539,7 @@ def _check_new_dir(out: str) -> None:
 
 def tiny_command(args: TinyArgs) -> Path:
     _check_new_dir(args.out)
-    path = modeling.make_tiny(args.out, modeling.TinyConfig(arch=args.arch, seed=args.seed))
+    path = modeling.make_tiny(args.out, synth.TinyConfig(arch=args.arch, seed=args.seed))
     print(f"tiny {args.arch} checkpoint written to {path}")
     return path
 

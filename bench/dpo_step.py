@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
 import dpo  # noqa: E402
 import model as modeling  # noqa: E402
+import synth  # noqa: E402
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil  # noqa: E402
 
 SIZES = {
@@ -50,8 +51,8 @@ def build(size: str, device: torch.device):
     overrides, vocab, side, max_pixels = SIZES[size]
     tiny_path = modeling.resolve_model_path("tiny")
     _, processor = modeling.load_model(str(tiny_path))
-    cfg = modeling.TinyConfig(**overrides)
-    config = modeling.tiny_model_config(cfg, processor.tokenizer)
+    cfg = synth.TinyConfig(**overrides)
+    config = synth.tiny_model_config(cfg, processor.tokenizer)
     if vocab:
         config.text_config.vocab_size = vocab
     _, model_cls, _ = modeling.ARCHS["qwen2_5_vl"]

@@ -9,6 +9,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import data
 import model
+import synth
 
 
 def _batch(processor, net, n_images: int = 1, seed: int = 0):
@@ -36,7 +37,7 @@ def test_tiny_checkpoint_reloads_like_a_real_one(which, request):
     assert type(AutoProcessor.from_pretrained(path)) is type(processor)  # registered image-only class
     assert type(AutoModelForImageTextToText.from_pretrained(path)) is type(net)
     tok = processor.tokenizer
-    for special in model.QWEN_SPECIAL_TOKENS:  # every Qwen special token is a single id
+    for special in synth.QWEN_SPECIAL_TOKENS:  # every Qwen special token is a single id
         assert len(tok(special, add_special_tokens=False)["input_ids"]) == 1, special
     assert net.config.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")
     assert net.config.video_token_id == tok.convert_tokens_to_ids("<|video_pad|>")
@@ -172,45 +173,6 @@ def test_batched_left_padded_generation_equals_one_at_a_time(tiny, synth_dir):
     assert batched == single and all(batched)
     sampled = model.Sampling(max_new_tokens=8, temperature=2.0, top_p=0.7, top_k=50)
     assert model.sample(net, processor, prompts, sampled, seed=1) == model.sample(net, processor, prompts, sampled, seed=1)
-
-
-def test_building_the_tiny_model_leaves_the_random_stream_alone(tmp_path):
-    torch.manual_seed(123)
-    expected = torch.rand(3)
-    torch.manual_seed(123)
-    model.make_tiny(tmp_path / "tiny", model.TinyConfig(num_layers=1, hidden_size=64, intermediate_size=64))
-    assert torch.equal(torch.rand(3), expected)
-
-
-def test_tiny_view_of_a_square_does_not_depend_on_a_pixel_of_its_size():
-    # at max_pixels = 112 * 112 exactly, smart_resize turned a 288 px crop into 84 px and a 286 px one into 112
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    cfg = model.TinyConfig()
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)  # as make_tiny
-    assert {data.model_view_size(side, side, image_processor) for side in range(200, 1400)} == {(112, 112)}
-
-
-def test_the_tiny_cache_key_changes_with_everything_that_builds_the_model(monkeypatch):
-    base = model.tiny_cache_key(model.TinyConfig())
-    assert model.tiny_cache_key(model.TinyConfig()) == base  # deterministic
-    assert model.tiny_cache_key(model.TinyConfig(hidden_size=64)) != base
-    assert model.tiny_cache_key(model.TinyConfig(seed=1)) != base
-    real_corpus = model._tokenizer_corpus
-    monkeypatch.setattr(model, "_tokenizer_corpus", lambda: real_corpus() + ["one more line"])
-    assert model.tiny_cache_key(model.TinyConfig()) != base
-    monkeypatch.setattr(model, "_tokenizer_corpus", real_corpus)
-    # transformers 5 swaps its lazy module in sys.modules on `from transformers import ...`, so a fresh
-    # `import transformers` here may be another object than the one model.py reads: patch that one
-    monkeypatch.setattr(model.transformers, "__version__", "0.0.0")
-    assert model.tiny_cache_key(model.TinyConfig()) != base
-    monkeypatch.undo()
-
-    def make_tiny(out_dir, cfg=model.TinyConfig()):  # the builder's code itself
-        return out_dir
-
-    monkeypatch.setattr(model, "make_tiny", make_tiny)
-    assert model.tiny_cache_key(model.TinyConfig()) != base
 
 
 def test_an_adapter_loaded_onto_another_base_is_an_error(tiny_path, tmp_path):

@@ -6,7 +6,6 @@ import warnings
 
 import pytest
 import torch
-from PIL import Image
 
 import data
 import viscot

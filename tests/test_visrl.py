@@ -218,7 +218,6 @@ def test_a_second_run_into_the_same_out_is_refused_until_resume_or_overwrite(syn
 def test_an_out_overlapping_an_input_is_refused_and_nothing_changes(synth_dir, tiny_path, pairs_file, tmp_path,
                                                                     monkeypatch, capsys):
     import evaluate
-    import export
     import generate
 
     run = tmp_path / "sft"
