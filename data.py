@@ -6,7 +6,6 @@ Only stdlib and pillow at import time (torch only inside the batching functions)
 import json
 import math
 import os
-import random
 import re
 import shutil
 import sys
@@ -18,111 +17,11 @@ from typing import Literal
 from PIL import Image
 
 # -----------------------------------------------------------------------------
-# prompt table: the one place every stage takes its strings from (upstream they drifted apart)
-
-SYSTEM_PROMPT = "You are a helpful assistant."
-FOCUS_INSTRUCTION = ("Please provide the bounding box coordinate of the region "
-                     "that can help you answer the question better.")
-VISRL_INSTRUCTION = ("Please first provide the bounding box coordinate of the region, "
-                     "then refer to the corresponding sub-image to answer the question better.")
-VCOT_ANSWER_TEXT = "Please answer the question based on the original image and local detail image."
-# Visual-CoT's referring-expression prompt (llava/eval/model_refcoco_loader.py), expression lower-cased.
-REC_PROMPT = "Locate the region this sentence describes: {}. Please provide the bounding box coordinates."
-
-def focus_messages(question: str, official: bool = False) -> list[dict]:
-    """Step 1 prompt: [image] + question + focus instruction; the model replies with a box."""
-    # official=True is the Visual-CoT benchmark's test-time text: lower-cased, plus a stray '.'
-    text = (question.lower() + ". " if official else question + " ") + FOCUS_INSTRUCTION
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-
-def rec_messages(expression: str) -> list[dict]:
-    """Referring-expression prompt: [image] + Visual-CoT's locate instruction; the model replies with a box."""
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": REC_PROMPT.format(expression.lower())}]}]
-
-def answer_messages(question: str) -> list[dict]:
-    """Step 2 prompt: [image] + question + answer instruction + [crop]; the model replies with the answer."""
-    return [{"role": "user", "content": [
-        {"type": "image"},
-        {"type": "text", "text": question + " " + VISRL_INSTRUCTION + "\n"},
-        {"type": "image"},  # the crop of the box
-    ]}]
-
-def direct_messages(question: str) -> list[dict]:
-    """No-box ablation: [image] + the bare question."""
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-
-# -----------------------------------------------------------------------------
-# boxes: (x1, y1, x2, y2) in pixels of the original image; text forms square / axis / pixel
+# boxes: (x1, y1, x2, y2) in pixels of the original image (their text forms: chat.py)
 
 Box = tuple[float, float, float, float]
-BOX_FORMS = ("square", "axis", "pixel")
-
-def _pad(width, height):
-    """(dx, dy, S): where the image sits in Visual-CoT's centred square of side S = max(w, h)."""
-    side = max(width, height)
-    return (side - width) // 2, (side - height) // 2, side
-
-def _divisors(width, height, form, resized):
-    """(dx, dy, div_x, div_y) with text value = (pixel + d) / div, and pixel = value * div - d."""
-    if form == "square":
-        dx, dy, side = _pad(width, height)
-        return dx, dy, side, side
-    if form == "axis":
-        return 0, 0, width, height
-    if form == "pixel":
-        if resized is None:
-            raise ValueError("box form 'pixel' needs resized=(width, height) of the image the model sees")
-        return 0, 0, width / resized[0], height / resized[1]
-    raise ValueError(f"unknown box form {form!r}, expected one of {BOX_FORMS}")
-
-def box_to_text(box: Box, width: int, height: int, form: str = "square", resized=None) -> str:
-    """Box in original pixels -> the text the model writes, e.g. '[0.542, 0.686, 0.592, 0.786]'."""
-    dx, dy, div_x, div_y = _divisors(width, height, form, resized)
-    x1, y1, x2, y2 = box
-    # same operations as Visual-CoT's tools/convert_data_to_llava_format.py: add the pad, divide, '%.3f'
-    vals = ((x1 + dx) / div_x, (y1 + dy) / div_y, (x2 + dx) / div_x, (y2 + dy) / div_y)
-    if form == "pixel":
-        return "[" + ", ".join(str(round(v)) for v in vals) + "]"
-    return "[" + ", ".join(f"{v:.3f}" for v in vals) + "]"
-
-# one number: a plain regex with no nested quantifiers, so it stays linear on junk replies;
-# nan/inf are matched only so that a reply containing them fails instead of being skipped over
-_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|(?i:\bnan\b|\binf(?:inity)?\b)")
-
-def parse_box(text: str) -> tuple[float, float, float, float] | None:
-    """Lenient parse: the first four numbers of the first [...] group; None (never raises) if unusable."""
-    if not isinstance(text, str):
-        return None
-    start = text.find("[")
-    end = text.find("]", start + 1)
-    if start < 0 or end < 0:
-        return None
-    vals = []
-    for m in _NUMBER.finditer(text, start + 1, end):
-        vals.append(float(m.group()))
-        if len(vals) == 4:
-            break
-    if len(vals) < 4 or not all(math.isfinite(v) and v >= 0 for v in vals):
-        return None
-    x1, y1, x2, y2 = vals
-    if x2 < x1 or y2 < y1:
-        return None
-    return x1, y1, x2, y2
-
-def _clip(box, width, height):
-    """Box clipped to the image, or None if nothing of it is left."""
-    x1, y1, x2, y2 = (min(max(box[0], 0.0), width), min(max(box[1], 0.0), height),
-                      min(max(box[2], 0.0), width), min(max(box[3], 0.0), height))
-    return (x1, y1, x2, y2) if x2 > x1 and y2 > y1 else None
-
-def text_to_box(text: str, width: int, height: int, form: str = "square", resized=None) -> Box | None:
-    """A model's box text -> original-image pixels, clipped; None if unusable (callers count these)."""
-    vals = parse_box(text)
-    if vals is None or (form != "pixel" and max(vals) > 1.0 + 1e-6):
-        return None  # a normalised value above 1 points outside the image: a failure, not a clip
-    dx, dy, div_x, div_y = _divisors(width, height, form, resized)
-    x1, y1, x2, y2 = vals
-    return _clip((x1 * div_x - dx, y1 * div_y - dy, x2 * div_x - dx, y2 * div_y - dy), width, height)
+BOX_FORMS = ("square", "axis", "pixel")  # how a box is written as text: chat.box_to_text
+NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|(?i:\bnan\b|\binf(?:inity)?\b)")
 
 def union_box(boxes: list[Box]) -> Box:
     """Several ground-truth boxes merge into their union (as Visual-CoT's data conversion does)."""
@@ -131,56 +30,6 @@ def union_box(boxes: list[Box]) -> Box:
     return (min(b[0] for b in boxes), min(b[1] for b in boxes),
             max(b[2] for b in boxes), max(b[3] for b in boxes))
 
-def iou(a: Box, b: Box) -> float:
-    """Intersection over union, plain floats, no +1 in the areas; 0.0 when the union is empty."""
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1]) +
-             max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1]) - inter)
-    return inter / union if union > 0 else 0.0
-
-def center_box(width: int, height: int) -> Box:
-    """The centre-box ablation: [0.25, 0.25, 0.75, 0.75] in the square convention, in pixels."""
-    return text_to_box("[0.25, 0.25, 0.75, 0.75]", width, height, "square")
-
-def random_box(width: int, height: int, rng: random.Random) -> Box:
-    """The random-box ablation: sides uniform in [0.1, 0.5] of the image's sides, inside the image."""
-    bw, bh = rng.uniform(0.1, 0.5) * width, rng.uniform(0.1, 0.5) * height
-    x1, y1 = rng.uniform(0, width - bw), rng.uniform(0, height - bh)
-    return x1, y1, x1 + bw, y1 + bh
-
-# -----------------------------------------------------------------------------
-# crops: the second image of the answer step
-
-def crop_window(box: Box, width: int, height: int, rule: str = "vcot",
-                min_half: int = 112) -> tuple[int, int, int, int]:
-    """Integer (left, top, right, bottom) of the crop shown to the model for a box."""
-    x1, y1, x2, y2 = box
-    if rule == "raw":  # VisRL's own crop: the box itself, rounded outward, at least 1 px
-        left, top = min(max(math.floor(x1), 0), width - 1), min(max(math.floor(y1), 0), height - 1)
-        right, bottom = min(max(math.ceil(x2), left + 1), width), min(max(math.ceil(y2), top + 1), height)
-        return left, top, right, bottom
-    if rule != "vcot":
-        raise ValueError(f"unknown crop rule {rule!r}, expected 'vcot' or 'raw'")
-    # Matches cropwithbbox() in deepcs233/Visual-CoT llava/eval/model_cot_loader.py step by step:
-    # floor division applied to the coordinates as given (ints or floats), half side at least
-    # min_half, shift back inside at the top/left then the bottom/right, then clip. Deviation: upstream
-    # gets here from the box text (its 'sum < 5' test picks normalised vs pixels) and does not clip the
-    # far side before centring; our boxes are already original pixels, clipped by text_to_box.
-    # Like upstream, a box with an odd side above 2 * min_half may lose its last pixel row/column.
-    cx, cy = (x1 + x2) // 2, (y1 + y2) // 2
-    half = max((x2 - x1) // 2, (y2 - y1) // 2, min_half)
-    if cx - half < 0:
-        cx = half
-    if cy - half < 0:
-        cy = half
-    if cx + half > width:
-        cx = width - half
-    if cy + half > height:
-        cy = height - half
-    return (int(max(0, cx - half)), int(max(0, cy - half)),
-            int(min(width, cx + half)), int(min(height, cy + half)))
 
 # -----------------------------------------------------------------------------
 # records and readers
@@ -308,7 +157,7 @@ def _from_vcot_conv(obj, name):
     images = field(obj, "image", list, "a list [path, 'path###[x1, y1, x2, y2]']")
     if len(images) < 2 or not all(isinstance(s, str) for s in images) or "###" not in images[1]:
         raise BadField("image", "expected a list [path, 'path###[x1, y1, x2, y2]']")
-    nums = [float(m.group()) for m in _NUMBER.finditer(images[1].split("###", 1)[1])]
+    nums = [float(m.group()) for m in NUMBER.finditer(images[1].split("###", 1)[1])]
     turns = field(obj, "conversations", list, "a list of turns")
     if len(turns) < 4 or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
         raise BadField("conversations", "expected 4 turns {from, value}: question, box, <image>, answer")
@@ -595,215 +444,6 @@ def pair_json(pair: Pair, base_dir) -> dict:
             "chosen_box": pair.chosen_box, "rejected_box": pair.rejected_box,
             "chosen_answer": pair.chosen_answer, "rejected_answer": pair.rejected_answer,
             "box_form": pair.box_form}
-
-# -----------------------------------------------------------------------------
-# Tokenisation: messages -> Qwen chat text -> token ids (image placeholders expanded) -> batches.
-# Rendering is done here, not by a checkpoint's template, so that train and test prompts can
-# never drift apart; tests check it against the Qwen chat template byte for byte.
-
-IGNORE_INDEX = -100
-IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
-
-
-def render_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """The Qwen chat format: default system prompt, each image as <|vision_start|><|image_pad|><|vision_end|>."""
-    text = "" if messages and messages[0]["role"] == "system" else f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"
-    for message in messages:
-        content = message["content"]
-        if not isinstance(content, str):
-            content = "".join(IMAGE_PLACEHOLDER if part["type"] == "image" else part["text"] for part in content)
-        text += f"<|im_start|>{message['role']}\n{content}<|im_end|>\n"
-    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
-
-
-def image_grid(width: int, height: int, image_processor) -> tuple[int, int]:
-    """(grid_h, grid_w) in patches the image processor will produce for an image of this size."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-    patch, merge = image_processor.patch_size, image_processor.merge_size
-    h, w = smart_resize(height, width, factor=patch * merge,
-                        min_pixels=image_processor.size["shortest_edge"],
-                        max_pixels=image_processor.size["longest_edge"])
-    return h // patch, w // patch
-
-
-def image_token_count(width: int, height: int, image_processor) -> int:
-    """How many <|image_pad|> tokens stand for one image of this size."""
-    grid_h, grid_w = image_grid(width, height, image_processor)
-    return grid_h * grid_w // image_processor.merge_size**2
-
-
-def model_view_size(width: int, height: int, image_processor) -> tuple[int, int]:
-    """(w, h) of the resized image the model sees (for the `pixel` box form)."""
-    grid_h, grid_w = image_grid(width, height, image_processor)
-    return grid_w * image_processor.patch_size, grid_h * image_processor.patch_size
-
-
-def encode(tokenizer, image_processor, messages: list[dict], image_sizes: list[tuple[int, int]],
-           response: str | None = None) -> tuple[list[int], list[int]]:
-    """Token ids and labels; only the response and its <|im_end|> are supervised.
-
-    image_sizes: (w, h) of each image in order; each image's single <|image_pad|> is expanded to
-    the number of tokens its grid gives, so text and pixels always agree.
-    """
-    image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    prompt_ids = tokenizer(render_chat(messages), add_special_tokens=False)["input_ids"]
-    counts = iter([image_token_count(w, h, image_processor) for w, h in image_sizes])
-    input_ids = []
-    for tok in prompt_ids:
-        input_ids.extend([image_pad] * next(counts) if tok == image_pad else [tok])
-    if next(counts, None) is not None:
-        raise ValueError(f"{len(image_sizes)} images given but the prompt has fewer image placeholders")
-    labels = [IGNORE_INDEX] * len(input_ids)
-    if response is not None:
-        response_ids = tokenizer(response + "<|im_end|>", add_special_tokens=False)["input_ids"]
-        input_ids += response_ids
-        labels += response_ids
-    return input_ids, labels
-
-
-Window = tuple[int, int, int, int]
-
-
-@dataclass
-class Sample:
-    """One sequence: ids and labels now, its images as windows of the record's image (decoded in collate)."""
-
-    input_ids: list[int]
-    labels: list[int]
-    record: Record
-    images: list[Window | None]  # in token order: None = the whole image, else a crop window of it
-    kind: str  # SFT: "focus" | "answer" | "crop"; a DPO pair's side: "box" | "answer"
-
-
-def sft_samples(record: Record, tokenizer, image_processor, box_form: str = "square",
-                crop_rule: str = "vcot", crop_alone: bool = False) -> list[Sample]:
-    """The supervised samples of an annotated record: focus (box text) and answer (with the crop); with
-    crop_alone also the bare question on the crop alone, which generate.py's rule scorer asks when a
-    record has no box annotation."""
-    box = record.box
-    if box is None:
-        return []
-    size = (record.width, record.height)
-    resized = model_view_size(record.width, record.height, image_processor) if box_form == "pixel" else None
-    box_text = box_to_text(box, record.width, record.height, form=box_form, resized=resized)
-    samples = [Sample(*encode(tokenizer, image_processor, focus_messages(record.question), [size], box_text),
-                      record, [None], "focus")]
-    window = crop_window(box, record.width, record.height, rule=crop_rule)
-    crop_size = (window[2] - window[0], window[3] - window[1])
-    samples.append(Sample(*encode(tokenizer, image_processor, answer_messages(record.question), [size, crop_size],
-                                  record.answer), record, [None, window], "answer"))
-    if crop_alone:
-        samples.append(Sample(*encode(tokenizer, image_processor, direct_messages(record.question), [crop_size],
-                                      record.answer), record, [window], "crop"))
-    return samples
-
-
-def collate(rows: list[Sample], image_processor, pad_id: int, image_token_id: int,
-            pixel_cache: dict | None = None) -> dict:
-    """Right-pad rows into one batch (SFT samples, or a DPO batch's chosen then rejected rows). Each distinct
-    image (a page, a crop window of it) is processed once and referenced by every row that shows it; with a
-    pixel_cache (a dict the caller keeps) once per run. Response positions are listed for the fused log-probs."""
-    import torch
-
-    length = max(len(row.input_ids) for row in rows)
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    unique: dict[tuple, int] = {}  # (image path, crop window or None) -> index into the unique images
-    views, image_index, response_index, response_row, response_targets = [], [], [], [], []
-    for r, row in enumerate(rows):
-        input_ids[r, :len(row.input_ids)] = torch.as_tensor(row.input_ids)
-        attention_mask[r, :len(row.input_ids)] = 1
-        for window in row.images:
-            key = (row.record.image, window)
-            if key not in unique:
-                unique[key] = len(unique)
-                views.append((row.record, window))
-            image_index.append(unique[key])
-        for t in range(1, len(row.input_ids)):  # hidden state at t - 1 predicts token t
-            if row.labels[t] != IGNORE_INDEX:
-                response_index.append(r * length + t - 1)
-                response_row.append(r)
-                response_targets.append(row.labels[t])
-    cache = {} if pixel_cache is None else pixel_cache
-    opened = {}  # each file decoded once per batch
-    for record, window in views:
-        if (record.image, window) not in cache:
-            if record.image not in opened:
-                opened[record.image] = load_image(record)
-            image = opened[record.image] if window is None else opened[record.image].crop(window)
-            out = image_processor(images=[image], return_tensors="pt")  # one by one, as the processor does a list
-            cache[record.image, window] = (out["pixel_values"], out["image_grid_thw"])
-    pixels = [cache[record.image, window] for record, window in views]
-    grid = torch.cat([g for _, g in pixels])  # [U, 3]
-    return {
-        "input_ids": input_ids,  # [R, L]
-        "attention_mask": attention_mask,  # [R, L]
-        "mm_token_type_ids": (input_ids == image_token_id).int(),  # [R, L] 1 = image token; drives mrope positions
-        "pixel_values": torch.cat([p for p, _ in pixels]),  # [patches of the U unique images, C*T*P*P]
-        "image_grid_thw": grid,  # [U, 3]
-        "image_index": image_index,  # host list: the unique image of each row image, in token order
-        "row_grid_thw": grid[torch.as_tensor(image_index, dtype=torch.long)],  # [row images, 3]
-        "response_index": torch.as_tensor(response_index, dtype=torch.long),  # [N] into [R * L]
-        "response_row": torch.as_tensor(response_row, dtype=torch.long),  # [N]
-        "response_targets": torch.as_tensor(response_targets, dtype=torch.long),  # [N]
-    }
-
-
-@dataclass
-class PairSample:
-    """One step of a preference pair: chosen and rejected sequences sharing one prompt."""
-
-    kind: str  # "box" (focus step) | "answer" (answer step)
-    chosen: Sample
-    rejected: Sample
-    pair: Pair
-    index: int = 0  # position in the run's sample list (keys precomputed reference log-probs)
-
-
-def dpo_samples(pair: Pair, tokenizer, image_processor, stage: int, crop_rule: str = "vcot",
-                rejected_crop: str = "chosen") -> list[PairSample]:
-    """Stage 1: the box pair for [image] + question. Stage 2 adds the answer pair for
-    [image, crop] + question, both answers on the chosen box's crop (upstream) or each on its own."""
-    r = pair.record
-    size = (r.width, r.height)
-
-    def side(messages, sizes, response, images, kind):
-        return Sample(*encode(tokenizer, image_processor, messages, sizes, response), r, images, kind)
-
-    focus = focus_messages(r.question)
-    box = PairSample("box", side(focus, [size], pair.chosen_box, [None], "box"),
-                     side(focus, [size], pair.rejected_box, [None], "box"), pair)
-    if stage == 1:
-        return _distinct([box])
-    resized = model_view_size(r.width, r.height, image_processor) if pair.box_form == "pixel" else None
-
-    def window(key):
-        pixel_box = text_to_box(getattr(pair, key), r.width, r.height, form=pair.box_form, resized=resized)
-        if pixel_box is None:
-            raise DataError(f"{r.source}: field '{key}': box {getattr(pair, key)[:60]!r} does not parse "
-                            f"as a {pair.box_form} box inside the {r.width}x{r.height} image (stage 2 crops it)")
-        return crop_window(pixel_box, r.width, r.height, rule=crop_rule)
-
-    chosen_window = window("chosen_box")
-    rejected_window = chosen_window if rejected_crop == "chosen" else window("rejected_box")
-    sizes = [(w[2] - w[0], w[3] - w[1]) for w in (chosen_window, rejected_window)]
-    messages = answer_messages(r.question)
-    answer = PairSample("answer", side(messages, [size, sizes[0]], pair.chosen_answer, [None, chosen_window], "answer"),
-                        side(messages, [size, sizes[1]], pair.rejected_answer, [None, rejected_window], "answer"),
-                        pair)
-    return _distinct([box, answer])
-
-
-def _distinct(samples: list[PairSample]) -> list[PairSample]:
-    """The samples whose chosen and rejected sequences differ: an identical one has loss ln 2 and zero gradient
-    (a stage-2 pair with one box for both answers keeps its answer step). None left is a DataError."""
-    kept = [s for s in samples if s.chosen.input_ids != s.rejected.input_ids or s.chosen.images != s.rejected.images]
-    if not kept:
-        what = samples[-1].kind
-        raise DataError(f"{samples[0].pair.record.source}: field 'rejected_{what}': the same as 'chosen_{what}' "
-                        f"({getattr(samples[0].pair, 'chosen_' + what)[:40]!r}): the pair teaches nothing")
-    return kept
 
 # -----------------------------------------------------------------------------
 # entry points: an expected error is one line a user can act on; an --out never destroys an input or a run

@@ -28,10 +28,12 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+import chat
 import data
 import evaluate
 import generate
 import synth
+import viscot
 
 
 @dataclass
@@ -87,7 +89,7 @@ def evaluate_phase(cfg: DemoConfig, adapter: Path, test_file: Path, out: Path) -
 
     def well_formed(run: str) -> float:  # answers that are one of the pattern names: DPO must not erode the format
         rows = data.read_jsonl_rows(out / run / "predictions.jsonl")
-        return 100 * sum(evaluate.normalize_answer(r["answer"] or "") in synth.SYNTH_PATTERNS for r in rows) / len(rows)
+        return 100 * sum(viscot.normalize_answer(r["answer"] or "") in synth.SYNTH_PATTERNS for r in rows) / len(rows)
 
     return {"acc@0.5": two_step["detection"]["acc"], "answer_acc": 100 * two_step["answer"]["exact_match"],
             "direct_acc": 100 * direct["answer"]["exact_match"], "well_formed": well_formed("eval"),
@@ -107,8 +109,8 @@ def annotation_pairs(records: list[data.Record], path: Path, root: Path, seed: i
     with open(path, "w", encoding="utf-8") as f:
         for r in records:
             wrong = rng.choice([p for p in synth.SYNTH_PATTERNS if p != r.answer])
-            pair = data.Pair(r, data.box_to_text(r.box, r.width, r.height),
-                             data.box_to_text(data.random_box(r.width, r.height, rng), r.width, r.height), r.answer, wrong)
+            pair = data.Pair(r, chat.box_to_text(r.box, r.width, r.height),
+                             chat.box_to_text(chat.random_box(r.width, r.height, rng), r.width, r.height), r.answer, wrong)
             f.write(json.dumps(data.pair_json(pair, root)) + "\n")
     return path
 

@@ -1,9 +1,9 @@
 """Preference optimisation: everything that scores a VisRL pair, top to bottom.
 
 One DPO step, file by file:
-  data.read_pairs / data.dpo_samples      pair record -> 1 (stage 1) or 2 (stage 2: box, answer) samples
+  data.read_pairs / chat.dpo_samples      pair record -> 1 (stage 1) or 2 (stage 2: box, answer) samples
   dpo.build_dpo_samples                   every pair's samples checked once, before training
-  dpo.collate_pairs -> data.collate       chosen rows then rejected rows; each distinct image processed once
+  dpo.collate_pairs -> chat.collate       chosen rows then rejected rows; each distinct image processed once
   dpo.DPOObjective.forward                (the FSDP2 root)
     encode_images                         vision features once per image, shared by policy and reference
     sequence_logps -> token_logps         hidden states at response positions only -> fused chunked
@@ -27,6 +27,7 @@ import tyro
 from tqdm import tqdm
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+import chat
 import data
 import model as modeling
 
@@ -127,13 +128,13 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
 
 # --------------------------------------------------------------------------------------------
-# Batching pairs (data.collate): rows = chosen sequences then rejected sequences; each distinct image
+# Batching pairs (chat.collate): rows = chosen sequences then rejected sequences; each distinct image
 # (the full image, a crop window of it) is processed once and referenced by every row that shows it.
 
 
-def collate_pairs(samples: list[data.PairSample], image_processor, pad_id: int, image_token_id: int) -> dict:
-    """One DPO batch of B pair samples: 2B rows (data.collate), each sample's kind and index."""
-    batch = data.collate([s.chosen for s in samples] + [s.rejected for s in samples], image_processor, pad_id,
+def collate_pairs(samples: list[chat.PairSample], image_processor, pad_id: int, image_token_id: int) -> dict:
+    """One DPO batch of B pair samples: 2B rows (chat.collate), each sample's kind and index."""
+    batch = chat.collate([s.chosen for s in samples] + [s.rejected for s in samples], image_processor, pad_id,
                          image_token_id)
     batch["kind"] = torch.as_tensor([s.kind == "answer" for s in samples], dtype=torch.long)  # [B] 0 box, 1 answer
     batch["sample_index"] = torch.as_tensor([s.index for s in samples], dtype=torch.long)  # [B]
@@ -211,12 +212,12 @@ class DPOConfig(modeling.TrainConfig):
             self.out = f"runs/dpo{self.stage}"
 
 
-def build_dpo_samples(cfg: DPOConfig, pairs: list[data.Pair], processor, world: modeling.Dist) -> list[list[data.PairSample]]:
+def build_dpo_samples(cfg: DPOConfig, pairs: list[data.Pair], processor, world: modeling.Dist) -> list[list[chat.PairSample]]:
     """Each pair's samples (1 in stage 1, 2 in stage 2), checked before training; bad pairs reported."""
     grouped, errors, too_long, same_box = [], [], 0, 0
     for pair in pairs:
         try:
-            samples = data.dpo_samples(pair, processor.tokenizer, processor.image_processor, cfg.stage,
+            samples = chat.dpo_samples(pair, processor.tokenizer, processor.image_processor, cfg.stage,
                                        cfg.crop, cfg.rejected_crop)
         except data.DataError as e:
             errors.append(str(e))

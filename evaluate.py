@@ -20,7 +20,6 @@ import math
 import os
 import random
 import re
-import string
 import sys
 import time
 import urllib.error
@@ -31,76 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import torch
 import tyro
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+import chat
 import data
 import model as modeling
 import viscot
-
-# --------------------------------------------------------------------------------------------
-# Offline answer scores. A reference may be one string or a list of acceptable strings; the score
-# is the best over the list.
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = str.maketrans("", "", string.punctuation)
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, drop punctuation and articles, collapse whitespace (SQuAD/VQA-style)."""
-    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCT))
-    return " ".join(text.split())
-
-
-def _as_list(reference: str | list[str]) -> list[str]:
-    return [reference] if isinstance(reference, str) else list(reference)
-
-
-def exact_match(prediction: str, reference: str | list[str]) -> float:
-    """1.0 if the normalised prediction equals a normalised reference, else 0.0."""
-    pred = normalize_answer(prediction)
-    return float(any(pred == normalize_answer(r) for r in _as_list(reference)))
-
-
-def containment(prediction: str, reference: str | list[str]) -> float:
-    """1.0 if a normalised reference appears as whole words inside the normalised prediction."""
-    pred = f" {normalize_answer(prediction)} "
-    return float(any(normalize_answer(r) and f" {normalize_answer(r)} " in pred for r in _as_list(reference)))
-
-
-def levenshtein(a: str, b: str) -> int:
-    """Edit distance (insertions, deletions, substitutions all cost 1)."""
-    if len(a) < len(b):
-        a, b = b, a
-    previous = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        current = [i]
-        for j, cb in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
-        previous = current
-    return previous[-1]
-
-
-def anls(prediction: str, reference: str | list[str], threshold: float = 0.5) -> float:
-    """ANLS (Biten et al. 2019, DocVQA): max over references of 1 - NL if NL < threshold else 0,
-    NL = edit distance / max length, on lower-cased, whitespace-stripped strings."""
-    pred = " ".join(prediction.lower().split())
-    best = 0.0
-    for ref in _as_list(reference):
-        ref = " ".join(ref.lower().split())
-        if not pred and not ref:
-            return 1.0
-        nl = levenshtein(pred, ref) / max(len(pred), len(ref))
-        best = max(best, 1.0 - nl if nl < threshold else 0.0)
-    return best
-
-
-def answer_scores(prediction: str, reference: str | list[str]) -> dict[str, float]:
-    """All offline scores of one answer: exact match, ANLS, containment."""
-    return {"exact_match": exact_match(prediction, reference), "anls": anls(prediction, reference),
-            "containment": containment(prediction, reference)}
-
 
 # --------------------------------------------------------------------------------------------
 # OpenAI-compatible chat endpoint (vLLM, our own server, a judge model): plain urllib, no SDK.
@@ -204,8 +142,8 @@ CENTER_BOX_TEXT = "[0.250, 0.250, 0.750, 0.750]"  # upstream's centre-box ablati
 def focus_prompt(item: viscot.Item, official: bool = False) -> list[dict]:
     """Step 1 messages: the focus prompt (training form, or the benchmark's test-time form), or REC's."""
     if item.kind == "rec":
-        return data.rec_messages(item.question)
-    return data.focus_messages(item.expression or item.question, official=official)
+        return chat.rec_messages(item.question)
+    return chat.focus_messages(item.expression or item.question, official=official)
 
 
 def ablation_box(item: viscot.Item, mode: str, width: int, height: int, seed: int = 0) -> tuple[str, tuple]:
@@ -213,35 +151,36 @@ def ablation_box(item: viscot.Item, mode: str, width: int, height: int, seed: in
     if mode == "gt":
         if item.gt_box is None:
             raise data.DataError(f"{item.source}: --box gt needs a ground-truth box, this item has none")
-        return data.box_to_text(item.gt_box, width, height), tuple(item.gt_box)
+        return chat.box_to_text(item.gt_box, width, height), tuple(item.gt_box)
     if mode == "center":
-        return CENTER_BOX_TEXT, data.center_box(width, height)
+        return CENTER_BOX_TEXT, chat.center_box(width, height)
     if mode == "random":
-        box = data.random_box(width, height, random.Random(f"visrl-eval/{seed}/{item.set}/{item.id}"))
-        return data.box_to_text(box, width, height), box
+        box = chat.random_box(width, height, random.Random(f"visrl-eval/{seed}/{item.set}/{item.id}"))
+        return chat.box_to_text(box, width, height), box
     raise ValueError(f"no ablation box for mode {mode!r}")
 
 
 def two_step(generate_fn, images: list[Image.Image], focus_prompts: list[list[dict]], questions: list[str | None],
              crop_rule: str = "vcot", boxes: list[tuple[str, tuple]] | None = None) -> list[dict]:
     """The Visual-CoT inference, one row per image: step 1 asks for a box (focus_prompts; or takes `boxes`,
-    (text, pixel box) per image, for the ablations) -> parse -> crop (an unusable box crops the whole image, as
-    upstream's fallback box [0, 0, 1, 1] does) -> step 2 answers the question with image and crop (a None
-    question: no answer step, e.g. REC). generate_fn maps [(messages, images)] to reply texts. Used by
-    evaluate, `visrl.py infer` and `visrl.py serve`. Rows: box_text, box (pixels or None), box_parsed, crop, answer."""
+    (text, pixel box) per image: the ablations, generate.py's sampled and diversity boxes) -> parse -> crop (an
+    unusable box crops the whole image, as upstream's fallback box [0, 0, 1, 1] does) -> step 2 answers the
+    question with image and crop (a None question: no answer step, e.g. REC). generate_fn maps
+    [(messages, images)] to reply texts. Used by evaluate, infer, serve and generate.
+    Rows: box_text, box (pixels or None), box_parsed, crop, answer (stripped)."""
     if boxes is None:
         texts = [t.strip() for t in generate_fn([(m, [im]) for m, im in zip(focus_prompts, images)])]
-        boxes = [(text, data.text_to_box(text, *im.size)) for text, im in zip(texts, images)]
+        boxes = [(text, chat.text_to_box(text, *im.size)) for text, im in zip(texts, images)]
     rows, crops = [], []
     for im, (text, box) in zip(images, boxes):
         w, h = im.size
-        window = data.crop_window(box if box is not None else (0, 0, w, h), w, h, rule=crop_rule)
+        window = chat.crop_window(box if box is not None else (0, 0, w, h), w, h, rule=crop_rule)
         rows.append({"box_text": text, "box": None if box is None else [float(v) for v in box],
                      "box_parsed": box is not None, "crop": list(window), "answer": None})
         crops.append(im.crop(window))
     asks = [i for i, q in enumerate(questions) if q is not None]
     if asks:
-        replies = generate_fn([(data.answer_messages(questions[i]), [images[i], crops[i]]) for i in asks])
+        replies = generate_fn([(chat.answer_messages(questions[i]), [images[i], crops[i]]) for i in asks])
         for i, reply in zip(asks, replies):
             rows[i]["answer"] = reply.strip()
     return rows
@@ -257,7 +196,7 @@ def predict_batch(items: list[viscot.Item], generate_fn, box: str = "model", off
              "box_mode": box, "box_text": None, "box": None, "box_parsed": None, "crop": None, "answer": None}
             for it, im in zip(items, images)]
     if box == "none":
-        replies = generate_fn([(data.direct_messages(it.question), [im]) for it, im in zip(items, images)])
+        replies = generate_fn([(chat.direct_messages(it.question), [im]) for it, im in zip(items, images)])
         for row, reply in zip(rows, replies):
             row["answer"] = reply.strip()
         return rows
@@ -404,102 +343,7 @@ def run_judge(rows: list[dict], cfg: "EvalConfig") -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# Scoring and reports.
-
-
-def _mean(values) -> float | None:
-    values = list(values)
-    return sum(values) / len(values) if values else None
-
-
-def summarize(rows: list[dict], judge: dict | None = None, parser: str = "official") -> dict:
-    """Per-set detection and answer scores and the means over sets (official and plain, labelled)."""
-    by_set = defaultdict(list)
-    for row in rows:
-        by_set[row["set"]].append(row)
-    sets, notes = {}, []
-    for name, group in by_set.items():
-        entry = {"items": len(group)}
-        boxed = [r for r in group if r.get("box_text") is not None and r.get("gt_box") is not None]
-        if boxed:
-            verdicts = [viscot.detection_scores(r["box_text"], r["gt_box"], r["width"], r["height"]) for r in boxed]
-            correct = sum(v[parser] for v in verdicts)
-            degenerate = sum(1 for r in boxed if r.get("degenerate"))
-            entry["detection"] = {
-                "n": len(boxed), "correct": correct, "acc": 100.0 * correct / len(boxed), "parser": parser,
-                "acc_official": 100.0 * sum(v["official"] for v in verdicts) / len(boxed),
-                "acc_lenient": 100.0 * sum(v["lenient"] for v in verdicts) / len(boxed),
-                "parsers_disagree": sum(v["official"] != v["lenient"] for v in verdicts),
-                "unparsed_official": sum(not v["official_parsed"] for v in verdicts),
-                "unparsed_lenient": sum(not v["lenient_parsed"] for v in verdicts),
-                "degenerate_gt": degenerate}
-            if degenerate:
-                notes.append(f"{name}: {degenerate} item(s) have inverted ground-truth boxes; as in the official scorer "
-                             f"they stay in the denominator and can never score (ceiling {len(boxed) - degenerate}/{len(boxed)}).")
-        answered = [r for r in group if r.get("answers") and r.get("answer") is not None]
-        if answered:
-            scores = [answer_scores(r["answer"], r["answers"]) for r in answered]
-            entry["answer"] = {"n": len(answered), **{k: _mean(s[k] for s in scores) for k in scores[0]}}
-            if judge is not None:  # a row the judge never saw counts 0, like a failed call upstream
-                entry["answer"]["judge"] = _mean(judge.get((r["set"], r["id"]), 0.0) for r in answered)
-        expected = viscot.SCORED_SETS.get(name)
-        if expected and len(group) != expected:
-            notes.append(f"{name}: {len(group)} items evaluated; the release has {expected}.")
-        sets[name] = entry
-    # visual7w and emotic are in the release but not in the published tables: kept out of the means
-    averaged = {n: e for n, e in sets.items() if n not in viscot.UNSCORED_SETS} or sets
-    if len(averaged) < len(sets):
-        notes.append(f"{', '.join(n for n in sets if n not in averaged)}: not a scored set; left out of the means.")
-    accs = {n: e["detection"]["acc"] for n, e in averaged.items() if "detection" in e}
-    kept = {n: a for n, a in accs.items() if a != 0}
-    means = {"detection": {
-        "official_mean": _mean(kept.values()), "official_sets": sorted(kept), "dropped_zero_sets": sorted(set(accs) - set(kept)),
-        "plain_mean": _mean(accs.values()), "plain_sets": sorted(accs)}} if accs else {}
-    answered_sets = {n: e["answer"] for n, e in averaged.items() if "answer" in e}
-    if answered_sets:
-        metrics = [k for k in next(iter(answered_sets.values())) if k != "n"]
-        means["answer"] = {k: _mean(a[k] for a in answered_sets.values()) for k in metrics}
-        means["answer"]["sets"] = sorted(answered_sets)
-        if judge is not None and set(answered_sets) & set(viscot.SCORED_SETS):
-            # official overall: the mean over all 11 scored sets, a set not evaluated counting 0
-            means["answer"]["judge_official_11"] = sum(answered_sets[s]["judge"] for s in viscot.SCORED_SETS
-                                                       if s in answered_sets) / len(viscot.SCORED_SETS)
-    return {"sets": sets, "means": means, "notes": notes}
-
-
-def _fmt(value, digits=1) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def results_markdown(results: dict) -> str:
-    """The results as a markdown table (Acc x100, answer scores 0..1) with the means and notes under it."""
-    info = results.get("run", {})
-    lines = [f"# Evaluation: {info.get('what', '')}", "",
-             f"box: `{info.get('box', '')}`; focus prompt: `{info.get('prompt', '')}`; "
-             f"Acc@0.5 with the {info.get('parser', 'official')} parser (Visual-CoT protocol, x100); answer scores 0..1.", "",
-             "| set | items | Acc@0.5 | Acc@0.5 official parser | Acc@0.5 lenient parser | parsers disagree | "
-             "unparsable (official) | exact match | ANLS | containment | judge |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, e in results["sets"].items():
-        d, a = e.get("detection", {}), e.get("answer", {})
-        lines.append(f"| {name} | {e['items']} | {_fmt(d.get('acc'))} | {_fmt(d.get('acc_official'))} | "
-                     f"{_fmt(d.get('acc_lenient'))} | {d.get('parsers_disagree', '-')} | {d.get('unparsed_official', '-')} | "
-                     f"{_fmt(a.get('exact_match'), 3)} | {_fmt(a.get('anls'), 3)} | {_fmt(a.get('containment'), 3)} | "
-                     f"{_fmt(a.get('judge'), 3)} |")
-    det, ans = results["means"].get("detection", {}), results["means"].get("answer", {})
-    dropped = det.get("dropped_zero_sets")
-    lines.append(f"| **mean, official** (drops sets at exactly 0{': ' + ', '.join(dropped) if dropped else ''}) | | "
-                 f"{_fmt(det.get('official_mean'))} | | | | | | | | |")
-    n_sets = len(det.get("plain_sets", ans.get("sets", [])))
-    lines.append(f"| **mean, plain** (all {n_sets} set{'s' if n_sets != 1 else ''}) | | "
-                 f"{_fmt(det.get('plain_mean'))} | | | | | {_fmt(ans.get('exact_match'), 3)} | {_fmt(ans.get('anls'), 3)} | "
-                 f"{_fmt(ans.get('containment'), 3)} | {_fmt(ans.get('judge'), 3)} |")
-    if "judge_official_11" in ans:
-        lines += ["", f"Judge, official overall (mean over the 11 scored sets, a set not evaluated counts 0): "
-                      f"{ans['judge_official_11']:.3f}"]
-    if results.get("notes"):
-        lines += ["", "Notes:", *[f"- {n}" for n in results["notes"]]]
-    return "\n".join(lines) + "\n"
+# Pictures: a prediction at a glance (evaluate's pictures/, infer's PNG).
 
 
 def _ascii(text: str, limit: int = 110) -> str:
@@ -599,6 +443,50 @@ def draw_pictures(rows: list[dict], out_dir, n: int) -> list[Path]:
 
 
 # --------------------------------------------------------------------------------------------
+# `visrl.py infer`: one image, one question, a picture.
+
+
+@dataclass
+class InferConfig:
+    """Two-step inference on one image: the model names a box, looks at its crop, answers; draws a PNG."""
+
+    image: str  # the image file
+    question: str
+    model: str = "tiny"  # checkpoint directory, or `tiny` / `tiny-qwen2-vl`
+    adapter: str | None = None  # a trained adapter (merged into the base for inference)
+    out: str = "infer.png"  # the picture: the image with the predicted box (orange band) and crop window (dashed), the crop beside it
+    overwrite: bool = False  # replace an existing --out (never the input image itself)
+    crop: Literal["vcot", "raw"] = "vcot"  # crop rule for the answer step's second image
+    max_new_tokens: int = 64  # per step
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    seed: int = 0
+
+
+def infer_command(cfg: InferConfig) -> dict:
+    """Run focus -> crop -> answer on one image (greedy), print the box and answer, save the picture; the row."""
+    image = data.open_rgb(cfg.image)  # before loading the model: a typo or a taken --out fails at once
+    out = Path(cfg.out)
+    if out.resolve() == Path(cfg.image).resolve():
+        raise data.UserError(f"--out {cfg.out} is the input image; choose another --out")
+    if (out.exists() or out.is_symlink()) and not cfg.overwrite:
+        raise data.UserError(f"--out {cfg.out} exists; choose another --out or pass --overwrite")
+    torch.manual_seed(cfg.seed)
+    net, processor = modeling.load(cfg.model, cfg.adapter, cfg.device, cfg.dtype)
+    sampling = modeling.Sampling(max_new_tokens=cfg.max_new_tokens)
+    row = two_step(lambda prompts: modeling.sample(net, processor, prompts, sampling, seed=cfg.seed),
+                            [image], [chat.focus_messages(cfg.question)], [cfg.question], cfg.crop)[0]
+    row = {"image": str(Path(cfg.image).resolve()), "question": cfg.question, "width": image.width,
+           "height": image.height, **row, "picture": str(Path(cfg.out))}
+    draw_picture(row, cfg.out)
+    print(f"box text: {row['box_text']}")
+    print(f"box (pixels): {row['box'] if row['box_parsed'] else 'unparsable; the whole image was cropped'}  crop: {row['crop']}")
+    print(f"answer: {row['answer']}")
+    print(f"picture: {cfg.out}")
+    return row
+
+
+# --------------------------------------------------------------------------------------------
 # The CLI.
 
 
@@ -669,7 +557,7 @@ def evaluate(cfg: EvalConfig, generate_fn=None) -> dict:
             data.clear_run(replaced)
         rows = predict(items, cfg, generate_fn)
     judge = run_judge(rows, cfg) if cfg.judge_endpoint else None
-    results = summarize(rows, judge, cfg.parser)
+    results = viscot.summarize(rows, judge, cfg.parser)
     modes = sorted({r.get("box_mode") for r in rows if r.get("box_mode")})
     box_mode = ", ".join(modes) or cfg.box
     if "model" not in modes and "none" not in modes:
@@ -679,7 +567,7 @@ def evaluate(cfg: EvalConfig, generate_fn=None) -> dict:
                       "prompt": "official test-time" if cfg.official_prompt else "training form",
                       "predictions": len(rows), "judge": cfg.judge_endpoint}
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    markdown = results_markdown(results)
+    markdown = viscot.results_markdown(results)
     (out / "results.md").write_text(markdown)
     draw_pictures(rows, out, cfg.pictures)
     print(markdown)

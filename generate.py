@@ -35,10 +35,12 @@ from typing import Callable, Literal
 import tyro
 from tqdm import tqdm
 
+import chat
 import data
 import evaluate
 import model as modeling
 import synth
+import viscot
 
 # --------------------------------------------------------------------------------------------
 # Config.
@@ -130,7 +132,7 @@ def rule_answer_score(answer: str, references: str | list[str]) -> float:
     """max(exact match, ANLS, containment) against the best reference: normalised exact match is 1,
     a near miss (edit distance < half the length) gets partial ANLS credit, an answer that contains a
     reference as whole words ("The digit is 4.") is 1."""
-    return max(evaluate.answer_scores(answer, references).values())
+    return max(viscot.answer_scores(answer, references).values())
 
 
 # The two judge prompts of upstream VisRL (zhangquanchen/VisRL, data_gen/generate.py), verbatim:
@@ -303,23 +305,23 @@ def run_chunk(cfg: GenerateConfig, items: list[tuple[int, data.Record]], sampler
     K = cfg.attempts
 
     # 1. all focus prompts of the chunk at once: 2K per question (the sampled and the diversity box)
-    prompts = [(data.focus_messages(r.question), [image]) for (_, r), image in zip(items, images) for _ in range(2 * K)]
+    prompts = [(chat.focus_messages(r.question), [image]) for (_, r), image in zip(items, images) for _ in range(2 * K)]
     box_replies = sampler(prompts, policy, chunk_seed)
 
     # 2. parse, apply the diversity rule, crop
     questions, live = [], []  # live: (question no., candidate, pixel box, crop) of each candidate to answer
-    for q, ((index, r), image) in enumerate(zip(items, images)):
+    for q, (index, r) in enumerate(items):
         resized = None
         if cfg.box_form == "pixel":
             if processor is None:
                 raise data.UserError("--box-form pixel needs the in-process model (its image processor sizes the view)")
-            resized = data.model_view_size(r.width, r.height, processor.image_processor)
+            resized = chat.model_view_size(r.width, r.height, processor.image_processor)
 
         def parse(text, r=r, resized=resized):
-            return data.text_to_box(text, r.width, r.height, cfg.box_form, resized)
+            return chat.text_to_box(text, r.width, r.height, cfg.box_form, resized)
 
         def as_text(box, r=r, resized=resized):
-            return data.box_to_text(box, r.width, r.height, cfg.box_form, resized)
+            return chat.box_to_text(box, r.width, r.height, cfg.box_form, resized)
 
         rng = random.Random(f"{cfg.seed}:{index}:{r.id}")  # the diversity box depends on nothing else
         candidates = []
@@ -330,7 +332,7 @@ def run_chunk(cfg: GenerateConfig, items: list[tuple[int, data.Record]], sampler
                      replaced=False, dropped=None if a_box is not None else "box parse failure")
             b = dict(attempt=k, kind="diversity", box_reply=b_reply, box_text=b_reply, box=_box_list(b_box),
                      replaced=False, dropped=None if b_box is not None else "box parse failure")
-            if a_box is not None and b_box is not None and data.iou(a_box, b_box) > DIVERSITY_IOU:
+            if a_box is not None and b_box is not None and chat.iou(a_box, b_box) > DIVERSITY_IOU:
                 # the replacement must survive its own text form (3 decimals or integer pixels)
                 found = diversity_box(a_box, r.width, r.height, rng,
                                       valid=lambda box: (p := parse(as_text(box))) is not None and not overlaps(p, a_box))
@@ -344,17 +346,19 @@ def run_chunk(cfg: GenerateConfig, items: list[tuple[int, data.Record]], sampler
             for cand, box in ((a, a_box), (b, b_box)):
                 candidates.append(cand)
                 if cand["dropped"] is None:
-                    window = data.crop_window(box, r.width, r.height, cfg.crop)
-                    live.append((q, cand, box, image.crop(window)))
+                    live.append((q, cand, box))
         questions.append(candidates)
 
-    # 3. all answers of the chunk at once, each with its crop
-    answer_prompts = [(data.answer_messages(items[q][1].question), [images[q], crop]) for q, _, _, crop in live]
-    for (_, cand, _, _), answer in zip(live, sampler(answer_prompts, policy, chunk_seed + 1) if live else []):
-        cand["answer"] = answer
-        if not answer.strip():
+    # 3. all answers of the chunk at once, each on its box's crop: the step-2 half of evaluate.two_step
+    steps = evaluate.two_step(lambda prompts: sampler(prompts, policy, chunk_seed + 1), [images[q] for q, _, _ in live],
+                              None, [items[q][1].question for q, _, _ in live], cfg.crop,
+                              boxes=[(cand["box_text"], box) for _, cand, box in live])
+    for (_, cand, _), step in zip(live, steps):
+        cand["answer"] = step["answer"]
+        if not step["answer"]:
             cand["dropped"] = "empty answer"  # a pair record needs a non-empty response
-    live = [x for x in live if x[1]["dropped"] is None]
+    live = [(q, cand, box, images[q].crop(tuple(step["crop"]))) for (q, cand, box), step in zip(live, steps)
+            if cand["dropped"] is None]
 
     # 4. scores
     sources = {}
@@ -365,13 +369,13 @@ def run_chunk(cfg: GenerateConfig, items: list[tuple[int, data.Record]], sampler
         gt = {q: items[q][1].box if cfg.use_annotated_boxes else None for q in range(len(items))}
         probe = [x for x in live if gt[x[0]] is None]
         # no ground-truth box: the crop is relevant if the model can answer from the crop alone
-        probe_prompts = [(data.direct_messages(items[q][1].question), [crop]) for q, _, _, crop in probe]
+        probe_prompts = [(chat.direct_messages(items[q][1].question), [crop]) for q, _, _, crop in probe]
         for (q, cand, _, _), answer in zip(probe, sampler(probe_prompts, greedy, chunk_seed + 2) if probe else []):
             cand["crop_answer"] = answer
             cand["crop_score"] = rule_answer_score(answer, items[q][1].answers)
         for q, cand, box, _ in live:
             if gt[q] is not None:
-                cand["crop_score"] = data.iou(box, gt[q])
+                cand["crop_score"] = chat.iou(box, gt[q])
         sources = {q: "iou with gt box" if gt[q] is not None else "answer from crop alone" for q in range(len(items))}
     else:
         if judge is None:
@@ -441,7 +445,7 @@ def summarize(lines: list[dict]) -> dict:
     with_gt = [line for line in pairs if line["gt_box"] is not None]
     if with_gt:  # correct iff IoU > 0.5, strictly, as the benchmark counts it
         def acc(key):
-            return sum(data.iou(line["candidates"][line[key]]["box"], line["gt_box"]) > 0.5 for line in with_gt) / len(with_gt)
+            return sum(chat.iou(line["candidates"][line[key]]["box"], line["gt_box"]) > 0.5 for line in with_gt) / len(with_gt)
 
         summary["pairs_with_gt_box"] = len(with_gt)
         summary["chosen_acc@0.5"], summary["rejected_acc@0.5"] = acc("chosen"), acc("rejected")

@@ -32,6 +32,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+import chat
 import data
 import synth
 
@@ -423,7 +424,7 @@ class Sampling:
 @torch.no_grad()
 def sample(net: nn.Module, processor, prompts: list, sampling: Sampling = Sampling(),
              batch_size: int = 8, seed: int | None = None) -> list[str]:
-    """Reply text for each (messages, images) prompt, rendered by data.render_chat; batched, left-padded."""
+    """Reply text for each (messages, images) prompt, rendered by chat.render_chat; batched, left-padded."""
     tokenizer, image_processor = processor.tokenizer, processor.image_processor
     pad_id, image_token_id = tokenizer.pad_token_id, net.config.image_token_id
     stop_ids = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
@@ -435,7 +436,7 @@ def sample(net: nn.Module, processor, prompts: list, sampling: Sampling = Sampli
     replies = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        rows = [data.encode(tokenizer, image_processor, messages, [im.size for im in images])[0]
+        rows = [chat.encode(tokenizer, image_processor, messages, [im.size for im in images])[0]
                 for messages, images in chunk]
         length = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)

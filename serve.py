@@ -1,11 +1,10 @@
-"""Inference and serving on the in-process model: `visrl.py infer` and `visrl.py serve`.
+"""Serving the in-process model: `visrl.py serve`, an OpenAI-compatible server.
 
-    python visrl.py infer --image photo.png --question "What is on the sign?" --out infer.png
     python visrl.py serve --model CKPT --adapter runs/dpo2/adapter --image-root /data/images
 
-Both load with model.load and answer with evaluate.two_step (the same inference evaluate.py runs).
-Top to bottom: `infer`; request parsing (body, messages, images, limits); the worker thread, the only one
-that touches the model, which batches requests; the HTTP handler and `serve`. Standard library
+It loads with model.load and answers `visual_cot` requests with evaluate.two_step (the same inference
+evaluate.py and `infer` run). Top to bottom: request parsing (body, messages, images, limits); the worker
+thread, the only one that touches the model, which batches requests; the HTTP handler and `serve`. Standard library
 http.server only: no web framework.
 """
 
@@ -34,53 +33,10 @@ from urllib.parse import unquote, urlsplit
 import torch
 from PIL import Image
 
+import chat
 import data
 import evaluate
 import model as modeling
-
-
-# --------------------------------------------------------------------------------------------
-# `visrl.py infer`: one image, one question, a picture.
-
-
-@dataclass
-class InferConfig:
-    """Two-step inference on one image: the model names a box, looks at its crop, answers; draws a PNG."""
-
-    image: str  # the image file
-    question: str
-    model: str = "tiny"  # checkpoint directory, or `tiny` / `tiny-qwen2-vl`
-    adapter: str | None = None  # a trained adapter (merged into the base for inference)
-    out: str = "infer.png"  # the picture: the image with the predicted box (orange band) and crop window (dashed), the crop beside it
-    overwrite: bool = False  # replace an existing --out (never the input image itself)
-    crop: Literal["vcot", "raw"] = "vcot"  # crop rule for the answer step's second image
-    max_new_tokens: int = 64  # per step
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    seed: int = 0
-
-
-def infer_command(cfg: InferConfig) -> dict:
-    """Run focus -> crop -> answer on one image (greedy), print the box and answer, save the picture; the row."""
-    image = data.open_rgb(cfg.image)  # before loading the model: a typo or a taken --out fails at once
-    out = Path(cfg.out)
-    if out.resolve() == Path(cfg.image).resolve():
-        raise data.UserError(f"--out {cfg.out} is the input image; choose another --out")
-    if (out.exists() or out.is_symlink()) and not cfg.overwrite:
-        raise data.UserError(f"--out {cfg.out} exists; choose another --out or pass --overwrite")
-    torch.manual_seed(cfg.seed)
-    net, processor = modeling.load(cfg.model, cfg.adapter, cfg.device, cfg.dtype)
-    sampling = modeling.Sampling(max_new_tokens=cfg.max_new_tokens)
-    row = evaluate.two_step(lambda prompts: modeling.sample(net, processor, prompts, sampling, seed=cfg.seed),
-                            [image], [data.focus_messages(cfg.question)], [cfg.question], cfg.crop)[0]
-    row = {"image": str(Path(cfg.image).resolve()), "question": cfg.question, "width": image.width,
-           "height": image.height, **row, "picture": str(Path(cfg.out))}
-    evaluate.draw_picture(row, cfg.out)
-    print(f"box text: {row['box_text']}")
-    print(f"box (pixels): {row['box'] if row['box_parsed'] else 'unparsable; the whole image was cropped'}  crop: {row['crop']}")
-    print(f"answer: {row['answer']}")
-    print(f"picture: {cfg.out}")
-    return row
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,7 +100,7 @@ def decode_image(source, what: str, cfg: ServeConfig, image_processor) -> Image.
             raise RequestError(413, f"{what}: {w}x{h} pixels is over the limit of {cfg.max_image_pixels} "
                                     f"(--max-image-pixels)", "image_too_large")
         try:
-            data.image_token_count(w, h, image_processor)  # the processor's own size rules (aspect ratio <= 200)
+            chat.image_token_count(w, h, image_processor)  # the processor's own size rules (aspect ratio <= 200)
         except Exception as e:  # computed from (w, h) alone: its message names no file
             raise RequestError(400, f"{what}: cannot use the image ({e})", "bad_image") from e
         try:
@@ -388,9 +344,9 @@ class Worker(threading.Thread):
         tok, ip = self.processor.tokenizer, self.processor.image_processor
         if job.visual_cot:  # the answer step is the longer one; its crop counted as the whole image: an upper bound
             size = job.images[0].size
-            n = len(data.encode(tok, ip, data.answer_messages(job.question), [size, size])[0])
+            n = len(chat.encode(tok, ip, chat.answer_messages(job.question), [size, size])[0])
         else:
-            n = len(data.encode(tok, ip, job.messages, [im.size for im in job.images])[0])
+            n = len(chat.encode(tok, ip, job.messages, [im.size for im in job.images])[0])
         if n > self.cfg.max_prompt_tokens:
             job.error = RequestError(400, f"the prompt is {n} tokens (images included), over the limit of "
                                           f"{self.cfg.max_prompt_tokens} (--max-prompt-tokens)", "context_length_exceeded")
@@ -418,7 +374,7 @@ class Worker(threading.Thread):
                 steps.append(self._generate(prompts, batch[0]))
                 return [r[0] for r in steps[-1]]
             questions = [j.question for j in batch]
-            rows = evaluate.two_step(generate_fn, [j.images[0] for j in batch], [data.focus_messages(q) for q in questions],
+            rows = evaluate.two_step(generate_fn, [j.images[0] for j in batch], [chat.focus_messages(q) for q in questions],
                                      questions, self.cfg.crop)
             for i, (job, row) in enumerate(zip(batch, rows)):
                 focus, answer = steps[0][i], steps[1][i]

@@ -38,6 +38,7 @@ from PIL import Image, ImageDraw
 from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2VLConfig
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+import chat
 import data
 
 SYNTH_VERSION = 3  # bump when the generator changes: cached copies are keyed by it
@@ -238,7 +239,7 @@ def _tokenizer_corpus() -> list[str]:
     """Text the tiny BPE is trained on: the prompt table, the synthetic set's questions and answers (colours,
     patterns), boxes, judge replies."""
     rng = random.Random(0)
-    lines = [data.SYSTEM_PROMPT, data.FOCUS_INSTRUCTION, data.VISRL_INSTRUCTION, data.VCOT_ANSWER_TEXT]
+    lines = [chat.SYSTEM_PROMPT, chat.FOCUS_INSTRUCTION, chat.VISRL_INSTRUCTION, chat.VCOT_ANSWER_TEXT]
     colours = "red green blue yellow magenta cyan".split()
     patterns = "horizontal vertical diagonal checkered dotted grid".split()
     questions = ("What pattern is inside the {} frame?", "Which pattern fills the {} square?",

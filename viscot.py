@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import string
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+import chat
 import data
 import synth
 
@@ -62,7 +64,7 @@ def box_correct(text: str, gt_box, width: int, height: int, parser: str = "offic
     if parser == "official":
         values = official_box_values(text)
     elif parser == "lenient":
-        values = data.parse_box(text)  # first four numbers inside [...]; None for NaN, inverted and the like
+        values = chat.parse_box(text)  # first four numbers inside [...]; None for NaN, inverted and the like
     else:
         raise ValueError(f"unknown box parser {parser!r}, expected 'official' or 'lenient'")
     if values is None:
@@ -76,7 +78,7 @@ def detection_scores(text: str, gt_box, width: int, height: int) -> dict:
     return {"official": box_correct(text, gt_box, width, height, "official"),
             "lenient": box_correct(text, gt_box, width, height, "lenient"),
             "official_parsed": official_box_values(text) is not None,
-            "lenient_parsed": data.parse_box(text) is not None}
+            "lenient_parsed": chat.parse_box(text) is not None}
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,3 +363,165 @@ def read_items(data_arg: str, sets=(), image_root=None, limit: int | None = None
 def load_item_image(item: Item) -> Image.Image:
     """The item's image as RGB."""
     return data.open_rgb(item.image, item.source)
+
+
+# --------------------------------------------------------------------------------------------
+# Offline answer scores. A reference may be one string or a list of acceptable strings; the score
+# is the best over the list.
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop punctuation and articles, collapse whitespace (SQuAD/VQA-style)."""
+    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCT))
+    return " ".join(text.split())
+
+
+def _as_list(reference: str | list[str]) -> list[str]:
+    return [reference] if isinstance(reference, str) else list(reference)
+
+
+def exact_match(prediction: str, reference: str | list[str]) -> float:
+    """1.0 if the normalised prediction equals a normalised reference, else 0.0."""
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(r) for r in _as_list(reference)))
+
+
+def containment(prediction: str, reference: str | list[str]) -> float:
+    """1.0 if a normalised reference appears as whole words inside the normalised prediction."""
+    pred = f" {normalize_answer(prediction)} "
+    return float(any(normalize_answer(r) and f" {normalize_answer(r)} " in pred for r in _as_list(reference)))
+
+
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance (insertions, deletions, substitutions all cost 1)."""
+    if len(a) < len(b):
+        a, b = b, a
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def anls(prediction: str, reference: str | list[str], threshold: float = 0.5) -> float:
+    """ANLS (Biten et al. 2019, DocVQA): max over references of 1 - NL if NL < threshold else 0,
+    NL = edit distance / max length, on lower-cased, whitespace-stripped strings."""
+    pred = " ".join(prediction.lower().split())
+    best = 0.0
+    for ref in _as_list(reference):
+        ref = " ".join(ref.lower().split())
+        if not pred and not ref:
+            return 1.0
+        nl = levenshtein(pred, ref) / max(len(pred), len(ref))
+        best = max(best, 1.0 - nl if nl < threshold else 0.0)
+    return best
+
+
+def answer_scores(prediction: str, reference: str | list[str]) -> dict[str, float]:
+    """All offline scores of one answer: exact match, ANLS, containment."""
+    return {"exact_match": exact_match(prediction, reference), "anls": anls(prediction, reference),
+            "containment": containment(prediction, reference)}
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring and reports: per-set detection and answer scores, the means, the markdown table.
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def summarize(rows: list[dict], judge: dict | None = None, parser: str = "official") -> dict:
+    """Per-set detection and answer scores and the means over sets (official and plain, labelled)."""
+    by_set = defaultdict(list)
+    for row in rows:
+        by_set[row["set"]].append(row)
+    sets, notes = {}, []
+    for name, group in by_set.items():
+        entry = {"items": len(group)}
+        boxed = [r for r in group if r.get("box_text") is not None and r.get("gt_box") is not None]
+        if boxed:
+            verdicts = [detection_scores(r["box_text"], r["gt_box"], r["width"], r["height"]) for r in boxed]
+            correct = sum(v[parser] for v in verdicts)
+            degenerate = sum(1 for r in boxed if r.get("degenerate"))
+            entry["detection"] = {
+                "n": len(boxed), "correct": correct, "acc": 100.0 * correct / len(boxed), "parser": parser,
+                "acc_official": 100.0 * sum(v["official"] for v in verdicts) / len(boxed),
+                "acc_lenient": 100.0 * sum(v["lenient"] for v in verdicts) / len(boxed),
+                "parsers_disagree": sum(v["official"] != v["lenient"] for v in verdicts),
+                "unparsed_official": sum(not v["official_parsed"] for v in verdicts),
+                "unparsed_lenient": sum(not v["lenient_parsed"] for v in verdicts),
+                "degenerate_gt": degenerate}
+            if degenerate:
+                notes.append(f"{name}: {degenerate} item(s) have inverted ground-truth boxes; as in the official scorer "
+                             f"they stay in the denominator and can never score (ceiling {len(boxed) - degenerate}/{len(boxed)}).")
+        answered = [r for r in group if r.get("answers") and r.get("answer") is not None]
+        if answered:
+            scores = [answer_scores(r["answer"], r["answers"]) for r in answered]
+            entry["answer"] = {"n": len(answered), **{k: _mean(s[k] for s in scores) for k in scores[0]}}
+            if judge is not None:  # a row the judge never saw counts 0, like a failed call upstream
+                entry["answer"]["judge"] = _mean(judge.get((r["set"], r["id"]), 0.0) for r in answered)
+        expected = SCORED_SETS.get(name)
+        if expected and len(group) != expected:
+            notes.append(f"{name}: {len(group)} items evaluated; the release has {expected}.")
+        sets[name] = entry
+    # visual7w and emotic are in the release but not in the published tables: kept out of the means
+    averaged = {n: e for n, e in sets.items() if n not in UNSCORED_SETS} or sets
+    if len(averaged) < len(sets):
+        notes.append(f"{', '.join(n for n in sets if n not in averaged)}: not a scored set; left out of the means.")
+    accs = {n: e["detection"]["acc"] for n, e in averaged.items() if "detection" in e}
+    kept = {n: a for n, a in accs.items() if a != 0}
+    means = {"detection": {
+        "official_mean": _mean(kept.values()), "official_sets": sorted(kept), "dropped_zero_sets": sorted(set(accs) - set(kept)),
+        "plain_mean": _mean(accs.values()), "plain_sets": sorted(accs)}} if accs else {}
+    answered_sets = {n: e["answer"] for n, e in averaged.items() if "answer" in e}
+    if answered_sets:
+        metrics = [k for k in next(iter(answered_sets.values())) if k != "n"]
+        means["answer"] = {k: _mean(a[k] for a in answered_sets.values()) for k in metrics}
+        means["answer"]["sets"] = sorted(answered_sets)
+        if judge is not None and set(answered_sets) & set(SCORED_SETS):
+            # official overall: the mean over all 11 scored sets, a set not evaluated counting 0
+            means["answer"]["judge_official_11"] = sum(answered_sets[s]["judge"] for s in SCORED_SETS
+                                                       if s in answered_sets) / len(SCORED_SETS)
+    return {"sets": sets, "means": means, "notes": notes}
+
+
+def _fmt(value, digits=1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def results_markdown(results: dict) -> str:
+    """The results as a markdown table (Acc x100, answer scores 0..1) with the means and notes under it."""
+    info = results.get("run", {})
+    lines = [f"# Evaluation: {info.get('what', '')}", "",
+             f"box: `{info.get('box', '')}`; focus prompt: `{info.get('prompt', '')}`; "
+             f"Acc@0.5 with the {info.get('parser', 'official')} parser (Visual-CoT protocol, x100); answer scores 0..1.", "",
+             "| set | items | Acc@0.5 | Acc@0.5 official parser | Acc@0.5 lenient parser | parsers disagree | "
+             "unparsable (official) | exact match | ANLS | containment | judge |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, e in results["sets"].items():
+        d, a = e.get("detection", {}), e.get("answer", {})
+        lines.append(f"| {name} | {e['items']} | {_fmt(d.get('acc'))} | {_fmt(d.get('acc_official'))} | "
+                     f"{_fmt(d.get('acc_lenient'))} | {d.get('parsers_disagree', '-')} | {d.get('unparsed_official', '-')} | "
+                     f"{_fmt(a.get('exact_match'), 3)} | {_fmt(a.get('anls'), 3)} | {_fmt(a.get('containment'), 3)} | "
+                     f"{_fmt(a.get('judge'), 3)} |")
+    det, ans = results["means"].get("detection", {}), results["means"].get("answer", {})
+    dropped = det.get("dropped_zero_sets")
+    lines.append(f"| **mean, official** (drops sets at exactly 0{': ' + ', '.join(dropped) if dropped else ''}) | | "
+                 f"{_fmt(det.get('official_mean'))} | | | | | | | | |")
+    n_sets = len(det.get("plain_sets", ans.get("sets", [])))
+    lines.append(f"| **mean, plain** (all {n_sets} set{'s' if n_sets != 1 else ''}) | | "
+                 f"{_fmt(det.get('plain_mean'))} | | | | | {_fmt(ans.get('exact_match'), 3)} | {_fmt(ans.get('anls'), 3)} | "
+                 f"{_fmt(ans.get('containment'), 3)} | {_fmt(ans.get('judge'), 3)} |")
+    if "judge_official_11" in ans:
+        lines += ["", f"Judge, official overall (mean over the 11 scored sets, a set not evaluated counts 0): "
+                      f"{ans['judge_official_11']:.3f}"]
+    if results.get("notes"):
+        lines += ["", "Notes:", *[f"- {n}" for n in results["notes"]]]
+    return "\n".join(lines) + "\n"

@@ -12,8 +12,8 @@
     python visrl.py serve [--port 8000]     an OpenAI-compatible server on the in-process model
     python visrl.py demo --out DIR          the whole recipe on the tiny model, with a table and plots
 
-The path of data in `sft`: record -> two samples (data.sft_samples: tokens, image windows) -> batch
-(data.collate: each distinct image processed once) -> image features once (dpo.encode_images) -> hidden
+The path of data in `sft`: record -> two samples (chat.sft_samples: tokens, image windows) -> batch
+(chat.collate: each distinct image processed once) -> image features once (dpo.encode_images) -> hidden
 states at supervised positions only -> fused log-probs (dpo.token_logps) -> negative sum over the
 optimizer step's tokens. DPO takes the same path to summed log-probs per sequence (dpo.py's top).
 """
@@ -50,6 +50,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
+import chat
 import data
 import demo
 import dpo
@@ -81,11 +82,11 @@ class SFTConfig(modeling.TrainConfig):
     focus_first_steps: int = 0
 
 
-def build_sft_samples(cfg: SFTConfig, records: list[data.Record], processor, world: modeling.Dist) -> list[data.Sample]:
+def build_sft_samples(cfg: SFTConfig, records: list[data.Record], processor, world: modeling.Dist) -> list[chat.Sample]:
     """Every record's focus and answer (and crop-alone) samples, over-long ones dropped (or an error) with a count."""
     samples, no_box, too_long = [], 0, []
     for record in records:
-        pair = data.sft_samples(record, processor.tokenizer, processor.image_processor, cfg.box_form, cfg.crop,
+        pair = chat.sft_samples(record, processor.tokenizer, processor.image_processor, cfg.box_form, cfg.crop,
                                 cfg.crop_alone_samples)
         no_box += not pair
         for sample in pair:
@@ -102,7 +103,7 @@ def build_sft_samples(cfg: SFTConfig, records: list[data.Record], processor, wor
     return samples
 
 
-def sft_index_stream(cfg: SFTConfig, samples: list[data.Sample], world: modeling.Dist, start_step: int):
+def sft_index_stream(cfg: SFTConfig, samples: list[chat.Sample], world: modeling.Dist, start_step: int):
     """This rank's micro-batches of sample indices from optimizer step start_step on: focus samples only
     for the first cfg.focus_first_steps steps, then every sample (each part resumes at its own position)."""
     focus = [i for i, sample in enumerate(samples) if sample.kind == "focus"]
@@ -449,7 +450,7 @@ def train(cfg: SFTConfig | dpo.DPOConfig) -> Path:
                                     skip_bad=cfg.skip_bad_records, limit=cfg.limit)
         items = build_sft_samples(cfg, records, processor, world)
         pixel_cache = {} if cfg.cache_pixels else None
-        collate = lambda indices: data.collate([items[i] for i in indices], processor.image_processor, pad_id,
+        collate = lambda indices: chat.collate([items[i] for i in indices], processor.image_processor, pad_id,
                                                image_token_id, pixel_cache)
         objective, what = SFTObjective(net), f"{len(records)} records -> {len(items)} samples"
     else:
@@ -564,7 +565,7 @@ def synth_command(args: SynthArgs) -> dict:
 
 COMMANDS = {"sft": (SFTConfig, train), "generate": (generate.GenerateConfig, generate.generate_command),
             "dpo": (dpo.DPOConfig, train), "eval": (evaluate.EvalConfig, evaluate.evaluate), "export": (export.ExportConfig, export.export_command),
-            "infer": (serve.InferConfig, serve.infer_command), "serve": (serve.ServeConfig, serve.serve_command),
+            "infer": (evaluate.InferConfig, evaluate.infer_command), "serve": (serve.ServeConfig, serve.serve_command),
             "demo": (demo.DemoConfig, demo.demo), "tiny": (TinyArgs, tiny_command), "synth": (SynthArgs, synth_command)}
 
 

@@ -20,13 +20,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import chat  # noqa: E402
 import data  # noqa: E402
 
 CELL = 336  # synth.py's grid cell, pixels
 
 
 def right(box, truth) -> bool:
-    return box is not None and data.iou(tuple(box), tuple(truth)) > 0.5
+    return box is not None and chat.iou(tuple(box), tuple(truth)) > 0.5
 
 
 def cell(box) -> tuple[int, int]:

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import chat  # noqa: E402
 import data  # noqa: E402
 import dpo  # noqa: E402
 import model as modeling  # noqa: E402
@@ -83,7 +84,7 @@ def naive_logps(net, rows: list[dict], pad_id: int, image_token_id: int) -> torc
     """Full-logits baseline: every row's images go through the vision tower in this forward."""
     length = max(len(row["input_ids"]) for row in rows)
     input_ids = torch.tensor([row["input_ids"] + [pad_id] * (length - len(row["input_ids"])) for row in rows])
-    labels = torch.tensor([row["labels"] + [data.IGNORE_INDEX] * (length - len(row["labels"])) for row in rows])
+    labels = torch.tensor([row["labels"] + [chat.IGNORE_INDEX] * (length - len(row["labels"])) for row in rows])
     batch = {"input_ids": input_ids, "attention_mask": (torch.arange(length)[None] < torch.tensor(
                  [[len(row["input_ids"])] for row in rows])).long(),
              "mm_token_type_ids": (input_ids == image_token_id).int(),
@@ -94,7 +95,7 @@ def naive_logps(net, rows: list[dict], pad_id: int, image_token_id: int) -> torc
     logits = net(**batch).logits.float()  # [rows, L, V] fp32
     logps = torch.log_softmax(logits[:, :-1], dim=-1)  # [rows, L-1, V]
     targets = labels[:, 1:]
-    mask = targets != data.IGNORE_INDEX
+    mask = targets != chat.IGNORE_INDEX
     token_logps = logps.gather(2, targets.clamp(min=0)[..., None])[..., 0]
     return (token_logps * mask).sum(-1)
 
@@ -104,7 +105,7 @@ def run_variant(size: str, variant: str, n_pairs: int, steps: int, device: torch
     pad_id, image_token_id = processor.tokenizer.pad_token_id, net.config.image_token_id
     with tempfile.TemporaryDirectory() as tmp:
         pairs = make_pairs(n_pairs, side, Path(tmp))
-        samples = [s for p in pairs for s in data.dpo_samples(p, processor.tokenizer, processor.image_processor, 2)]
+        samples = [s for p in pairs for s in chat.dpo_samples(p, processor.tokenizer, processor.image_processor, 2)]
         if variant == "ours":
             batch = dpo.collate_pairs(samples, processor.image_processor, pad_id, image_token_id)
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -118,7 +119,7 @@ def run_variant(size: str, variant: str, n_pairs: int, steps: int, device: torch
                         images=[image if w is None else image.crop(w) for w in row.images], return_tensors="pt")
                     rows.append({"input_ids": row.input_ids, "labels": row.labels, **pixels})
         n_tokens = sum(len(s.chosen.input_ids) + len(s.rejected.input_ids) for s in samples)
-        image_tokens = data.image_token_count(side, side, processor.image_processor)
+        image_tokens = chat.image_token_count(side, side, processor.image_processor)
 
         def step():
             autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import chat  # noqa: E402
 import data  # noqa: E402
 import generate  # noqa: E402
 import synth  # noqa: E402
@@ -42,9 +43,9 @@ class ValidBoxes:
         out = []
         for (messages, _), reply in zip(prompts, replies):
             text = messages[0]["content"][1]["text"]
-            r = self.by_question.get(text[:-len(data.FOCUS_INSTRUCTION) - 1]) if text.endswith(data.FOCUS_INSTRUCTION) else None
-            if r is not None and data.text_to_box(reply, r.width, r.height) is None:
-                reply = data.box_to_text(data.random_box(r.width, r.height, rng), r.width, r.height)
+            r = self.by_question.get(text[:-len(chat.FOCUS_INSTRUCTION) - 1]) if text.endswith(chat.FOCUS_INSTRUCTION) else None
+            if r is not None and chat.text_to_box(reply, r.width, r.height) is None:
+                reply = chat.box_to_text(chat.random_box(r.width, r.height, rng), r.width, r.height)
             out.append(reply)
         return out
 

@@ -22,6 +22,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import chat  # noqa: E402
 import data  # noqa: E402
 import dpo  # noqa: E402
 import model as modeling  # noqa: E402
@@ -74,7 +75,7 @@ def main() -> None:
     test_records = data.read_records(synth.resolve_data("synth", "test", args.seed))
     test_samples = visrl.build_sft_samples(cfg, test_records, processor, world)
     pixel_cache = {}
-    collate = lambda rows: data.collate(rows, processor.image_processor, processor.tokenizer.pad_token_id,
+    collate = lambda rows: chat.collate(rows, processor.image_processor, processor.tokenizer.pad_token_id,
                                         net.config.image_token_id, pixel_cache)
 
     params = [p for p in net.parameters() if p.requires_grad]

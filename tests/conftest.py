@@ -46,6 +46,7 @@ def write_pairs(records, path, seed=0):
     import json
     import random
 
+    import chat
     import data
     import synth
 
@@ -53,8 +54,8 @@ def write_pairs(records, path, seed=0):
     with open(path, "w") as f:
         for r in records:
             wrong = rng.choice([p for p in synth.SYNTH_PATTERNS if p != r.answer])
-            pair = data.Pair(r, data.box_to_text(r.box, r.width, r.height),
-                             data.box_to_text(data.random_box(r.width, r.height, rng), r.width, r.height),
+            pair = data.Pair(r, chat.box_to_text(r.box, r.width, r.height),
+                             chat.box_to_text(chat.random_box(r.width, r.height, rng), r.width, r.height),
                              r.answer, wrong)
             f.write(json.dumps(data.pair_json(pair, path.parent)) + "\n")
     return path
@@ -178,6 +179,7 @@ def plain_token_logps(net, processor, sample):
     full [L, V] logits out), the log-softmax of each supervised token, [n_supervised]."""
     import torch
 
+    import chat
     import data
 
     image = data.load_image(sample.record)
@@ -187,5 +189,5 @@ def plain_token_logps(net, processor, sample):
     logits = net(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                  mm_token_type_ids=(input_ids == net.config.image_token_id).int(), **pixels).logits[0, :-1]
     targets = torch.tensor(sample.labels[1:])
-    mask = targets != data.IGNORE_INDEX
+    mask = targets != chat.IGNORE_INDEX
     return torch.log_softmax(logits[mask].float(), -1).gather(1, targets[mask][:, None])[:, 0]

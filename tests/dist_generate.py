@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import chat  # noqa: E402
 import data  # noqa: E402
 import model  # noqa: E402
 import visrl  # noqa: E402
@@ -20,7 +21,7 @@ objective = visrl.SFTObjective(net)
 if world.world_size > 1:
     model.shard(objective, net, mixed_precision=False)
 records = data.read_records(data_path)[:2]
-prompts = [(data.focus_messages(r.question), [data.load_image(r)]) for r in records]
+prompts = [(chat.focus_messages(r.question), [data.load_image(r)]) for r in records]
 with model.unsharded(objective):
     replies = model.sample(net, processor, prompts, model.Sampling(max_new_tokens=6))
 if world.is_main:

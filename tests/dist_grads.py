@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import chat  # noqa: E402
 import data  # noqa: E402
 import model  # noqa: E402
 import visrl  # noqa: E402
@@ -25,7 +26,7 @@ for m in model.lora_modules(net).values():  # non-zero B so every factor has a g
 records = data.read_records(data_path)
 samples = visrl.build_sft_samples(cfg, records, processor, world)
 indices = next(visrl.batch_stream(len(samples), batch_size, world, seed=0, start=0))
-batch = data.collate([samples[i] for i in indices], processor.image_processor, processor.tokenizer.pad_token_id,
+batch = chat.collate([samples[i] for i in indices], processor.image_processor, processor.tokenizer.pad_token_id,
                      net.config.image_token_id)
 n_tokens = model.all_reduce_sum(torch.tensor(float(len(batch["response_targets"]))), world)
 visrl.sft_loss(net, batch, n_tokens).backward()

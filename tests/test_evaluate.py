@@ -1,5 +1,5 @@
-"""Evaluation: offline answer scores, scoring and means, runs and resume, the endpoint path (the protocol
-itself, detection scorer, judge and readers, is tested in test_viscot.py)."""
+"""Evaluation: runs and resume, the endpoint path, prediction rows, pictures (the protocol itself, detection
+scorer, answer scores, means, judge and readers, is tested in test_viscot.py)."""
 
 import json
 import subprocess
@@ -12,65 +12,11 @@ import pytest
 import tyro
 from PIL import Image
 
+import chat
 import data
 import evaluate as ev
 import viscot
 from conftest import write_rec_file
-
-# --------------------------------------------------------------------------------------------
-# Offline answer scores on known pairs.
-
-
-def test_anls_on_known_pairs():
-    assert ev.levenshtein("kitten", "sitting") == 3
-    assert ev.anls("hello", "hallo") == pytest.approx(0.8)              # 1 edit / 5
-    assert ev.anls("kitten", "sitting") == pytest.approx(1 - 3 / 7)     # NL 0.43 < 0.5
-    assert ev.anls("abc", "abd") == pytest.approx(2 / 3)
-    assert ev.anls("ab", "ac") == 0.0                                    # NL exactly 0.5: not < 0.5
-    assert ev.anls("abc", "xyz") == 0.0
-    assert ev.anls("  Hello   World ", "hello world") == 1.0            # case and spacing ignored
-    assert ev.anls("x", ["nope", "X"]) == 1.0                            # best over the references
-    assert ev.anls("", "") == 1.0 and ev.anls("", "a") == 0.0
-
-
-def test_exact_match_and_containment():
-    assert ev.exact_match("The Cat.", "cat") == 1.0 and ev.exact_match("cats", "cat") == 0.0
-    assert ev.containment("it is a red car", ["blue", "red car"]) == 1.0
-    assert ev.containment("scared", "red") == 0.0  # whole words only
-    assert ev.answer_scores("4", ["4"]) == {"exact_match": 1.0, "anls": 1.0, "containment": 1.0}
-
-
-# --------------------------------------------------------------------------------------------
-# Scoring: how the official scorer's verdicts add up per set and over sets.
-
-
-def test_degenerate_ground_truth_is_counted():
-    gt = [464.0, 951.0, 510.0, 457.0]  # docvqa question 491 in the release: y2 < y1
-    row = {"set": "docvqa", "id": "491", "answers": ["x"], "answer": "x", "gt_box": gt, "width": 2200, "height": 1704,
-           "box_text": "[0.0, 0.0, 1.0, 1.0]", "degenerate": True}
-    ok = {**row, "id": "1", "gt_box": [0, 0, 2200, 1704], "degenerate": False,
-          "box_text": "[0.000, 0.113, 1.000, 0.887]"}  # wide image: the full-image box in square form
-    det = ev.summarize([row, ok])["sets"]["docvqa"]["detection"]
-    assert (det["n"], det["correct"], det["acc"], det["degenerate_gt"]) == (2, 1, 50.0, 1)
-
-
-def test_means_official_drops_sets_at_exactly_zero_plain_keeps_them():
-    def rows(name, n_right, n):
-        return [{"set": name, "id": str(i), "answers": [], "gt_box": [0, 0, 50, 50], "width": 100, "height": 100,
-                 "box_text": "[0.0, 0.0, 0.5, 0.5]" if i < n_right else "[0.5, 0.5, 1.0, 1.0]"} for i in range(n)]
-    results = ev.summarize(rows("a", 1, 2) + rows("b", 0, 3) + rows("c", 3, 4) + [
-        {"set": "c", "id": "x", "answers": [], "gt_box": [0, 0, 50, 50], "width": 100, "height": 100,
-         "box_text": "[0.0,0.0,0.5,0.5]"}])  # lenient-only correct
-    det = results["means"]["detection"]
-    assert results["sets"]["c"]["detection"]["acc"] == 60.0 and results["sets"]["c"]["detection"]["acc_lenient"] == 80.0
-    assert results["sets"]["c"]["detection"]["parsers_disagree"] == 1
-    assert det["official_mean"] == pytest.approx((50 + 60) / 2) and det["dropped_zero_sets"] == ["b"]
-    assert det["plain_mean"] == pytest.approx((50 + 0 + 60) / 3)
-    unscored = ev.summarize(rows("a", 1, 2) + rows("visual7w", 2, 2))
-    assert unscored["means"]["detection"]["plain_mean"] == 50.0 and "visual7w" in unscored["sets"]
-    lenient = ev.summarize(rows("c", 3, 4), parser="lenient")["sets"]["c"]["detection"]
-    assert lenient["acc"] == 75.0 and lenient["parser"] == "lenient"
-
 
 # --------------------------------------------------------------------------------------------
 # Runs. A fake generate_fn where the model does not matter; the tiny model where it does.
@@ -90,7 +36,7 @@ class FakeModel:
         if self.fail_after is not None and len(self.prompts) >= self.fail_after:
             raise KeyboardInterrupt("killed")
         self.prompts += prompts
-        return [self.box if data.FOCUS_INSTRUCTION in _text(m) or "Locate the region" in _text(m) else self.answer
+        return [self.box if chat.FOCUS_INSTRUCTION in _text(m) or "Locate the region" in _text(m) else self.answer
                 for m, _ in prompts]
 
 
@@ -121,9 +67,9 @@ def test_run_on_the_release_with_ablations(release, tmp_path):
     assert (det["n"], det["correct"], det["degenerate_gt"]) == (3, 1, 1)
     assert any("ceiling 2/3" in n for n in results["notes"])
     focus_texts = [_text(m) for m, images in fake.prompts if len(images) == 1]
-    assert focus_texts[0] == "what is the date?. " + data.FOCUS_INSTRUCTION  # the official test-time form
+    assert focus_texts[0] == "what is the date?. " + chat.FOCUS_INSTRUCTION  # the official test-time form
     rows = [json.loads(line) for line in (tmp_path / "model" / "predictions.jsonl").read_text().splitlines()]
-    assert rows[0]["crop"] == list(data.crop_window(data.text_to_box(fake.box, 300, 200), 300, 200))
+    assert rows[0]["crop"] == list(chat.crop_window(chat.text_to_box(fake.box, 300, 200), 300, 200))
     assert results["sets"]["docvqa"]["answer"]["exact_match"] == pytest.approx(1 / 3)
 
     answers_only = FakeModel()
@@ -245,7 +191,7 @@ def test_endpoint_and_judge_over_http(server, synth_dir, tmp_path):
                 return 500, None
             return 200, "Close enough. Score: 0.5."
         text = body["messages"][0]["content"][-1]["text"] if len(_images(body)) == 1 else ""
-        return 200, "[0.25, 0.25, 0.75, 0.75]" if data.FOCUS_INSTRUCTION in text else "4"
+        return 200, "[0.25, 0.25, 0.75, 0.75]" if chat.FOCUS_INSTRUCTION in text else "4"
 
     server.respond = respond
     url = f"http://127.0.0.1:{server.server_port}"

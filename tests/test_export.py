@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
+import chat
 import data
 import export
 import model
@@ -58,13 +59,13 @@ def chain(tiny_path, tmp_path_factory):
 
 def _inputs(processor, net, image):
     """A real multimodal batch (image + focus prompt + response) through our processor."""
-    messages = data.focus_messages("What digit is inside the red frame?")
-    ids, _ = data.encode(processor.tokenizer, processor.image_processor, messages, [image.size], RESPONSE)
+    messages = chat.focus_messages("What digit is inside the red frame?")
+    ids, _ = chat.encode(processor.tokenizer, processor.image_processor, messages, [image.size], RESPONSE)
     pixels = processor.image_processor(images=[image], return_tensors="pt")
     input_ids = torch.tensor([ids])
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
              "mm_token_type_ids": (input_ids == net.config.image_token_id).int(), **pixels}
-    return batch, data.render_chat(messages)
+    return batch, chat.render_chat(messages)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import chat
 import data
 import dpo
 import generate
@@ -44,10 +45,10 @@ def _cfg(path, synth_dir, out, **overrides):
 def _prompt_kind(messages):
     """('focus' | 'answer' | 'direct', question) of one of our prompts."""
     text = next(p["text"] for p in messages[0]["content"] if p["type"] == "text")
-    if text.endswith(" " + data.FOCUS_INSTRUCTION):
-        return "focus", text[:-len(data.FOCUS_INSTRUCTION) - 1]
-    if data.VISRL_INSTRUCTION in text:
-        return "answer", text.split(" " + data.VISRL_INSTRUCTION)[0]
+    if text.endswith(" " + chat.FOCUS_INSTRUCTION):
+        return "focus", text[:-len(chat.FOCUS_INSTRUCTION) - 1]
+    if chat.VISRL_INSTRUCTION in text:
+        return "answer", text.split(" " + chat.VISRL_INSTRUCTION)[0]
     return "direct", text
 
 
@@ -72,8 +73,8 @@ class Scripted:
             u = rng.random()
             if kind == "focus":
                 box = r.box or (0.0, 0.0, r.width / 2, r.height / 2)
-                replies.append(data.box_to_text(box, r.width, r.height) if u < 0.45 else
-                               data.box_to_text(data.random_box(r.width, r.height, rng), r.width, r.height)
+                replies.append(chat.box_to_text(box, r.width, r.height) if u < 0.45 else
+                               chat.box_to_text(chat.random_box(r.width, r.height, rng), r.width, r.height)
                                if u < 0.85 else "[0.1, 0.2")
             else:
                 replies.append(r.answer if u < 0.5 else "wrong " * (1 + len(r.answer) % 2) + "answer")
@@ -106,7 +107,7 @@ def test_diversity_box_never_overlaps_and_keeps_its_size(first, size):
         found += 1
         (x1, y1, x2, y2), d = result
         assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
-        assert data.iou((x1, y1, x2, y2), first) == 0.0
+        assert chat.iou((x1, y1, x2, y2), first) == 0.0
         assert x2 <= first[0] or x1 >= first[2] or y2 <= first[1] or y1 >= first[3]
         assert any(abs(d - t) < 1e-9 for t in (0.4, 0.5, 0.6, 0.7, 0.8))
         assert (1 - d) * fw - 1e-9 <= x2 - x1 <= (1 + d) * fw + 1e-9
@@ -218,7 +219,7 @@ def test_judge_prompts_are_upstream_verbatim(synth_dir, tmp_path):
     Standard answer: {gt_response}
     '''
     image = data.load_image(r)
-    crop = image.crop(data.crop_window(r.box, *image.size))
+    crop = image.crop(chat.crop_window(r.box, *image.size))
     answer_msg = generate.judge_answer_messages(r, response, image)[0]["content"]
     crop_msg = generate.judge_crop_messages(r, crop)[0]["content"]
     assert [p["type"] for p in answer_msg] == ["image_url", "text"] and answer_msg[1]["text"] == judge_score_prompt
@@ -237,7 +238,7 @@ def _decode(part):
 def test_malformed_model_boxes_are_counted_and_skipped(synth_dir, tmp_path):
     path, records = _records(synth_dir, tmp_path, 1)
     r = records[0]
-    good = data.box_to_text(r.box, r.width, r.height)
+    good = chat.box_to_text(r.box, r.width, r.height)
     replies = [
         "[0.1, 0.2, 0.3]", good,                      # too few numbers; (b) then has no first box
         good, "[nan, 0.1, 0.2, 0.3]",                 # NaN
@@ -262,15 +263,15 @@ def test_malformed_model_boxes_are_counted_and_skipped(synth_dir, tmp_path):
     assert calls == [["focus"] * 10, ["answer"] * 3]  # no answer is asked for a skipped candidate
     replaced = line["candidates"][9]
     assert replaced["replaced"] and replaced["box_reply"] == good and replaced["box_text"] != good
-    assert data.iou(replaced["box"], line["candidates"][8]["box"]) == 0.0
-    assert data.text_to_box(replaced["box_text"], r.width, r.height) == pytest.approx(replaced["box"])
+    assert chat.iou(replaced["box"], line["candidates"][8]["box"]) == 0.0
+    assert chat.text_to_box(replaced["box_text"], r.width, r.height) == pytest.approx(replaced["box"])
     assert line["candidates"][2]["crop_score"] == pytest.approx(1.0, abs=0.05)  # the true box (3 decimals)
 
 
 def test_diversity_rule_replaces_only_above_iou_0_05(synth_dir, tmp_path):
     path, records = _records(synth_dir, tmp_path, 1)
     r = records[0]
-    text = lambda box: data.box_to_text(box, r.width, r.height)  # noqa: E731
+    text = lambda box: chat.box_to_text(box, r.width, r.height)  # noqa: E731
     first, near, far = (0, 0, 100, 100), (80, 0, 180, 100), (95, 0, 195, 100)  # IoU 0.111 and 0.026
     replies = [text(first), text(near), text(first), text(far)]
 
@@ -280,7 +281,7 @@ def test_diversity_rule_replaces_only_above_iou_0_05(synth_dir, tmp_path):
     generate.generate(_cfg(path, synth_dir, tmp_path / "out", attempts=2), sampler)
     (line,) = _read_lines(tmp_path / "out" / "candidates.jsonl")
     near_cand, far_cand = line["candidates"][1], line["candidates"][3]
-    assert near_cand["replaced"] and data.iou(near_cand["box"], line["candidates"][0]["box"]) == 0.0
+    assert near_cand["replaced"] and chat.iou(near_cand["box"], line["candidates"][0]["box"]) == 0.0
     assert not far_cand["replaced"] and far_cand["box_text"] == text(far)
 
 
@@ -348,7 +349,7 @@ def test_generated_pairs_train_with_dpo(synth_dir, tmp_path):
         assert (line["pair"]["chosen_box"], line["pair"]["rejected_answer"]) == (win["box_text"], lose["answer"])
     with_gt = [ln for ln in lines if ln["pair"] and ln["gt_box"]]
     assert summary["chosen_acc@0.5"] == sum(
-        data.iou(ln["candidates"][ln["chosen"]]["box"], ln["gt_box"]) > 0.5 for ln in with_gt) / len(with_gt)
+        chat.iou(ln["candidates"][ln["chosen"]]["box"], ln["gt_box"]) > 0.5 for ln in with_gt) / len(with_gt)
     assert json.loads((out / "summary.json").read_text())["pairs_kept"] == len(pairs)
 
     # no --image-root: the pair file records the root its image paths are relative to
@@ -386,7 +387,7 @@ def test_tiny_model_run_counts_failures_and_resumes_exactly(tiny_sampler, tiny_p
     lines = _read_lines(tmp_path / "whole" / "candidates.jsonl")
     assert [ln["index"] for ln in lines] == list(range(5))
     records = data.read_records(synth_dir / "val.jsonl")
-    failures = sum(data.text_to_box(c["box_reply"], records[ln["index"]].width, records[ln["index"]].height) is None
+    failures = sum(chat.text_to_box(c["box_reply"], records[ln["index"]].width, records[ln["index"]].height) is None
                    for ln in lines for c in ln["candidates"])
     assert summary["candidates"] == 10 and summary["box_parse_failures"] == failures
     assert len({c["box_reply"] for ln in lines for c in ln["candidates"]}) > 5  # really sampled
@@ -433,7 +434,7 @@ def _serve(handler_fn):
 def test_judge_scorer_over_http(synth_dir, tmp_path):
     path, records = _records(synth_dir, tmp_path, 3)
     by_question = {r.question: r for r in records}
-    gt_crops = {r.question: data.load_image(r).crop(data.crop_window(r.box, r.width, r.height)) for r in records}
+    gt_crops = {r.question: data.load_image(r).crop(chat.crop_window(r.box, r.width, r.height)) for r in records}
 
     def same_crop(image, target):  # box text keeps 3 decimals: the parsed box may be a pixel off on a 1344 px page
         if abs(image.width - target.width) > 2 or abs(image.height - target.height) > 2:
@@ -449,10 +450,10 @@ def test_judge_scorer_over_http(synth_dir, tmp_path):
         text = next(p["text"] for p in parts if p["type"] == "text")
         images = [_decode(p) for p in parts if p["type"] == "image_url"]
         r = find(text)
-        if text.endswith(data.FOCUS_INSTRUCTION):  # policy, box step: always the true box
-            return data.box_to_text(r.box, r.width, r.height)
+        if text.endswith(chat.FOCUS_INSTRUCTION):  # policy, box step: always the true box
+            return chat.box_to_text(r.box, r.width, r.height)
         on_target = same_crop(images[-1], gt_crops[r.question])
-        if data.VISRL_INSTRUCTION in text:  # policy, answer step: right only on the true crop
+        if chat.VISRL_INSTRUCTION in text:  # policy, answer step: right only on the true crop
             return r.answer if on_target else "not sure"
         if "proofreading" in text:
             model_answer = re.search(r"Model's answer: (.*)\n", text).group(1)

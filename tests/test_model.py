@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+import chat
 import data
 import model
 import synth
@@ -17,9 +18,9 @@ def _batch(processor, net, n_images: int = 1, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     images = [Image.fromarray((torch.rand(300 + 40 * i, 420, 3, generator=g) * 255).byte().numpy())
               for i in range(n_images)]
-    messages = data.answer_messages("What digit is inside the red frame?") if n_images == 2 else \
-        data.focus_messages("What digit is inside the red frame?")
-    ids, labels = data.encode(processor.tokenizer, processor.image_processor, messages,
+    messages = chat.answer_messages("What digit is inside the red frame?") if n_images == 2 else \
+        chat.focus_messages("What digit is inside the red frame?")
+    ids, labels = chat.encode(processor.tokenizer, processor.image_processor, messages,
                               [im.size for im in images], "7")
     pixels = processor.image_processor(images=images, return_tensors="pt")
     input_ids = torch.tensor([ids])
@@ -164,9 +165,9 @@ def test_load_adapter_rejects_mismatched_weights(tiny, tmp_path):
 def test_batched_left_padded_generation_equals_one_at_a_time(tiny, synth_dir):
     net, processor = tiny
     records = data.read_records(synth_dir / "val.jsonl")[:3]
-    prompts = [(data.focus_messages(r.question), [data.load_image(r)]) for r in records]
+    prompts = [(chat.focus_messages(r.question), [data.load_image(r)]) for r in records]
     image = data.load_image(records[0])
-    prompts.append((data.answer_messages(records[0].question), [image, image.crop(data.crop_window(records[0].box, *image.size))]))
+    prompts.append((chat.answer_messages(records[0].question), [image, image.crop(chat.crop_window(records[0].box, *image.size))]))
     greedy = model.Sampling(max_new_tokens=8)
     batched = model.sample(net, processor, prompts, greedy, batch_size=4)
     single = [model.sample(net, processor, [p], greedy)[0] for p in prompts]

@@ -14,6 +14,7 @@ import zlib
 import pytest
 from PIL import Image, ImageDraw
 
+import chat
 import data
 import evaluate
 import model
@@ -129,14 +130,14 @@ def _chat(url, body):
 
 
 # --------------------------------------------------------------------------------------------
-# infer
+# infer (evaluate.py: two_step on one image and its picture; here beside serve, which shares its fixtures)
 
 
 def test_infer_writes_its_picture_and_agrees_with_evaluate(tiny_path, root, reference, tmp_path, capsys):
     image_path = root / "sub" / "a.png"
-    cfg = serve.InferConfig(image=str(image_path), question=QUESTION, model=str(tiny_path),
+    cfg = evaluate.InferConfig(image=str(image_path), question=QUESTION, model=str(tiny_path),
                             out=str(tmp_path / "pic" / "infer.png"), max_new_tokens=MAX_TOKENS)
-    row = serve.infer_command(cfg)
+    row = evaluate.infer_command(cfg)
     with Image.open(tmp_path / "pic" / "infer.png") as pic:
         assert pic.width > 320 and pic.height > 240  # the image, the crop beside it, the caption
     assert {"box_text", "box", "box_parsed", "crop", "answer"} <= set(row) and row["crop"][2] > row["crop"][0]
@@ -154,7 +155,7 @@ def test_infer_writes_its_picture_and_agrees_with_evaluate(tiny_path, root, refe
 def test_infer_names_a_missing_or_corrupt_image(root):
     for path in (root / "nope.png", root / "broken.png"):
         with pytest.raises(data.DataError, match=str(path)):
-            serve.infer_command(serve.InferConfig(image=str(path), question="q"))
+            evaluate.infer_command(evaluate.InferConfig(image=str(path), question="q"))
 
 
 def test_infer_refuses_to_overwrite_unless_asked_and_never_its_input(tiny_path, root, tmp_path):
@@ -162,14 +163,14 @@ def test_infer_refuses_to_overwrite_unless_asked_and_never_its_input(tiny_path, 
     before = image.read_bytes()
     for out, overwrite in ((image, False), (image, True), (root / "sub" / ".." / "sub" / "a.png", True)):
         with pytest.raises(data.UserError, match="is the input image"):
-            serve.infer_command(serve.InferConfig(image=str(image), question="q", out=str(out), overwrite=overwrite))
+            evaluate.infer_command(evaluate.InferConfig(image=str(image), question="q", out=str(out), overwrite=overwrite))
     assert image.read_bytes() == before
     taken = tmp_path / "taken.png"
     taken.write_bytes(b"mine")
     with pytest.raises(data.UserError, match="--overwrite"):  # refused before the model loads
-        serve.infer_command(serve.InferConfig(image=str(image), question="q", out=str(taken)))
+        evaluate.infer_command(evaluate.InferConfig(image=str(image), question="q", out=str(taken)))
     assert taken.read_bytes() == b"mine"
-    serve.infer_command(serve.InferConfig(image=str(image), question="q", model=str(tiny_path), out=str(taken),
+    evaluate.infer_command(evaluate.InferConfig(image=str(image), question="q", model=str(tiny_path), out=str(taken),
                                           overwrite=True, max_new_tokens=2))
     with Image.open(taken) as pic:
         assert pic.width > 320
@@ -195,9 +196,9 @@ def test_cli_flags_parse():
                                             "--served-model-name", "m", "--batch-size", "2"])
     assert (cfg.port, cfg.image_root, cfg.max_queue, cfg.served_model_name, cfg.batch_size, cfg.host) == (
         0, "/x", 3, "m", 2, "127.0.0.1")
-    cfg = tyro.cli(serve.InferConfig, args=["--image", "a.png", "--question", "q?", "--crop", "raw"])
+    cfg = tyro.cli(evaluate.InferConfig, args=["--image", "a.png", "--question", "q?", "--crop", "raw"])
     assert (cfg.image, cfg.question, cfg.crop, cfg.out, cfg.overwrite) == ("a.png", "q?", "raw", "infer.png", False)
-    assert tyro.cli(serve.InferConfig, args=["--image", "a", "--question", "q", "--overwrite"]).overwrite
+    assert tyro.cli(evaluate.InferConfig, args=["--image", "a", "--question", "q", "--overwrite"]).overwrite
     assert tyro.cli(serve.ServeConfig, args=["--body-timeout", "2.5"]).body_timeout == 2.5
 
 
@@ -221,7 +222,7 @@ def test_reply_is_model_generate_output_with_openai_shape(server, reference):
     assert choice["index"] == 0 and choice["message"]["role"] == "assistant"
     assert choice["message"]["content"] == _generate(reference, [(_ours(), [image])])[0]  # nothing added
     net, processor = reference
-    prompt = len(data.encode(processor.tokenizer, processor.image_processor, _ours(), [image.size])[0])
+    prompt = len(chat.encode(processor.tokenizer, processor.image_processor, _ours(), [image.size])[0])
     usage = reply["usage"]
     assert usage["prompt_tokens"] == prompt and 1 <= usage["completion_tokens"] <= MAX_TOKENS
     assert usage["total_tokens"] == prompt + usage["completion_tokens"]
@@ -412,7 +413,7 @@ def test_visual_cot_returns_the_box_and_the_answer(server, reference):
     reply = _chat(url, _request(evaluate.image_data_url(image), visual_cot=True))
     cot = reply["visual_cot"]
     assert set(cot) == {"box_text", "box", "crop"} and len(cot["crop"]) == 4
-    expected = evaluate.two_step(lambda prompts: _generate(reference, prompts), [image], [data.focus_messages(QUESTION)],
+    expected = evaluate.two_step(lambda prompts: _generate(reference, prompts), [image], [chat.focus_messages(QUESTION)],
                                 [QUESTION])[0]
     assert cot == {k: expected[k] for k in ("box_text", "box", "crop")}
     assert reply["choices"][0]["message"]["content"] == expected["answer"]

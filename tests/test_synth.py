@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import chat
 import data
 import model
 import synth
@@ -42,7 +43,7 @@ def test_synth(tmp_path):
                       (x1 + 2, (y1 + y2) // 2)]
             assert all(img.getpixel(p) == synth.SYNTH_COLORS[color] for p in border)
             assert img.getpixel((x1 - 1, y1 - 1)) != synth.SYNTH_COLORS[color]  # the box is tight
-            win = data.crop_window(r.box, r.width, r.height)
+            win = chat.crop_window(r.box, r.width, r.height)
             # an odd side may lose its last pixel, as upstream's floor division does
             assert _contains(win, (x1, y1, x2 - 1, y2 - 1)) and win[2] - win[0] == win[3] - win[1] >= 224
 
@@ -57,7 +58,7 @@ def test_the_pattern_is_gone_in_the_full_view_and_clear_in_the_crop(tmp_path):
         scale = view / r.width
         full = np.asarray(img.resize((view, view), Image.BICUBIC), np.float32)
         full = full[round(inner[1] * scale):round(inner[3] * scale), round(inner[0] * scale):round(inner[2] * scale)]
-        win = data.crop_window(r.box, r.width, r.height)
+        win = chat.crop_window(r.box, r.width, r.height)
         crop_scale = view / (win[2] - win[0])
         crop = np.asarray(img.crop(win).resize((view, view), Image.BICUBIC), np.float32)
         crop = crop[round((inner[1] - win[1]) * crop_scale):round((inner[3] - win[1]) * crop_scale),
@@ -118,7 +119,7 @@ def test_tiny_view_of_a_square_does_not_depend_on_a_pixel_of_its_size():
 
     cfg = synth.TinyConfig()
     image_processor = Qwen2VLImageProcessorPil(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)  # as make_tiny
-    assert {data.model_view_size(side, side, image_processor) for side in range(200, 1400)} == {(112, 112)}
+    assert {chat.model_view_size(side, side, image_processor) for side in range(200, 1400)} == {(112, 112)}
 
 
 def test_the_tiny_cache_key_changes_with_everything_that_builds_the_model(monkeypatch):

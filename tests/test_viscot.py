@@ -1,5 +1,5 @@
 """The Visual-CoT benchmark protocol: the official detection scorer, the judge's prompt and reply parsing,
-and the benchmark readers (the `release` fixture is in conftest.py: test_evaluate.py runs on it too)."""
+the benchmark readers, answer scores and the means over sets (the `release` fixture is in conftest.py: test_evaluate.py runs on it too)."""
 
 import json
 import warnings
@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 
+import chat
 import data
 import viscot
 from conftest import write_rec_file
@@ -32,7 +33,7 @@ def test_official_acc_on_hand_made_boxes(text, gt, width, height, expected):
 
 def test_float32_iou_is_what_flips_the_threshold_case():
     pred, gt = [0.0, 0.0, 0.07 * 700, 0.05 * 700], [0, 0, 98, 35]
-    assert data.iou(pred, gt) > 0.5  # plain float64 would call it correct
+    assert chat.iou(pred, gt) > 0.5  # plain float64 would call it correct
     assert viscot.iou_float32(pred, gt) == 0.5
     # against torch float32, the official tensors, on assorted boxes (inverted, empty, NaN)
     boxes = [[0, 0, 10, 10], [5, 5, 15, 12.5], [10, 10, 0, 0], [3, 3, 3, 9], [float("nan"), 0, 4, 4], [1e-3, 2, 7.77, 9.1]]
@@ -165,3 +166,58 @@ def test_rec_file_is_box_only(tmp_path):
     assert [(it.set, it.id, it.kind, it.answers) for it in items] == [
         ("REC_refcoco_unc_val", "0", "rec", []), ("REC_refcoco_unc_val", "1", "rec", [])]
     # the locate prompt these items get is tested with evaluate.focus_prompt in test_evaluate.py
+
+
+# --------------------------------------------------------------------------------------------
+# Offline answer scores on known pairs.
+
+
+def test_anls_on_known_pairs():
+    assert viscot.levenshtein("kitten", "sitting") == 3
+    assert viscot.anls("hello", "hallo") == pytest.approx(0.8)              # 1 edit / 5
+    assert viscot.anls("kitten", "sitting") == pytest.approx(1 - 3 / 7)     # NL 0.43 < 0.5
+    assert viscot.anls("abc", "abd") == pytest.approx(2 / 3)
+    assert viscot.anls("ab", "ac") == 0.0                                    # NL exactly 0.5: not < 0.5
+    assert viscot.anls("abc", "xyz") == 0.0
+    assert viscot.anls("  Hello   World ", "hello world") == 1.0            # case and spacing ignored
+    assert viscot.anls("x", ["nope", "X"]) == 1.0                            # best over the references
+    assert viscot.anls("", "") == 1.0 and viscot.anls("", "a") == 0.0
+
+
+def test_exact_match_and_containment():
+    assert viscot.exact_match("The Cat.", "cat") == 1.0 and viscot.exact_match("cats", "cat") == 0.0
+    assert viscot.containment("it is a red car", ["blue", "red car"]) == 1.0
+    assert viscot.containment("scared", "red") == 0.0  # whole words only
+    assert viscot.answer_scores("4", ["4"]) == {"exact_match": 1.0, "anls": 1.0, "containment": 1.0}
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring: how the official scorer's verdicts add up per set and over sets.
+
+
+def test_degenerate_ground_truth_is_counted():
+    gt = [464.0, 951.0, 510.0, 457.0]  # docvqa question 491 in the release: y2 < y1
+    row = {"set": "docvqa", "id": "491", "answers": ["x"], "answer": "x", "gt_box": gt, "width": 2200, "height": 1704,
+           "box_text": "[0.0, 0.0, 1.0, 1.0]", "degenerate": True}
+    ok = {**row, "id": "1", "gt_box": [0, 0, 2200, 1704], "degenerate": False,
+          "box_text": "[0.000, 0.113, 1.000, 0.887]"}  # wide image: the full-image box in square form
+    det = viscot.summarize([row, ok])["sets"]["docvqa"]["detection"]
+    assert (det["n"], det["correct"], det["acc"], det["degenerate_gt"]) == (2, 1, 50.0, 1)
+
+
+def test_means_official_drops_sets_at_exactly_zero_plain_keeps_them():
+    def rows(name, n_right, n):
+        return [{"set": name, "id": str(i), "answers": [], "gt_box": [0, 0, 50, 50], "width": 100, "height": 100,
+                 "box_text": "[0.0, 0.0, 0.5, 0.5]" if i < n_right else "[0.5, 0.5, 1.0, 1.0]"} for i in range(n)]
+    results = viscot.summarize(rows("a", 1, 2) + rows("b", 0, 3) + rows("c", 3, 4) + [
+        {"set": "c", "id": "x", "answers": [], "gt_box": [0, 0, 50, 50], "width": 100, "height": 100,
+         "box_text": "[0.0,0.0,0.5,0.5]"}])  # lenient-only correct
+    det = results["means"]["detection"]
+    assert results["sets"]["c"]["detection"]["acc"] == 60.0 and results["sets"]["c"]["detection"]["acc_lenient"] == 80.0
+    assert results["sets"]["c"]["detection"]["parsers_disagree"] == 1
+    assert det["official_mean"] == pytest.approx((50 + 60) / 2) and det["dropped_zero_sets"] == ["b"]
+    assert det["plain_mean"] == pytest.approx((50 + 0 + 60) / 3)
+    unscored = viscot.summarize(rows("a", 1, 2) + rows("visual7w", 2, 2))
+    assert unscored["means"]["detection"]["plain_mean"] == 50.0 and "visual7w" in unscored["sets"]
+    lenient = viscot.summarize(rows("c", 3, 4), parser="lenient")["sets"]["c"]["detection"]
+    assert lenient["acc"] == 75.0 and lenient["parser"] == "lenient"

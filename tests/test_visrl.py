@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import chat
 import data
 import dpo
 import model
@@ -26,7 +27,7 @@ def _config(synth_dir, out, **overrides):
 
 
 def _collate(processor, net, samples):
-    return data.collate(samples, processor.image_processor, processor.tokenizer.pad_token_id, net.config.image_token_id)
+    return chat.collate(samples, processor.image_processor, processor.tokenizer.pad_token_id, net.config.image_token_id)
 
 
 def _mean_loss(net, processor, samples):
@@ -40,7 +41,7 @@ def test_sft_loss_is_the_mean_cross_entropy_of_a_plain_forward(tiny_path, synth_
     """The fused path (features once, response positions only) against HF's full logits, sample by sample."""
     net, processor = model.load_model(str(tiny_path))
     records = data.read_records(synth_dir / "train.jsonl")[:2]
-    samples = [s for r in records for s in data.sft_samples(r, processor.tokenizer, processor.image_processor,
+    samples = [s for r in records for s in chat.sft_samples(r, processor.tokenizer, processor.image_processor,
                                                             crop_alone=True)]
     with torch.no_grad():
         expected = -torch.cat([plain_token_logps(net, processor, s) for s in samples]).mean()
@@ -58,7 +59,7 @@ def test_sft_lowers_the_loss(synth_dir, tmp_path):
     net, processor = model.load_model("tiny")
     net.eval()
     val = [s for r in data.read_records(synth_dir / "val.jsonl")
-           for s in data.sft_samples(r, processor.tokenizer, processor.image_processor)]
+           for s in chat.sft_samples(r, processor.tokenizer, processor.image_processor)]
     before = _mean_loss(net, processor, val)
     model.load_adapter(net, out)
     after = _mean_loss(net, processor, val)
@@ -73,8 +74,8 @@ def test_step_loss_does_not_depend_on_the_accumulation_split(tiny_path, synth_di
     for m in model.lora_modules(net).values():  # non-zero B so A gets gradients too
         torch.nn.init.normal_(m.lora_B.weight, std=0.02)
     records = data.read_records(synth_dir / "train.jsonl")[:2]
-    samples = [s for r in records for s in data.sft_samples(r, processor.tokenizer, processor.image_processor)]
-    n_tokens = sum(sum(label != data.IGNORE_INDEX for label in s.labels[1:]) for s in samples)
+    samples = [s for r in records for s in chat.sft_samples(r, processor.tokenizer, processor.image_processor)]
+    n_tokens = sum(sum(label != chat.IGNORE_INDEX for label in s.labels[1:]) for s in samples)
     n_tokens = torch.tensor(float(n_tokens))
     params = model.trainable_parameters(net)
 
@@ -94,7 +95,7 @@ def test_step_loss_does_not_depend_on_the_accumulation_split(tiny_path, synth_di
 def test_long_samples_are_dropped_or_rejected(synth_dir, tmp_path, capsys):
     net, processor = model.load_model("tiny")
     records = data.read_records(synth_dir / "train.jsonl")[:6]
-    answer_len = len(data.sft_samples(records[0], processor.tokenizer, processor.image_processor)[1].input_ids)
+    answer_len = len(chat.sft_samples(records[0], processor.tokenizer, processor.image_processor)[1].input_ids)
     cfg = _config(synth_dir, tmp_path, max_len=answer_len - 1)
     samples = visrl.build_sft_samples(cfg, records, processor, model.Dist())
     assert all(len(s.input_ids) <= answer_len - 1 for s in samples)

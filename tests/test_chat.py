@@ -1,0 +1,295 @@
+"""Tests for chat.py: the prompt table, box text forms, parsing, IoU, crops, tokenisation, batching."""
+
+import random
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import chat  # noqa: E402
+import data  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# prompts
+
+def test_prompts():
+    q = "What is the name of the shop?"
+    text = chat.focus_messages(q)[0]["content"][1]["text"]
+    assert text == q + (" Please provide the bounding box coordinate of the region"
+                        " that can help you answer the question better.")
+    official = chat.focus_messages(q, official=True)[0]["content"][1]["text"]
+    assert official == "what is the name of the shop?. " + chat.FOCUS_INSTRUCTION
+    content = chat.answer_messages(q)[0]["content"]
+    assert [c["type"] for c in content] == ["image", "text", "image"]
+    assert content[1]["text"] == q + " " + chat.VISRL_INSTRUCTION + "\n"
+    content = chat.direct_messages(q)[0]["content"]
+    assert [c["type"] for c in content] == ["image", "text"] and content[1]["text"] == q
+    assert all(m["role"] == "user" for f in (chat.focus_messages, chat.answer_messages, chat.direct_messages)
+               for m in f(q))
+
+# -----------------------------------------------------------------------------
+# box text forms
+
+def test_recipe_example_round_trip():
+    text = chat.box_to_text((217, 343, 242, 393), 391, 500)
+    assert text == "[0.542, 0.686, 0.592, 0.786]"
+    box = chat.text_to_box(text, 391, 500)
+    assert box == pytest.approx((217, 343, 242, 393), abs=0.5)
+    assert chat.box_to_text(box, 391, 500) == text
+
+def test_square_differs_from_axis():
+    # wide 600x400 image: S = 600, the image sits (600 - 400) // 2 = 100 px down in the square
+    box = (60, 40, 300, 200)
+    assert chat.box_to_text(box, 600, 400, "square") == "[0.100, 0.233, 0.500, 0.500]"  # 140/600, 300/600
+    assert chat.box_to_text(box, 600, 400, "axis") == "[0.100, 0.100, 0.500, 0.500]"    # 40/400, 200/400
+    # tall 400x600 image: the image sits 100 px right in the square
+    box = (40, 60, 200, 300)
+    assert chat.box_to_text(box, 400, 600, "square") == "[0.233, 0.100, 0.500, 0.500]"
+    assert chat.box_to_text(box, 400, 600, "axis") == "[0.100, 0.100, 0.500, 0.500]"
+    # odd difference: offset (500 - 391) // 2 = 54, floor division
+    assert chat.box_to_text((0, 0, 391, 500), 391, 500) == f"[{54 / 500:.3f}, 0.000, {445 / 500:.3f}, 1.000]"
+    # and back: square value * 600 - 100 on the short axis, axis value * side
+    assert chat.text_to_box("[0.100, 0.233, 0.500, 0.500]", 600, 400) == pytest.approx((60, 39.8, 300, 200))
+    assert chat.text_to_box("[0.100, 0.233, 0.500, 0.500]", 600, 400, "axis") == \
+        pytest.approx((60, 93.2, 300, 200))
+
+def test_pixel_form():
+    assert chat.box_to_text((100, 50, 500, 250), 1000, 500, "pixel", resized=(560, 280)) == "[56, 28, 280, 140]"
+    assert chat.text_to_box("[56, 28, 280, 140]", 1000, 500, "pixel", resized=(560, 280)) == \
+        pytest.approx((100, 50, 500, 250))
+    with pytest.raises(ValueError):
+        chat.box_to_text((0, 0, 1, 1), 10, 10, "pixel")
+    with pytest.raises(ValueError):
+        chat.box_to_text((0, 0, 1, 1), 10, 10, "polar")
+
+@pytest.mark.parametrize("text", [
+    "", "no box here", "[0.1, 0.2, 0.3]", "[nan, 0.1, 0.2, 0.3]", "[0.1, inf, 0.2, 0.3]", "[NaN, NaN, 1, 1]",
+    "[1e999, 0, 1, 1]", "[0.5, 0.2, 0.3, 0.4]", "[0.1, 0.4, 0.3, 0.2]", "[-0.1, 0.2, 0.3, 0.4]", "[", "]]",
+    "][0.1, 0.2, 0.3, 0.4", "[0.1, 0.2, 0.3, 0.4", "[0.1, 0.2] [0.3, 0.4]", "框[一, 二, 三, 四]", None, 42,
+])
+def test_parse_failures(text):
+    assert chat.parse_box(text) is None
+    assert chat.text_to_box(text, 100, 100) is None
+
+@pytest.mark.parametrize("text,expected", [
+    ("[0.1,0.2,0.3,0.4]", (0.1, 0.2, 0.3, 0.4)),
+    ("[0.1, 0.2, 0.3, 0.4]", (0.1, 0.2, 0.3, 0.4)),
+    ("The region is [0.1 0.2 0.3 0.4], I think.", (0.1, 0.2, 0.3, 0.4)),
+    ("[[0.1, 0.2, 0.3, 0.4]]", (0.1, 0.2, 0.3, 0.4)),
+    ('{"bbox_2d": [10, 20, 30, 40], "label": "sign"}', (10, 20, 30, 40)),
+    ("[0.1, 0.2, 0.3, 0.4, 0.9]", (0.1, 0.2, 0.3, 0.4)),
+    ("[0.1, 0.2, 0.3, 0.4] and [0.5, 0.6, 0.7, 0.8]", (0.1, 0.2, 0.3, 0.4)),
+    ("[.5, 0, 1., 1]", (0.5, 0, 1, 1)),
+])
+def test_parse_lenient(text, expected):
+    assert chat.parse_box(text) == pytest.approx(expected)
+
+def test_parse_failure_count_and_speed():
+    replies = ["[0.1, 0.2, 0.3, 0.4]", "[0.1,0.2,0.3,0.4]", "sure: [0, 0, 1, 1]", "[0.3, 0.2, 0.1, 0.4]",
+               "I cannot tell", "[nan, 0, 1, 1]", "[0.1, 0.2, 0.3]"]
+    assert sum(chat.parse_box(r) is None for r in replies) == 4
+    junk = ["[" * 200_000, "]" * 200_000, "[" + "1." * 100_000 + "]", "[" + "9" * 200_000 + "e" * 1000,
+            "[" + "0, " * 100_000, "é" * 200_000]
+    t = time.perf_counter()
+    for j in junk:
+        chat.parse_box(j)
+    assert time.perf_counter() - t < 1.0
+
+def test_text_to_box_rejects_and_clips():
+    assert chat.text_to_box("[0.1, 0.2, 1.3, 0.4]", 391, 500) is None  # normalised value outside the image
+    assert chat.text_to_box("[0.0, 0.0, 0.05, 1.0]", 391, 500) is None  # all in the left pad: empty
+    assert chat.text_to_box("[0.0, 0.0, 0.5, 0.5]", 391, 500) == pytest.approx((0, 0, 196, 250))  # clipped
+    assert chat.text_to_box("[0, 0, 2000, 2000]", 100, 50, "pixel", resized=(200, 100)) == (0, 0, 100, 50)
+
+def test_iou_union_and_ablation_boxes():
+    a = (0, 0, 10, 10)
+    assert chat.iou(a, a) == 1.0
+    assert chat.iou(a, (20, 20, 30, 30)) == 0.0
+    assert chat.iou(a, (10, 0, 20, 10)) == 0.0  # touching edges
+    assert chat.iou(a, (0, 0, 5, 5)) == 0.25
+    assert chat.iou((0, 0, 2, 2), (1, 1, 3, 3)) == pytest.approx(1 / 7)
+    assert chat.iou((0, 0, 4, 2), (2, 0, 6, 2)) == pytest.approx(4 / 12)
+    assert chat.iou((1, 1, 1, 1), (1, 1, 1, 1)) == 0.0
+    assert data.union_box([(0, 5, 10, 10), (3, 0, 4, 20)]) == (0, 0, 10, 20)
+    with pytest.raises(ValueError):
+        data.union_box([])
+    assert chat.center_box(391, 500) == pytest.approx((125 - 54, 125, 375 - 54, 375))
+    assert chat.center_box(600, 400) == pytest.approx((150, 50, 450, 350))
+    b1, b2 = chat.random_box(600, 400, random.Random(0)), chat.random_box(600, 400, random.Random(0))
+    assert b1 == b2
+    for seed in range(200):
+        x1, y1, x2, y2 = chat.random_box(600, 400, random.Random(seed))
+        assert 0 <= x1 < x2 <= 600 and 0 <= y1 < y2 <= 400
+        assert 60 - 1e-9 <= x2 - x1 <= 300 + 1e-9 and 40 - 1e-9 <= y2 - y1 <= 200 + 1e-9
+
+# -----------------------------------------------------------------------------
+# crops
+
+def _contains(win, box):
+    return win[0] <= box[0] and win[1] <= box[1] and box[2] <= win[2] and box[3] <= win[3]
+
+def test_crop_vcot_hand_example():
+    # centre (459 // 2, 736 // 2) = (229, 368), half side max(12, 25, 112) = 112
+    assert chat.crop_window((217, 343, 242, 393), 391, 500) == (117, 256, 341, 480)
+
+@pytest.mark.parametrize("box", [
+    (0, 0, 10, 10), (590, 0, 600, 10), (0, 390, 10, 400), (590, 390, 600, 400),  # corners
+    (300, 0, 310, 5), (300, 395, 310, 400), (0, 200, 4, 210), (596, 200, 600, 210),  # borders
+    (250, 150, 300, 200), (100.4, 100.6, 120.2, 180.9),
+])
+def test_crop_vcot_small_boxes(box):
+    win = chat.crop_window(box, 600, 400)
+    assert all(isinstance(v, int) for v in win)
+    assert win[2] - win[0] == 224 and win[3] - win[1] == 224  # shifted inside, never cut
+    assert 0 <= win[0] and 0 <= win[1] and win[2] <= 600 and win[3] <= 400
+    assert _contains(win, box)
+
+def test_crop_vcot_big_and_small_images():
+    box = (100, 50, 500, 350)  # 400 x 300: half side 200
+    win = chat.crop_window(box, 600, 400)
+    assert win == (100, 0, 500, 400)  # centre (300, 200), half side 200: 400 px, the whole height
+    # an odd side over 224 may lose its last pixel, exactly as upstream's floor division does
+    win = chat.crop_window((0, 0, 301, 301), 600, 600)
+    assert win == (0, 0, 300, 300)
+    assert chat.crop_window((10, 10, 20, 20), 150, 100) == (0, 0, 150, 100)  # smaller image: all of it
+    assert chat.crop_window((10, 10, 20, 20), 300, 150) == (0, 0, 224, 150)
+
+def test_crop_raw_and_image():
+    assert chat.crop_window((10.2, 20.7, 30.1, 40.0), 100, 100, "raw") == (10, 20, 31, 40)
+    assert chat.crop_window((50, 50, 50, 50), 100, 100, "raw") == (50, 50, 51, 51)
+    assert chat.crop_window((100, 100, 100, 100), 100, 100, "raw") == (99, 99, 100, 100)
+    img = Image.new("RGB", (600, 400))
+    assert img.crop(chat.crop_window((0, 0, 10, 10), *img.size)).size == (224, 224)
+    assert img.crop(chat.crop_window((0, 0, 10, 10), *img.size, rule="raw")).size == (10, 10)
+    with pytest.raises(ValueError):
+        chat.crop_window((0, 0, 1, 1), 10, 10, rule="nope")
+
+# -----------------------------------------------------------------------------
+# tokenisation, labels and batching (on the tiny checkpoint's tokenizer and image processor)
+
+@pytest.fixture(scope="module")
+def processor(tiny_path):
+    import model
+
+    return model.load_model(str(tiny_path))[1]
+
+
+@pytest.mark.parametrize("messages", [
+    chat.focus_messages("What digit is inside the red frame?"),
+    chat.answer_messages("Which number is written in the blue square?"),
+    chat.direct_messages("Read the digit in the cyan box."),
+])
+def test_render_chat_matches_the_qwen_template(processor, messages):
+    expected = processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert chat.render_chat(messages) == expected
+    full = messages + [{"role": "assistant", "content": "7"}]
+    assert chat.render_chat(full, add_generation_prompt=False) == \
+        processor.tokenizer.apply_chat_template(full, tokenize=False)
+
+
+def test_only_assistant_tokens_are_supervised(processor, synth_dir):
+    tok, image_processor = processor.tokenizer, processor.image_processor
+    record = data.read_records(synth_dir / "train.jsonl")[0]
+    focus, answer = chat.sft_samples(record, tok, image_processor)
+    box_text = chat.box_to_text(record.box, record.width, record.height)
+    for sample, response in ((focus, box_text), (answer, record.answer)):
+        supervised = [t for t, label in zip(sample.input_ids, sample.labels) if label != chat.IGNORE_INDEX]
+        assert supervised == [label for label in sample.labels if label != chat.IGNORE_INDEX]
+        assert tok.decode(supervised) == response + "<|im_end|>"
+        # everything before the response is the prompt, rendered by the chat format
+        n_prompt = sample.labels.index(next(label for label in sample.labels if label != chat.IGNORE_INDEX))
+        prompt = tok.decode(sample.input_ids[:n_prompt])
+        assert prompt.endswith("<|im_start|>assistant\n") and "<|im_start|>system\n" in prompt
+    assert record.question + " " + chat.FOCUS_INSTRUCTION in tok.decode(focus.input_ids)
+    assert record.question + " " + chat.VISRL_INSTRUCTION + "\n<|vision_start|>" in tok.decode(answer.input_ids)
+
+
+def test_crop_alone_sample_is_the_bare_question_on_the_crop(processor, synth_dir):
+    tok, image_processor = processor.tokenizer, processor.image_processor
+    record = data.read_records(synth_dir / "train.jsonl")[1]
+    focus, answer, crop = chat.sft_samples(record, tok, image_processor, crop_alone=True)
+    assert crop.kind == "crop" and crop.images == answer.images[1:]
+    text = tok.decode(crop.input_ids)
+    assert text.count("<|vision_start|>") == 1 and "<|vision_end|>" + record.question + "<|im_end|>" in text
+    assert tok.decode([t for t, label in zip(crop.input_ids, crop.labels) if label != chat.IGNORE_INDEX]) == \
+        record.answer + "<|im_end|>"
+    pixels = chat.collate([crop], image_processor, tok.pad_token_id, 0)  # one image: the crop, not the whole page
+    expected = image_processor(images=[data.load_image(record).crop(crop.images[0])], return_tensors="pt")
+    assert pixels["image_grid_thw"].tolist() == expected["image_grid_thw"].tolist()
+    assert torch.equal(pixels["pixel_values"], expected["pixel_values"])
+    image_pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    merge = image_processor.merge_size ** 2
+    assert crop.input_ids.count(image_pad) == int(expected["image_grid_thw"].prod()) // merge
+
+
+def test_image_tokens_match_the_processor(processor, synth_dir):
+    tok, image_processor = processor.tokenizer, processor.image_processor
+    image_pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    for record in data.read_records(synth_dir / "train.jsonl")[:4]:
+        for sample in chat.sft_samples(record, tok, image_processor):
+            pixels = chat.collate([sample], image_processor, tok.pad_token_id, image_pad)
+            grid = pixels["image_grid_thw"]
+            assert len(grid) == (1 if sample.kind == "focus" else 2)
+            expected = int((grid.prod(-1) // image_processor.merge_size**2).sum())
+            assert sample.input_ids.count(image_pad) == expected
+            assert pixels["pixel_values"].shape[0] == int(grid.prod(-1).sum())
+
+
+def test_collate_processes_each_distinct_view_once_and_the_cache_decodes_nothing_twice(processor, synth_dir,
+                                                                                      monkeypatch):
+    tok, image_processor = processor.tokenizer, processor.image_processor
+    records = data.read_records(synth_dir / "train.jsonl")[:3]
+    samples = [s for r in records for s in chat.sft_samples(r, tok, image_processor, crop_alone=True)]
+    # independently: every row's images processed on their own, in token order
+    expected = [image_processor(images=[data.load_image(s.record) if w is None else data.load_image(s.record).crop(w)],
+                                return_tensors="pt") for s in samples for w in s.images]
+    batch = chat.collate(samples, image_processor, tok.pad_token_id, 0)
+    # per record: the page and one crop window (the answer and crop-alone samples share it)
+    assert batch["image_grid_thw"].shape[0] == 2 * len(records) and len(batch["image_index"]) == len(expected)
+    offsets = [0] + batch["image_grid_thw"].prod(-1).cumsum(0).tolist()
+    for i, e in zip(batch["image_index"], expected):
+        assert torch.equal(batch["pixel_values"][offsets[i]:offsets[i + 1]], e["pixel_values"])
+        assert batch["image_grid_thw"][i].tolist() == e["image_grid_thw"][0].tolist()
+    plain = [chat.collate([s], image_processor, tok.pad_token_id, 0) for s in samples]
+    loads = []
+    real_load = data.load_image
+    monkeypatch.setattr(chat, "load_image", lambda record: loads.append(record.image) or real_load(record))
+    cache = {}
+    for _ in range(2):  # two epochs, one sample per batch
+        for s, expected_batch in zip(samples, plain):
+            got = chat.collate([s], image_processor, tok.pad_token_id, 0, cache)
+            assert torch.equal(got["pixel_values"], expected_batch["pixel_values"])
+            assert torch.equal(got["image_grid_thw"], expected_batch["image_grid_thw"])
+    assert len(cache) == 2 * len(records) and len(loads) <= 2 * len(records)  # never a view decoded twice
+
+
+def test_encode_rejects_extra_images(processor):
+    with pytest.raises(ValueError, match="placeholders"):
+        chat.encode(processor.tokenizer, processor.image_processor, chat.focus_messages("q"),
+                    [(300, 300), (224, 224)], "x")
+
+
+def test_collate_pads_right_and_marks_image_tokens(processor, synth_dir):
+    tok, image_processor = processor.tokenizer, processor.image_processor
+    record = data.read_records(synth_dir / "train.jsonl")[0]
+    samples = chat.sft_samples(record, tok, image_processor)
+    image_pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    batch = chat.collate(samples, image_processor, tok.pad_token_id, image_pad)
+    lengths = [len(s.input_ids) for s in samples]
+    assert batch["input_ids"].shape == (2, max(lengths))
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    short = lengths.index(min(lengths))
+    assert (batch["input_ids"][short, min(lengths):] == tok.pad_token_id).all()
+    assert batch["mm_token_type_ids"].sum() == (batch["input_ids"] == image_pad).sum()
+    assert batch["image_grid_thw"].shape == (2, 3)  # the page (shown by both) and the crop: each once
+    assert batch["row_grid_thw"].shape == (3, 3) and batch["image_index"] == [0, 0, 1]
+    # response positions: exactly the supervised tokens, each predicted from the position before it
+    for r, s in enumerate(samples):
+        mine = batch["response_row"] == r
+        assert batch["response_targets"][mine].tolist() == [t for t in s.labels if t != chat.IGNORE_INDEX]
+        flat = batch["input_ids"].reshape(-1)
+        assert torch.equal(flat[batch["response_index"][mine] + 1], batch["response_targets"][mine])
