@@ -322,6 +322,7 @@ def test_the_readme_layout_table_is_true_to_the_code():
     modules = {p.name: len(p.read_text().splitlines()) for p in root.glob("*.py")}
     assert set(rows) == set(modules)
     assert {name: int(n) for name, n in rows.items()} == modules
+    assert max(modules.values()) <= 600, modules  # the redesign's bound: a module a reader holds in their head
 
 
 def test_modules_import_one_way_and_only_at_the_top():
