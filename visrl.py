@@ -209,7 +209,7 @@ def optimizer_step(params, optimizer, scheduler, world: modeling.Dist, grad_clip
     return grad_norm, lr
 
 
-RUN_FILES = ("adapter", "checkpoints", "config.json", "metrics.jsonl")  # what a training run writes into --out
+RUN_FILES = ("adapter", "checkpoints", "config.json", "metrics.jsonl", dpo.REFERENCE_FILE)  # what a run writes
 
 
 def check_run_out(cfg, command: str) -> list[Path]:
@@ -456,10 +456,18 @@ def train(cfg: SFTConfig | dpo.DPOConfig) -> Path:
     else:
         pairs = data.read_pairs(cfg.data, image_root=cfg.image_root, skip_bad=cfg.skip_bad_records, limit=cfg.limit)
         items = dpo.build_dpo_samples(cfg, pairs, processor, world)
+        shared = dpo.sharing_prefix(cfg, net)
+        if cfg.shared_prefix and not shared and world.is_main:
+            print(f"dpo: attention {net.config._attn_implementation!r} takes no custom mask: each pair runs as two "
+                  "full rows, as with --no-shared-prefix", file=sys.stderr)
         collate = lambda indices: dpo.collate_pairs([s for i in indices for s in items[i]], processor.image_processor,
-                                                    pad_id, image_token_id)
-        # reference log-probs first: a plain forward pass, before the model is sharded
-        ref_table = dpo.precompute_reference(net, items, processor, cfg, world) if cfg.precompute_ref else None
+                                                    pad_id, image_token_id, shared)
+        # reference log-probs first: a plain forward pass, before the model is sharded; a resumed run reads its own
+        ref_table, ref_key, ref_new = None, dpo.reference_key(items, lora_cfg, cfg.dtype), False
+        if cfg.precompute_ref:
+            ref_table = dpo.load_reference(out, ref_key, world.device) if cfg.resume else None
+            if ref_new := ref_table is None:
+                ref_table = dpo.precompute_reference(net, items, processor, cfg, world)
         objective, what = dpo.DPOObjective(net, cfg, ref_table), f"{len(items)} pairs"
 
     steps_per_epoch = len(epoch_batches(len(items), cfg.batch_size, world, cfg.seed, 0)) // cfg.grad_accum
@@ -481,7 +489,11 @@ def train(cfg: SFTConfig | dpo.DPOConfig) -> Path:
     metrics = start_run(out, cfg, command, world, replaced, (
         f"{name}: {what}; {total_steps} steps; global batch {global_batch}; "
         + (f"{sum(p.numel() for p in params):,} trainable parameters" if is_sft else
-           f"reference = {cfg.adapter or cfg.model} ({'precomputed' if cfg.precompute_ref else 'adapters off, per step'})")))
+           f"reference = {cfg.adapter or cfg.model} ("
+           + ("adapters off, per step" if not cfg.precompute_ref else "precomputed" if ref_new else
+              f"read back from {dpo.REFERENCE_FILE}") + ")")))
+    if not is_sft and ref_new and world.is_main:  # after start_run: --overwrite has cleared the old run by now
+        dpo.save_reference(out, ref_table, ref_key)
     indices = (sft_index_stream(cfg, items, world, start_step) if is_sft else
                batch_stream(len(items), cfg.batch_size, world, cfg.seed, start=start_step * cfg.grad_accum))
     batches = (modeling.to_device(collate(batch_indices), world.device) for batch_indices in indices)

@@ -124,9 +124,13 @@ def test_two_rank_fsdp_dpo_matches_one_rank(pairs_file, tmp_path):
     common = ["visrl.py", "dpo", "--data", str(pairs_file), "--stage", "2", "--max-steps", "2", "--lr", "1e-3"]
     _run([sys.executable] + common + ["--out", str(tmp_path / "one"), "--batch-size", "2"])
     _run(TORCHRUN + common + ["--out", str(tmp_path / "two"), "--batch-size", "1"])  # FSDP2 by default
-    for a, b in zip(_rows(tmp_path / "one"), _rows(tmp_path / "two")):
+    # and two full rows per pair with a reference pass per step: packing and the precomputed table change nothing
+    _run([sys.executable] + common + ["--out", str(tmp_path / "rows"), "--batch-size", "2", "--no-shared-prefix",
+                                      "--no-precompute-ref"])
+    for a, b, c in zip(_rows(tmp_path / "one"), _rows(tmp_path / "two"), _rows(tmp_path / "rows")):
         for key in ("loss", "box/loss", "answer/loss", "answer/rewards/margins"):
             assert b[key] == pytest.approx(a[key], abs=1e-5), key
+            assert c[key] == pytest.approx(a[key], abs=1e-5), key
     one = load_file(tmp_path / "one" / "adapter" / "adapter.safetensors")
     two = load_file(tmp_path / "two" / "adapter" / "adapter.safetensors")  # gathered from both ranks' shards
     assert one.keys() == two.keys()

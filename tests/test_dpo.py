@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import chat
 import data
 import dpo
 import model
@@ -125,13 +126,16 @@ def _grouped(processor, pairs_file, stage, rejected_crop="chosen", n=3):
     return dpo.build_dpo_samples(cfg, data.read_pairs(pairs_file, limit=n), processor, model.Dist())
 
 
-def test_sequence_logps_equal_the_model_s_own_logits(tiny_lora, pairs_file):
-    """Our path (shared features, hidden states at response positions, fused kernel) against a plain
-    HF forward with pixel values and full logits, row by row."""
+@pytest.mark.parametrize("stage,rejected_crop,shared", [(1, "chosen", True), (2, "chosen", True), (2, "own", True),
+                                                        (2, "chosen", False)])
+def test_sequence_logps_equal_the_model_s_own_logits(tiny_lora, pairs_file, stage, rejected_crop, shared):
+    """Our path (shared features, each pair's prefix once in a packed row or two full rows, hidden states at
+    response positions, fused kernel) against a plain HF forward with pixel values and full logits, row by row."""
     net, processor = tiny_lora
-    samples = [s for g in _grouped(processor, pairs_file, stage=2) for s in g]
+    samples = [s for g in _grouped(processor, pairs_file, stage=stage, rejected_crop=rejected_crop) for s in g]
     batch = dpo.collate_pairs(samples, processor.image_processor, processor.tokenizer.pad_token_id,
-                              net.config.image_token_id)
+                              net.config.image_token_id, shared_prefix=shared)
+    assert ("packed_ids" in batch) == shared
     with torch.no_grad():
         ours = dpo.sequence_logps(net, batch, dpo.encode_images(net, batch), chunk_size=7)
     rows = [s.chosen for s in samples] + [s.rejected for s in samples]
@@ -139,6 +143,54 @@ def test_sequence_logps_equal_the_model_s_own_logits(tiny_lora, pairs_file):
         with torch.no_grad():
             expected = plain_token_logps(net, processor, row).sum()
         torch.testing.assert_close(ours[r], expected, rtol=1e-5, atol=1e-4)
+
+
+def test_packing_shares_the_prefix_and_keeps_the_gradients(tiny_lora, pairs_file):
+    """Packed rows are about half as long as two full rows, and the LoRA gradients of a stage-2 DPO loss are
+    those of the unpacked computation (policy and reference)."""
+    net, processor = tiny_lora
+    grouped = _grouped(processor, pairs_file, stage=2, n=3)
+    samples = [s for g in grouped for s in g]
+    cfg = dpo.DPOConfig(data="x", stage=2, nll_weight=0.5)
+    counts = torch.bincount(torch.tensor([s.kind == "answer" for s in samples]).long(), minlength=2).float()
+    params = model.trainable_parameters(net)
+    results = {}
+    for shared in (True, False):
+        batch = dpo.collate_pairs(samples, processor.image_processor, processor.tokenizer.pad_token_id,
+                                  net.config.image_token_id, shared_prefix=shared)
+        features = dpo.encode_images(net, batch)
+        policy = dpo.sequence_logps(net, batch, features)
+        reference = dpo.reference_logps(net, batch, features, cfg, None)
+        loss, _ = dpo.step_loss(cfg, policy, reference, batch, counts)
+        grads = torch.autograd.grad(loss, params)
+        results[shared] = (policy.detach(), reference, grads, batch)
+    packed, plain = results[True], results[False]
+    torch.testing.assert_close(packed[0], plain[0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(packed[1], plain[1], rtol=1e-5, atol=1e-4)
+    for a, b in zip(packed[2], plain[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 + 1e-4 * b.abs().max().item())
+    packed_tokens = int((packed[3]["packed_segment"] >= 0).sum())
+    unpacked_tokens = int(plain[3]["attention_mask"].sum())
+    assert packed_tokens < 0.6 * unpacked_tokens, (packed_tokens, unpacked_tokens)
+
+
+def test_the_shared_prefix_stops_at_the_first_difference_and_before_a_differing_image():
+    record = data.Record("1", "a.png", "q", ["a"], [], 10, 10, "f:1")
+    sample = lambda ids, images: chat.Sample(ids, ids, record, images, "answer")  # noqa: E731
+    image = 9
+    # text differs at 3
+    assert dpo.shared_prefix_length(sample([1, 2, 3, 4], []), sample([1, 2, 3, 5], []), image) == 3
+    # the same image (page), then text: the prefix runs past it
+    assert dpo.shared_prefix_length(sample([1, 9, 9, 2, 3], [None]), sample([1, 9, 9, 2, 4], [None]), image) == 4
+    # two crops of one size: equal tokens, other pixels -> the prefix ends where the crop starts
+    a = sample([1, 9, 9, 2, 9, 9, 3, 5], [None, (0, 0, 5, 5)])
+    b = sample([1, 9, 9, 2, 9, 9, 3, 6], [None, (5, 5, 10, 10)])
+    assert dpo.shared_prefix_length(a, b, image) == 4
+    # crops of other sizes: the token runs differ inside the image -> back to its start
+    c = sample([1, 9, 9, 2, 9, 9, 9, 3], [None, (0, 0, 5, 5)])
+    assert dpo.shared_prefix_length(a, c, image) == 4
+    # nothing after the prefix differs in one row: the shorter row is all prefix
+    assert dpo.shared_prefix_length(sample([1, 2], []), sample([1, 2, 3], []), image) == 2
 
 
 @pytest.mark.parametrize("rejected_crop,images_per_pair", [("chosen", 2), ("own", 3)])
@@ -195,8 +247,9 @@ def _rows(out):
 
 
 def test_first_step_loss_is_ln2_and_stage2_loss_is_the_weighted_sum(pairs_file, tmp_path):
+    # the reference per step (the same pass as the policy's), so the first step's equality is exact
     visrl.train(dpo.DPOConfig(data=str(pairs_file), stage=2, out=str(tmp_path / "s2"), max_steps=2,
-                                    lambda_box=0.3, lambda_answer=0.7, lr=1e-3))
+                              lambda_box=0.3, lambda_answer=0.7, lr=1e-3, precompute_ref=False))
     rows = _rows(tmp_path / "s2")
     first = rows[0]
     # zero-initialised adapter: policy == reference, so every pair loss is -log sigmoid(0) = ln 2
@@ -245,13 +298,24 @@ def test_short_run_raises_the_reward_margin(pairs_file, tmp_path):
     assert rows[0]["box/rewards/margins"] == 0.0 and rows[-1]["box/rewards/margins"] > 0.5
 
 
-def test_precompute_ref_trains_the_same(pairs_file, tmp_path):
+def test_precompute_ref_trains_the_same_and_a_resumed_run_reads_its_table(pairs_file, tmp_path, capsys, monkeypatch):
     common = dict(data=str(pairs_file), stage=2, max_steps=3, lr=1e-3, limit=8)
-    visrl.train(dpo.DPOConfig(out=str(tmp_path / "live"), **common))
-    visrl.train(dpo.DPOConfig(out=str(tmp_path / "pre"), precompute_ref=True, **common))
+    visrl.train(dpo.DPOConfig(out=str(tmp_path / "live"), precompute_ref=False, **common))
+    visrl.train(dpo.DPOConfig(out=str(tmp_path / "pre"), **common))  # the default
     for live, pre in zip(_rows(tmp_path / "live"), _rows(tmp_path / "pre")):
         assert pre["loss"] == pytest.approx(live["loss"], abs=1e-5)
         assert pre["answer/rewards/margins"] == pytest.approx(live["answer/rewards/margins"], abs=1e-5)
+    assert (tmp_path / "pre" / dpo.REFERENCE_FILE).exists() and not (tmp_path / "live" / dpo.REFERENCE_FILE).exists()
+    first = _rows(tmp_path / "pre")
+    calls = []
+    real = dpo.precompute_reference
+    monkeypatch.setattr(dpo, "precompute_reference", lambda *a: calls.append(1) or real(*a))
+    visrl.train(dpo.DPOConfig(out=str(tmp_path / "pre"), resume=True, **{**common, "max_steps": 5}))
+    assert not calls and "read back from reference_logps.safetensors" in capsys.readouterr().err
+    assert _rows(tmp_path / "pre")[:3] == first  # the same run, extended: its steps before the resume untouched
+    (tmp_path / "pre" / dpo.REFERENCE_FILE).write_bytes(b"torn")  # an unreadable table is computed again
+    visrl.train(dpo.DPOConfig(out=str(tmp_path / "pre"), resume=True, **{**common, "max_steps": 6}))
+    assert calls == [1]
 
 
 def test_init_adapter_is_the_reference_and_the_stack_reloads(tiny_path, pairs_file, tmp_path):
