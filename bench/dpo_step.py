@@ -3,7 +3,10 @@
     python bench/dpo_step.py --size tiny       # or: mid (hidden 1024, vocab 32k, 576 image tokens), 7b-layer (GPU)
 
 Ours: each unique image encoded once per step and shared by chosen/rejected rows and the reference
-pass; hidden states taken at response positions only; fused chunked logsumexp + gather.
+pass; hidden states taken at response positions only; fused chunked logsumexp + gather. Three forms of
+it: `rows` (chosen and rejected as two full rows, a reference pass per step), `packed` (each pair's shared
+prefix once: `dpo --shared-prefix`, the default; a reference pass per step), `packed-pre` (packed, the
+reference precomputed before training as `dpo` does by default: the step runs the policy only).
 Naive (written here, as common DPO trainers do it): pixel values in every row's forward, so each
 image is encoded for every row of the policy and again for the reference; full [rows, seq, vocab]
 fp32 logits + log_softmax + gather; a separate reference forward.
@@ -100,15 +103,23 @@ def naive_logps(net, rows: list[dict], pad_id: int, image_token_id: int) -> torc
     return (token_logps * mask).sum(-1)
 
 
-def run_variant(size: str, variant: str, n_pairs: int, steps: int, device: torch.device) -> dict:
+VARIANTS = ("naive", "rows", "packed", "packed-pre")
+
+
+def run_variant(size: str, variant: str, n_pairs: int, steps: int, device: torch.device,
+                profile: bool = False) -> dict:
     net, processor, side = build(size, device)
     pad_id, image_token_id = processor.tokenizer.pad_token_id, net.config.image_token_id
     with tempfile.TemporaryDirectory() as tmp:
         pairs = make_pairs(n_pairs, side, Path(tmp))
         samples = [s for p in pairs for s in chat.dpo_samples(p, processor.tokenizer, processor.image_processor, 2)]
-        if variant == "ours":
-            batch = dpo.collate_pairs(samples, processor.image_processor, pad_id, image_token_id)
+        if variant != "naive":
+            batch = dpo.collate_pairs(samples, processor.image_processor, pad_id, image_token_id,
+                                      shared_prefix=variant != "rows")
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            if variant == "packed-pre":  # the table `dpo` computes once before training
+                with torch.no_grad(), modeling.adapters_disabled(net):
+                    table = dpo.sequence_logps(net, batch, dpo.encode_images(net, batch)).detach()
         else:
             rows = []
             for side_name in ("chosen", "rejected"):
@@ -124,11 +135,14 @@ def run_variant(size: str, variant: str, n_pairs: int, steps: int, device: torch
         def step():
             autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
             with autocast:
-                if variant == "ours":
+                if variant != "naive":
                     features = dpo.encode_images(net, batch)
                     policy = dpo.sequence_logps(net, batch, features)
-                    with torch.no_grad(), modeling.adapters_disabled(net):
-                        reference = dpo.sequence_logps(net, batch, features)
+                    if variant == "packed-pre":
+                        reference = table
+                    else:
+                        with torch.no_grad(), modeling.adapters_disabled(net):
+                            reference = dpo.sequence_logps(net, batch, features)
                 else:
                     policy = naive_logps(net, rows, pad_id, image_token_id)
                     with torch.no_grad(), modeling.adapters_disabled(net):
@@ -156,6 +170,13 @@ def run_variant(size: str, variant: str, n_pairs: int, steps: int, device: torch
         else:
             peak = peak_rss_bytes()
         step_mem = max(peak - base_mem, 0)
+        if profile:  # where a step's time goes: the top operators by their own CPU time
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profile
+
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                step()
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr)
         times = []
         for _ in range(steps):
             start = time.perf_counter()
@@ -163,8 +184,10 @@ def run_variant(size: str, variant: str, n_pairs: int, steps: int, device: torch
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
+    decoder_tokens = n_tokens if variant in ("naive", "rows") else int((batch["packed_segment"] >= 0).sum())
     return {"size": size, "variant": variant, "step_s": float(np.median(times)), "peak_bytes": peak,
             "step_mem_bytes": step_mem, "pairs": n_pairs, "rows": 4 * n_pairs, "tokens": n_tokens,
+            "decoder_tokens_per_pass": decoder_tokens,
             "image_tokens_per_full_image": image_tokens,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"}
 
@@ -197,27 +220,29 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=2, help="pairs per step (each: box + answer sample)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--variant", choices=["ours", "naive", "both"], default="both")
+    parser.add_argument("--variant", choices=[*VARIANTS, "all"], default="all")
+    parser.add_argument("--profile", action="store_true", help="with one --variant: its top operators (stderr)")
     args = parser.parse_args()
-    if args.variant != "both":
-        print(json.dumps(run_variant(args.size, args.variant, args.pairs, args.steps, torch.device(args.device))))
+    if args.variant != "all":
+        print(json.dumps(run_variant(args.size, args.variant, args.pairs, args.steps, torch.device(args.device),
+                                     args.profile)))
         return
     results = {}
-    for variant in ("naive", "ours"):
+    for variant in VARIANTS:
         # Two processes per variant: timing under the default allocator; memory with glibc told to hand
         # freed memory back at once (slower, but then RSS tracks live tensors). Each peak is its own.
         timed = run_subprocess(args, variant, {})
         measured = run_subprocess(args, variant, {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"})
         results[variant] = {**timed, "step_mem_bytes": measured["step_mem_bytes"], "peak_bytes": measured["peak_bytes"]}
-    ours, naive = results["ours"], results["naive"]
-    mem_key = "step_mem_bytes"
+    naive = results["naive"]
     print(json.dumps(results, indent=2))
-    print(f"\n| size | device | pairs (rows) | image tokens / full image | naive step | ours step | speed-up | "
-          f"naive step memory | ours step memory | memory ratio |")
-    print(f"| {args.size} | {ours['device']} | {args.pairs} ({ours['rows']}) | {ours['image_tokens_per_full_image']} | "
-          f"{naive['step_s']:.3f} s | {ours['step_s']:.3f} s | {naive['step_s'] / ours['step_s']:.2f}x | "
-          f"{naive[mem_key] / 2**20:.0f} MiB | {ours[mem_key] / 2**20:.0f} MiB | "
-          f"{ours[mem_key] / max(naive[mem_key], 1):.2f}x |")
+    print(f"\n{args.size}, {naive['device']}, {args.pairs} stage-2 pairs per step ({naive['rows']} sequences, "
+          f"{naive['tokens']} tokens), {naive['image_tokens_per_full_image']} image tokens per full image\n")
+    print("| variant | decoder tokens / pass | step | speed-up vs naive | step memory | memory vs naive |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for variant, r in results.items():
+        print(f"| {variant} | {r['decoder_tokens_per_pass']} | {r['step_s']:.3f} s | {naive['step_s'] / r['step_s']:.2f}x | "
+              f"{r['step_mem_bytes'] / 2**20:.0f} MiB | {r['step_mem_bytes'] / max(naive['step_mem_bytes'], 1):.2f}x |")
 
 
 if __name__ == "__main__":

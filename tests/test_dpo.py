@@ -174,6 +174,23 @@ def test_packing_shares_the_prefix_and_keeps_the_gradients(tiny_lora, pairs_file
     assert packed_tokens < 0.6 * unpacked_tokens, (packed_tokens, unpacked_tokens)
 
 
+def test_packing_is_exact_on_qwen2_vl_too(tiny_qwen2_path, pairs_file):
+    """Qwen2-VL computes its M-RoPE positions with its own get_rope_index: packed rows use it the same way."""
+    net, processor = model.load_model(str(tiny_qwen2_path))
+    model.add_lora(net, model.LoRAConfig(rank=4, alpha=8))
+    for m in model.lora_modules(net).values():
+        torch.nn.init.normal_(m.lora_B.weight, std=0.02)
+    net.eval()
+    samples = [s for g in _grouped(processor, pairs_file, stage=2, rejected_crop="own") for s in g]
+    logps = []
+    for shared in (True, False):
+        batch = dpo.collate_pairs(samples, processor.image_processor, processor.tokenizer.pad_token_id,
+                                  net.config.image_token_id, shared_prefix=shared)
+        with torch.no_grad():
+            logps.append(dpo.sequence_logps(net, batch, dpo.encode_images(net, batch)))
+    torch.testing.assert_close(logps[0], logps[1], rtol=1e-5, atol=1e-4)
+
+
 def test_the_shared_prefix_stops_at_the_first_difference_and_before_a_differing_image():
     record = data.Record("1", "a.png", "q", ["a"], [], 10, 10, "f:1")
     sample = lambda ids, images: chat.Sample(ids, ids, record, images, "answer")  # noqa: E731
