@@ -78,8 +78,8 @@ def retry_after(header: str | None, attempt: int) -> float:
     return min(max(asked, 2.0 ** attempt, 0.1), 30.0)  # backs off even when the server always says 1 s
 
 
-def chat_completion(endpoint: str, messages: list[dict], model: str = "default", max_tokens: int = 64,
-                    temperature: float = 0.0, top_p: float = 1.0, top_k: int | None = None,
+def chat_completion(endpoint: str, messages: list[dict], model: str = "default", max_tokens: int | None = 64,
+                    temperature: float | None = 0.0, top_p: float | None = 1.0, top_k: int | None = None,
                     timeout: float = 120.0, retries: int = 0) -> str:
     """The reply text of one /v1/chat/completions call; EndpointError on any failure after `retries` extra tries
     (1 s, 2 s, ... apart). A busy server (429/503) is waited for apart from these, as long as it asks."""
@@ -96,8 +96,10 @@ def _chat_once(endpoint, messages, model, max_tokens, temperature, top_p, top_k,
     url = endpoint.rstrip("/")
     if not url.endswith("/chat/completions"):
         url += "/chat/completions" if url.endswith("/v1") else "/v1/chat/completions"
-    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature,
-            "top_p": top_p}
+    body = {"model": model, "messages": messages}
+    # None leaves a field out, so the server's own default applies (the official judge request sends none)
+    body.update({k: v for k, v in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p))
+                 if v is not None})
     if top_k:
         body["top_k"] = top_k  # vLLM's extension; other servers ignore unknown fields
     request = urllib.request.Request(url, data=json.dumps(body).encode(),
@@ -120,12 +122,15 @@ def _chat_once(endpoint, messages, model, max_tokens, temperature, top_p, top_k,
         raise EndpointError(f"{url}: unexpected response shape: {str(payload)[:300]}") from e
 
 
-def judge_answer(endpoint: str, question: str, reference: str, prediction: str, model: str = "default",
-                 retries: int = 3, max_tokens: int = 256) -> tuple[float, str | None, str | None]:
-    """(score, reply, error) of one judge call; after `retries` failed calls the score is 0 (as upstream)."""
+def judge_answer(endpoint: str, question: str, reference: str, prediction: str, model: str = viscot.JUDGE_MODEL,
+                 retries: int = 3, deterministic: bool = False) -> tuple[float, str | None, str | None]:
+    """(score, reply, error) of one judge call; after `retries` failed calls the score is 0 (as upstream). The
+    request is the official script's (model and messages only: the server's sampling defaults); deterministic
+    adds temperature 0 and max_tokens 256, so that a rerun scores the same."""
+    sampling = (256, 0.0, 1.0) if deterministic else (None, None, None)
     try:
-        reply = chat_completion(endpoint, viscot.judge_messages(question, reference, prediction), model=model,
-                                max_tokens=max_tokens, temperature=0.0, retries=retries - 1)
+        reply = chat_completion(endpoint, viscot.judge_messages(question, reference, prediction), model, *sampling,
+                                retries=retries - 1)
     except EndpointError as e:
         return 0.0, None, str(e)
     return viscot.parse_judge_score(reply), reply, None
@@ -326,7 +331,8 @@ def run_judge(rows: list[dict], cfg: "EvalConfig") -> dict:
     if todo:
         with open(path, "a", encoding="utf-8") as f, ThreadPoolExecutor(max_workers=max(1, cfg.judge_workers)) as pool:
             futures = {pool.submit(judge_answer, cfg.judge_endpoint, r.get("judge_question") or r.get("question", ""),
-                                   r["answers"][0], r["answer"], cfg.judge_model): r for r in todo}
+                                   r["answers"][0], r["answer"], cfg.judge_model, 3,
+                                   cfg.judge_deterministic): r for r in todo}
             for future in tqdm(as_completed(futures), total=len(todo), desc="judge", dynamic_ncols=True):
                 r = futures[future]
                 score, reply, error = future.result()
@@ -504,7 +510,10 @@ class EvalConfig(data.RunConfig):
     endpoint: str | None = None  # an OpenAI-compatible server to run instead of the in-process model
     endpoint_model: str = "default"  # the model name sent to --endpoint
     judge_endpoint: str | None = None  # an OpenAI-compatible server for the Visual-CoT judge score
-    judge_model: str = "default"  # the model name sent to --judge-endpoint
+    judge_model: str = viscot.JUDGE_MODEL  # the model name sent to --judge-endpoint (the official judge's)
+    # send temperature 0 and max_tokens 256 with each judge call (the official script sends neither, so a
+    # sampling judge may score a rerun differently)
+    judge_deterministic: bool = False
     judge_workers: int = 8  # concurrent judge calls
     predictions: str | None = None  # re-score this predictions.jsonl; no model runs
     batch_size: int = 8  # prompts per generate call (concurrent requests with --endpoint)

@@ -94,6 +94,9 @@ _JUDGE_SCORE = re.compile(r"score: ([\d\.]+)")
 _LEADING_NUMBER = re.compile(r"\d+(?:\.\d*)?|\.\d+")
 
 
+JUDGE_MODEL = "gpt-3.5-turbo-1106"  # the model the official Visual-CoT judge script asks for
+
+
 def judge_messages(question: str, reference: str, prediction: str) -> list[dict]:
     """The judge's chat: the official system prompt and user text."""
     return [{"role": "system", "content": JUDGE_SYSTEM},

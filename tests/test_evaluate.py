@@ -1,6 +1,7 @@
 """Evaluation: runs and resume, the endpoint path, prediction rows, pictures (the protocol itself, detection
 scorer, answer scores, means, judge and readers, is tested in test_viscot.py)."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -205,6 +206,8 @@ def test_endpoint_and_judge_over_http(server, synth_dir, tmp_path):
     assert all(b["model"] == "served" and b["temperature"] == 0.0 for b in model_calls)
     assert all(_images(b)[0]["image_url"]["url"].startswith("data:image/png;base64,") for b in model_calls)
     assert judge_calls[0]["messages"] == viscot.judge_messages(records[0].question, records[0].answer, "4")
+    # the official judge request: its model, and no sampling fields (the server's defaults apply)
+    assert all(set(b) == {"model", "messages"} and b["model"] == "gpt-3.5-turbo-1106" for b in judge_calls)
     assert len(judge_calls) == 1 + 1 + 3 + 1  # first item retried once, second item 3 failed tries, third once
     answer = results["sets"]["synth"]["answer"]
     assert answer["judge"] == pytest.approx((0.5 + 0.0 + 0.5) / 3)
@@ -215,6 +218,12 @@ def test_endpoint_and_judge_over_http(server, synth_dir, tmp_path):
     server.requests.clear()
     assert ev.evaluate(cfg)["sets"]["synth"]["answer"]["judge"] == pytest.approx(0.5)
     assert len(server.requests) == 1 and server.requests[0][1]["messages"][0]["role"] == "system"
+    # --judge-deterministic: temperature 0 and a token limit, for judge scores a rerun repeats
+    server.requests.clear()
+    (tmp_path / "judge.jsonl").unlink()
+    ev.evaluate(dataclasses.replace(cfg, judge_deterministic=True, overwrite=False))
+    judge_calls = [b for p, b in server.requests if b["messages"][0]["role"] == "system"]
+    assert judge_calls and all(b["temperature"] == 0.0 and b["max_tokens"] == 256 for b in judge_calls)
 
 
 def test_endpoint_rec_run_scores_boxes_only(server, tmp_path):
