@@ -136,7 +136,8 @@ def boxes_field(value, key, inverted_ok=False):
     return out
 
 BOX_CUT = " Please provide the bounding box"  # Visual-CoT's first turn: the question, then this (upstream cuts here)
-FOCUS_CUTS = (BOX_CUT, " Please think step by step and provide the bounding box")
+# where a box-step prompt's question ends: Visual-CoT's two instructions, and VisRL's (its pair files)
+FOCUS_CUTS = (BOX_CUT, " Please think step by step and provide the bounding box", " Please first provide the bounding box")
 
 def _from_vcot_meta(obj, name):
     """Visual-CoT metadata/*.jsonl: question, answer, image, width, height, bboxs (+ dataset, split)."""
@@ -316,7 +317,7 @@ def report_bad(errors: list[str], skip_bad: bool, what, kept: int) -> None:
 
 def file_kind(obj: dict) -> str:
     """Which of the project's JSON files an object comes from: records, pairs, candidates or predictions."""
-    if "chosen_box" in obj or "chosen_answer" in obj:
+    if "chosen_box" in obj or "chosen_answer" in obj or "chosen_step" in obj:
         return "pairs"
     if "candidates" in obj and "verdict" in obj:
         return "candidates"
@@ -406,7 +407,37 @@ class Pair:
     rejected_answer: str
     box_form: str = "square"
 
+UPSTREAM_PAIR_FIELDS = ("chosen_step", "rejected_step", "chosen", "rejected")  # box turns, then answer turns
+
+
+def _from_upstream_pair(obj, name):
+    """Upstream VisRL's pair item (LLaMA-Factory ShareGPT ranking, `data/dataset_info.json`): images [path],
+    conversations [the human prompt: <image>, question, VisRL instruction], chosen_step / rejected_step (the
+    box turns, square-normalised) and chosen / rejected (the answer turns), each {"from": "gpt", "value": ...}."""
+    images = field(obj, "images", list, "a list [path]")
+    if not images or not isinstance(images[0], str):
+        raise BadField("images", "expected a list [path]")
+    turns = field(obj, "conversations", list, "a list of turns")
+    if not turns or not isinstance(turns[0], dict) or not isinstance(turns[0].get("value"), str):
+        raise BadField("conversations", 'expected [{"from": "human", "value": prompt}]')
+    question = turns[0]["value"].replace("<image>\n", "").replace("<image>", "")
+    for cut in FOCUS_CUTS:
+        question = question.split(cut)[0]
+    texts = []
+    for key in UPSTREAM_PAIR_FIELDS:
+        value = field(obj, key, dict, 'a turn {"from": "gpt", "value": ...}').get("value")
+        if not isinstance(value, str) or not value.strip():
+            raise BadField(key, "expected a non-empty string 'value'")
+        texts.append(value)
+    record = dict(id=str(obj.get("id", name)), image=images[0], extra=(), question=question.strip(), answers=[],
+                  boxes=[], box_key="images", width=None, height=None)
+    return record, texts
+
+
 def _pair(obj, name, root, source):
+    if "chosen_step" in obj:  # upstream's file: boxes as Visual-CoT writes them (square, 3 decimals)
+        record, texts = _from_upstream_pair(obj, name)
+        return Pair(_record(record, root, source), *texts, box_form="square")
     record = _record(_from_ours(obj, name), root, source)
     texts = []
     for key in PAIR_FIELDS:
@@ -420,7 +451,8 @@ def _pair(obj, name, root, source):
     return Pair(record, *texts, box_form=form)
 
 def read_pairs(path, image_root=None, skip_bad: bool = False, limit: int | None = None) -> list[Pair]:
-    """Read preference pairs (JSONL); a missing or empty chosen/rejected text is an error with file:line.
+    """Read preference pairs: ours (JSONL, generate.py's) or upstream VisRL's (a JSON list with chosen_step /
+    rejected_step); a missing or empty chosen/rejected text is an error with file:line.
     Image paths are relative to image_root, else to the root each line records (generate.py writes it),
     else to the file's folder."""
     checked = []

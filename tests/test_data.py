@@ -61,6 +61,38 @@ def test_read_visual_cot_conversations(tmp_path):
     assert r2.box == (0, 0, 64, 48)
     assert r1.source == f"{f}:2" and r2.source.startswith(f"{f}:")  # the line each item starts on
 
+def upstream_pair(image="a.png", question="What colour is it?", **overrides):
+    """One item of upstream VisRL's pair file, written from its format (data_gen/eval/convert_statistic_format.py):
+    the human prompt is <image>, the question and the VisRL instruction; box and answer turns as gpt turns."""
+    item = {"images": [image],
+            "conversations": [{"from": "human", "value": "<image>\n" + question + " Please first provide the bounding "
+                               "box coordinate of the region, then refer to the corresponding sub-image to answer the "
+                               "question better."}],
+            "chosen_step": {"from": "gpt", "value": "[0.016, 0.042, 0.156, 0.417]"},
+            "rejected_step": {"from": "gpt", "value": "[0.500, 0.500, 0.900, 0.900]"},
+            "chosen": {"from": "gpt", "value": "red"}, "rejected": {"from": "gpt", "value": "blue"}}
+    return {**item, **overrides}
+
+
+def test_read_upstream_pair_files(tmp_path):
+    _png(tmp_path / "a.png")
+    f = tmp_path / "dpo.json"
+    f.write_text(json.dumps([upstream_pair(), upstream_pair(question="Is it round?")], indent=4))  # upstream's layout
+    pairs = data.read_pairs(f)
+    assert [p.record.question for p in pairs] == ["What colour is it?", "Is it round?"]
+    p = pairs[0]
+    assert (p.chosen_box, p.rejected_box, p.chosen_answer, p.rejected_answer, p.box_form) == (
+        "[0.016, 0.042, 0.156, 0.417]", "[0.500, 0.500, 0.900, 0.900]", "red", "blue", "square")
+    assert p.record.image == str((tmp_path / "a.png").resolve()) and (p.record.width, p.record.height) == (64, 48)
+    assert p.record.source == f"{f}:2" and pairs[1].record.source.startswith(f"{f}:")
+    assert data.file_kind(upstream_pair()) == "pairs"
+    with pytest.raises(DataError, match=r"dpo\.json:2: field 'rejected_step'"):
+        f.write_text(json.dumps([upstream_pair(rejected_step={"from": "gpt", "value": ""})], indent=4))
+        data.read_pairs(f)
+    with pytest.raises(DataError, match="this is a pairs file"):  # and a records reader names what it is
+        data.read_records(f)
+
+
 def test_read_ours_and_write_round_trip(tmp_path):
     _png(tmp_path / "imgs" / "a.png")
     f = _write_jsonl(tmp_path / "ours.jsonl", [

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -333,6 +334,26 @@ def test_precompute_ref_trains_the_same_and_a_resumed_run_reads_its_table(pairs_
     (tmp_path / "pre" / dpo.REFERENCE_FILE).write_bytes(b"torn")  # an unreadable table is computed again
     visrl.train(dpo.DPOConfig(out=str(tmp_path / "pre"), resume=True, **{**common, "max_steps": 6}))
     assert calls == [1]
+
+
+def test_dpo_trains_on_upstream_visrl_pair_files(pairs_file, tmp_path):
+    """Our pairs rewritten in upstream VisRL's format (a JSON list; box turns as chosen_step / rejected_step):
+    `dpo` reads them and trains the same samples."""
+    ours = data.read_pairs(pairs_file, limit=8)
+    items = [{"images": [os.path.relpath(p.record.image, pairs_file.parent)],
+              "conversations": [{"from": "human", "value": f"<image>\n{p.record.question} {chat.VISRL_INSTRUCTION}"}],
+              "chosen_step": {"from": "gpt", "value": p.chosen_box}, "rejected_step": {"from": "gpt", "value": p.rejected_box},
+              "chosen": {"from": "gpt", "value": p.chosen_answer}, "rejected": {"from": "gpt", "value": p.rejected_answer}}
+             for p in ours]
+    upstream = pairs_file.parent / "upstream_pairs.json"
+    upstream.write_text(json.dumps(items, indent=4))
+    theirs = data.read_pairs(upstream)
+    assert [(p.record.question, p.record.image, p.chosen_box, p.rejected_answer) for p in theirs] == \
+        [(p.record.question, p.record.image, p.chosen_box, p.rejected_answer) for p in ours]
+    visrl.train(dpo.DPOConfig(data=str(upstream), stage=2, out=str(tmp_path / "up"), max_steps=2, lr=1e-3))
+    visrl.train(dpo.DPOConfig(data=str(pairs_file), stage=2, out=str(tmp_path / "ours"), max_steps=2, lr=1e-3, limit=8))
+    for a, b in zip(_rows(tmp_path / "up"), _rows(tmp_path / "ours")):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
 
 
 def test_init_adapter_is_the_reference_and_the_stack_reloads(tiny_path, pairs_file, tmp_path):
