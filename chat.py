@@ -39,6 +39,15 @@ def answer_messages(question: str) -> list[dict]:
         {"type": "image"},  # the crop of the box
     ]}]
 
+def vcot_answer_messages(question: str, box_text: str) -> list[dict]:
+    """Step 2 as Visual-CoT's evaluation asks it (llava/eval/model_cot_loader.py), three turns: [image] +
+    question; the box as the assistant's reply; [crop] + its answer instruction glued to the question (no space
+    between them, and a trailing space, exactly as that script's string splits leave them)."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\n" + question}]},
+            {"role": "assistant", "content": box_text},
+            {"role": "user", "content": [{"type": "image"},
+                                         {"type": "text", "text": "\n" + VCOT_ANSWER_TEXT + question + " "}]}]
+
 def direct_messages(question: str) -> list[dict]:
     """No-box ablation: [image] + the bare question."""
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]

@@ -166,12 +166,14 @@ def ablation_box(item: viscot.Item, mode: str, width: int, height: int, seed: in
 
 
 def two_step(generate_fn, images: list[Image.Image], focus_prompts: list[list[dict]], questions: list[str | None],
-             crop_rule: str = "vcot", boxes: list[tuple[str, tuple]] | None = None) -> list[dict]:
+             crop_rule: str = "vcot", boxes: list[tuple[str, tuple]] | None = None,
+             vcot_answer: bool = False) -> list[dict]:
     """The Visual-CoT inference, one row per image: step 1 asks for a box (focus_prompts; or takes `boxes`,
     (text, pixel box) per image: the ablations, generate.py's sampled and diversity boxes) -> parse -> crop (an
     unusable box crops the whole image, as upstream's fallback box [0, 0, 1, 1] does) -> step 2 answers the
-    question with image and crop (a None question: no answer step, e.g. REC). generate_fn maps
-    [(messages, images)] to reply texts. Used by evaluate, infer, serve and generate.
+    question with image and crop (a None question: no answer step, e.g. REC; vcot_answer: Visual-CoT's 3-turn
+    form, the box as the assistant's turn). generate_fn maps [(messages, images)] to reply texts. Used by
+    evaluate, infer, serve and generate.
     Rows: box_text, box (pixels or None), box_parsed, crop, answer (stripped)."""
     if boxes is None:
         texts = [t.strip() for t in generate_fn([(m, [im]) for m, im in zip(focus_prompts, images)])]
@@ -185,7 +187,9 @@ def two_step(generate_fn, images: list[Image.Image], focus_prompts: list[list[di
         crops.append(im.crop(window))
     asks = [i for i, q in enumerate(questions) if q is not None]
     if asks:
-        replies = generate_fn([(chat.answer_messages(questions[i]), [images[i], crops[i]]) for i in asks])
+        prompts = [chat.vcot_answer_messages(questions[i], rows[i]["box_text"]) if vcot_answer else
+                   chat.answer_messages(questions[i]) for i in asks]
+        replies = generate_fn([(prompt, [images[i], crops[i]]) for prompt, i in zip(prompts, asks)])
         for i, reply in zip(asks, replies):
             rows[i]["answer"] = reply.strip()
     return rows
@@ -207,7 +211,8 @@ def predict_batch(items: list[viscot.Item], generate_fn, box: str = "model", off
         return rows
     boxes = None if box == "model" else [ablation_box(it, box, *im.size, seed) for it, im in zip(items, images)]
     steps = two_step(generate_fn, images, [focus_prompt(it, official_prompt) for it in items],
-                     [it.question if it.kind == "vqa" else None for it in items], crop_rule, boxes)
+                     [it.question if it.kind == "vqa" else None for it in items], crop_rule, boxes,
+                     vcot_answer=official_prompt)
     for row, step in zip(rows, steps):
         row.update(step)
     return rows
@@ -520,7 +525,9 @@ class EvalConfig(data.RunConfig):
     max_new_tokens: int = 128  # upstream's limit
     temperature: float = 0.0  # 0 = greedy (upstream's benchmark setting)
     top_p: float = 1.0
-    official_prompt: bool = False  # the benchmark's test-time focus text (lower-cased question + '. ') instead of ours
+    # the benchmark's test-time forms instead of ours: the focus text (lower-cased question + '. ') and the answer
+    # step in Visual-CoT's 3 turns (question; the box as the assistant's turn; crop + its answer instruction)
+    official_prompt: bool = False
     crop: Literal["vcot", "raw"] = "vcot"  # crop rule for the answer step's second image
     parser: Literal["official", "lenient"] = "official"  # box parser for the headline Acc@0.5 (both are reported)
     pictures: int = 6  # how many PNGs with boxes and crop to draw

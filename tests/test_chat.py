@@ -31,6 +31,22 @@ def test_prompts():
     assert all(m["role"] == "user" for f in (chat.focus_messages, chat.answer_messages, chat.direct_messages)
                for m in f(q))
 
+def test_the_3_turn_answer_step_is_the_string_visual_cot_builds():
+    # llava/eval/model_cot_loader.py, from a benchmark conversation item (its literal expressions)
+    question, box = "What is the date?", "[0.100, 0.300, 0.300, 0.500]"
+    raw = [{"from": "human", "value": "<image>\n" + question + " Please provide the bounding box coordinate of the "
+                                      "region that can help you answer the question better."},
+           {"from": "gpt", "value": box}, {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "may 5"}]
+    upstream = [raw[0]["value"].split(" Please provide the bounding box coordinate of the region")[0], box,
+                raw[2]["value"] + "\nPlease answer the question based on the original image and local detail image."
+                + raw[0]["value"].split("Please provide the bounding box coordinate of the region")[0].replace(
+                    "<image>\n", "")]
+    ours = chat.vcot_answer_messages(question, box)
+    as_text = [m["content"] if isinstance(m["content"], str) else
+               "".join("<image>" if p["type"] == "image" else p["text"] for p in m["content"]) for m in ours]
+    assert as_text == upstream and [m["role"] for m in ours] == ["user", "assistant", "user"]
+
+
 # -----------------------------------------------------------------------------
 # box text forms
 
@@ -182,6 +198,7 @@ def processor(tiny_path):
     chat.focus_messages("What digit is inside the red frame?"),
     chat.answer_messages("Which number is written in the blue square?"),
     chat.direct_messages("Read the digit in the cyan box."),
+    chat.vcot_answer_messages("Which number is written in the blue square?", "[0.100, 0.200, 0.300, 0.400]"),
 ])
 def test_render_chat_matches_the_qwen_template(processor, messages):
     expected = processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

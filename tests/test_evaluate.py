@@ -69,6 +69,8 @@ def test_run_on_the_release_with_ablations(release, tmp_path):
     assert any("ceiling 2/3" in n for n in results["notes"])
     focus_texts = [_text(m) for m, images in fake.prompts if len(images) == 1]
     assert focus_texts[0] == "what is the date?. " + chat.FOCUS_INSTRUCTION  # the official test-time form
+    answer_prompts = [m for m, images in fake.prompts if len(images) == 2]  # and its 3-turn answer step
+    assert answer_prompts[0] == chat.vcot_answer_messages("What is the date?", fake.box)
     rows = [json.loads(line) for line in (tmp_path / "model" / "predictions.jsonl").read_text().splitlines()]
     assert rows[0]["crop"] == list(chat.crop_window(chat.text_to_box(fake.box, 300, 200), 300, 200))
     assert results["sets"]["docvqa"]["answer"]["exact_match"] == pytest.approx(1 / 3)
