@@ -1,6 +1,9 @@
 """
-Data for visrl: the prompt table, box text forms, crops, record readers, tokenisation and batching.
-Only stdlib and pillow at import time (torch only inside the batching functions), so it stays cheap to import.
+Data for visrl, the one reading and I/O layer: records (ours, Visual-CoT's metadata and conversations), pairs
+(ours, upstream VisRL's), each checked field by field with `file:line: field` errors; images opened; JSONL
+files with a torn last line; paths kept inside their root; the flags every stage shares (RunConfig); --out
+guards and one-line CLI errors. What the model reads and writes from these is in chat.py.
+Only stdlib and pillow at import time, so it stays cheap to import.
 """
 
 import json

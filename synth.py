@@ -1,4 +1,5 @@
-"""The synthetic intention-driven VQA set: the built-in data every command can run on offline.
+"""The built-in assets every command can run on offline: the synthetic intention-driven VQA set (`--data
+synth`) and, at the end of this file, the tiny checkpoint (`--model tiny`).
 
 A 1344 px square page holds 3-5 square frames centred in cells of a 4 x 4 grid of 336 px, among grey
 clutter: the question's frame has a coloured border, the others (distractors) grey ones. Each frame is

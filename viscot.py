@@ -2,8 +2,9 @@
 
 Top to bottom: detection Acc@0.5 exactly as the official scorer computes it; the Visual-CoT judge (its
 prompt and reply parsing); the benchmark readers, which turn a release directory (benchmark/<name>.json,
-benchmark_det/<name>.jsonl), a RefCOCO-style REC file or our own records into Items. evaluate.py runs
-the model on the Items and scores the predictions with the functions here. See "Evaluation" in
+benchmark_det/<name>.jsonl), a RefCOCO-style REC file or our own records into Items; offline answer scores
+(exact match, ANLS, containment) and the per-set report with its means. evaluate.py runs the model on the
+Items and scores the predictions with the functions here. See "Evaluation" in
 ../shared/RECIPE.md for the protocol.
 """
 
