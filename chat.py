@@ -21,21 +21,40 @@ VCOT_ANSWER_TEXT = "Please answer the question based on the original image and l
 # Visual-CoT's referring-expression prompt (llava/eval/model_refcoco_loader.py), expression lower-cased.
 REC_PROMPT = "Locate the region this sentence describes: {}. Please provide the bounding box coordinates."
 
-def focus_messages(question: str, official: bool = False) -> list[dict]:
-    """Step 1 prompt: [image] + question + focus instruction; the model replies with a box."""
-    # official=True is the Visual-CoT benchmark's test-time text: lower-cased, plus a stray '.'
-    text = (question.lower() + ". " if official else question + " ") + FOCUS_INSTRUCTION
+PROMPT_SETS = ("upstream", "visrl")
+# upstream: each stage's own instruction (LLaMA-Factory data): the focus instruction for SFT's box step and for
+# inference, VisRL's for the box step of generation and both DPO stages (`rl=True`), the newline LLaMA-Factory
+# keeps after the image placeholder. visrl: the focus instruction for every box step, no newline (one prompt
+# for one step, so a box prompt never changes between SFT and DPO).
+
+
+def _lead(prompts: str) -> str:
+    """Text between the first image and the question: LLaMA-Factory keeps the newline after `<image>`."""
+    if prompts not in PROMPT_SETS:
+        raise ValueError(f"unknown prompt set {prompts!r}, expected one of {PROMPT_SETS}")
+    return "\n" if prompts == "upstream" else ""
+
+
+def focus_messages(question: str, prompts: str = "upstream", rl: bool = False, official: bool = False) -> list[dict]:
+    """Step 1 prompt: [image] + question + box instruction; the model replies with a box. rl: the box step of
+    generation and DPO (upstream asks it with VisRL's instruction, SFT and inference with the focus one)."""
+    if official:  # the Visual-CoT benchmark's test-time text: lower-cased, plus a stray '.'
+        text = question.lower() + ". " + FOCUS_INSTRUCTION
+    else:
+        instruction = VISRL_INSTRUCTION if rl and prompts == "upstream" else FOCUS_INSTRUCTION
+        text = _lead(prompts) + question + " " + instruction
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
 
 def rec_messages(expression: str) -> list[dict]:
     """Referring-expression prompt: [image] + Visual-CoT's locate instruction; the model replies with a box."""
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": REC_PROMPT.format(expression.lower())}]}]
 
-def answer_messages(question: str) -> list[dict]:
-    """Step 2 prompt: [image] + question + answer instruction + [crop]; the model replies with the answer."""
+def answer_messages(question: str, prompts: str = "upstream") -> list[dict]:
+    """Step 2 prompt: [image] + question + VisRL's instruction + newline + [crop]; the model replies with the answer
+    (upstream's SFT round 2, `preprocess/sft_format_round2.py`, and its generation and stage 2)."""
     return [{"role": "user", "content": [
         {"type": "image"},
-        {"type": "text", "text": question + " " + VISRL_INSTRUCTION + "\n"},
+        {"type": "text", "text": _lead(prompts) + question + " " + VISRL_INSTRUCTION + "\n"},
         {"type": "image"},  # the crop of the box
     ]}]
 
@@ -48,9 +67,9 @@ def vcot_answer_messages(question: str, box_text: str) -> list[dict]:
             {"role": "user", "content": [{"type": "image"},
                                          {"type": "text", "text": "\n" + VCOT_ANSWER_TEXT + question + " "}]}]
 
-def direct_messages(question: str) -> list[dict]:
-    """No-box ablation: [image] + the bare question."""
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+def direct_messages(question: str, prompts: str = "upstream") -> list[dict]:
+    """No-box ablation (and the rule scorer's crop-alone question): [image] + the bare question."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _lead(prompts) + question}]}]
 
 # -----------------------------------------------------------------------------
 # boxes: (x1, y1, x2, y2) in pixels of the original image; text forms square / axis / pixel
@@ -107,6 +126,13 @@ def parse_box(text: str) -> tuple[float, float, float, float] | None:
         return None
     return x1, y1, x2, y2
 
+def rewrite_box_text(text: str, form: str = "square") -> str:
+    """A parsed box text as upstream writes pair boxes: its four numbers with 3 decimals (pixels: integers)."""
+    vals = parse_box(text)
+    if vals is None:
+        raise ValueError(f"box text {text[:60]!r} does not parse")
+    return "[" + ", ".join(str(round(v)) if form == "pixel" else f"{v:.3f}" for v in vals) + "]"
+
 def _clip(box, width, height):
     """Box clipped to the image, or None if nothing of it is left."""
     x1, y1, x2, y2 = (min(max(box[0], 0.0), width), min(max(box[1], 0.0), height),
@@ -144,7 +170,7 @@ def random_box(width: int, height: int, rng: random.Random) -> Box:
 # -----------------------------------------------------------------------------
 # crops: the second image of the answer step
 
-def crop_window(box: Box, width: int, height: int, rule: str = "vcot",
+def crop_window(box: Box, width: int, height: int, rule: str = "raw",
                 min_half: int = 112) -> tuple[int, int, int, int]:
     """Integer (left, top, right, bottom) of the crop shown to the model for a box."""
     x1, y1, x2, y2 = box
@@ -174,6 +200,40 @@ def crop_window(box: Box, width: int, height: int, rule: str = "vcot",
             int(min(width, cx + half)), int(min(height, cy + half)))
 
 # -----------------------------------------------------------------------------
+# the two-step inference, written once: evaluate, infer, serve and generate call it
+
+
+def two_step(generate_fn, images: list, focus_prompts: list[list[dict]], questions: list[str | None],
+             crop_rule: str = "raw", prompts: str = "upstream", boxes: list[tuple[str, tuple]] | None = None,
+             vcot_answer: bool = False) -> list[dict]:
+    """The Visual-CoT inference, one row per image: step 1 asks for a box (focus_prompts; or takes `boxes`,
+    (text, pixel box) per image: the ablations, generate.py's sampled and diversity boxes) -> parse -> crop (an
+    unusable box crops the whole image, as upstream's fallback box [0, 0, 1, 1] does) -> step 2 answers the
+    question with image and crop (a None question: no answer step, e.g. REC; vcot_answer: Visual-CoT's 3-turn
+    form, the box as the assistant's turn). generate_fn maps [(messages, images)] to reply texts. Used by
+    evaluate, infer, serve and generate.
+    Rows: box_text, box (pixels or None), box_parsed, crop, answer (stripped)."""
+    if boxes is None:
+        texts = [t.strip() for t in generate_fn([(m, [im]) for m, im in zip(focus_prompts, images)])]
+        boxes = [(text, text_to_box(text, *im.size)) for text, im in zip(texts, images)]
+    rows, crops = [], []
+    for im, (text, box) in zip(images, boxes):
+        w, h = im.size
+        window = crop_window(box if box is not None else (0, 0, w, h), w, h, rule=crop_rule)
+        rows.append({"box_text": text, "box": None if box is None else [float(v) for v in box],
+                     "box_parsed": box is not None, "crop": list(window), "answer": None})
+        crops.append(im.crop(window))
+    asks = [i for i, q in enumerate(questions) if q is not None]
+    if asks:
+        prompts = [vcot_answer_messages(questions[i], rows[i]["box_text"]) if vcot_answer else
+                   answer_messages(questions[i], prompts) for i in asks]
+        replies = generate_fn([(prompt, [images[i], crops[i]]) for prompt, i in zip(prompts, asks)])
+        for i, reply in zip(asks, replies):
+            rows[i]["answer"] = reply.strip()
+    return rows
+
+
+# -----------------------------------------------------------------------------
 # Tokenisation: messages -> Qwen chat text -> token ids (image placeholders expanded) -> batches.
 # Rendering is done here, not by a checkpoint's template, so that train and test prompts can
 # never drift apart; tests check it against the Qwen chat template byte for byte.
@@ -193,10 +253,54 @@ def render_chat(messages: list[dict], add_generation_prompt: bool = True) -> str
     return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
+UPSTREAM_MAX_PIXELS = 512 * 512  # LLaMA-Factory's `image_resolution` default, which VisRL trains with
+# the convention a run takes when neither its flags nor its adapter say otherwise (runs.ConventionArgs)
+UPSTREAM_CONVENTION = {"prompts": "upstream", "crop": "raw", "max_pixels": UPSTREAM_MAX_PIXELS, "box_form": "square"}
+
+
+def _fit_steps(width: int, height: int, max_pixels: int) -> list[tuple[int, int]]:
+    """The successive NEAREST resizes of upstream's image rule (LLaMA-Factory `mm_plugin.py`: `_preprocess_image`
+    and Qwen2-VL's override): over max_pixels both sides scale by sqrt(max_pixels / (w * h)), truncated; then
+    every side at least 28; then an aspect ratio over 200 is cut to 180. max_pixels 0: no steps at all."""
+    steps = []
+    if not max_pixels:
+        return steps
+    if width * height > max_pixels:
+        factor = math.sqrt(max_pixels / (width * height))
+        width, height = int(width * factor), int(height * factor)
+        steps.append((width, height))
+    if min(width, height) < 28:
+        width, height = max(width, 28), max(height, 28)
+        steps.append((width, height))
+    if width / height > 200:
+        width = height * 180
+        steps.append((width, height))
+    if height / width > 200:
+        height = width * 180
+        steps.append((width, height))
+    return steps
+
+
+def fitted_size(width: int, height: int, image_processor) -> tuple[int, int]:
+    """(w, h) of an image after the run's pixel cap (`image_processor.visrl_max_pixels`), before the processor."""
+    steps = _fit_steps(width, height, getattr(image_processor, "visrl_max_pixels", 0))
+    return steps[-1] if steps else (width, height)
+
+
+def fit_image(image, image_processor):
+    """The image as the processor gets it: resized step by step as upstream does (NEAREST), or unchanged."""
+    from PIL import Image
+
+    for size in _fit_steps(image.width, image.height, getattr(image_processor, "visrl_max_pixels", 0)):
+        image = image.resize(size, resample=Image.NEAREST)
+    return image
+
+
 def image_grid(width: int, height: int, image_processor) -> tuple[int, int]:
-    """(grid_h, grid_w) in patches the image processor will produce for an image of this size."""
+    """(grid_h, grid_w) in patches the image processor will produce for an image of this size (after the cap)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
+    width, height = fitted_size(width, height, image_processor)
     patch, merge = image_processor.patch_size, image_processor.merge_size
     h, w = smart_resize(height, width, factor=patch * merge,
                         min_pixels=image_processor.size["shortest_edge"],
@@ -254,24 +358,29 @@ class Sample:
 
 
 def sft_samples(record: Record, tokenizer, image_processor, box_form: str = "square",
-                crop_rule: str = "vcot", crop_alone: bool = False) -> list[Sample]:
-    """The supervised samples of an annotated record: focus (box text) and answer (with the crop); with
-    crop_alone also the bare question on the crop alone, which generate.py's rule scorer asks when a
-    record has no box annotation."""
+                crop_rule: str = "raw", crop_alone: bool = False, prompts: str = "upstream") -> list[Sample]:
+    """The supervised samples of an annotated record: focus (box text) and answer (with the crop), or the one of
+    them an upstream round file holds (record.steps); with crop_alone also the bare question on the crop alone,
+    which generate.py's rule scorer asks when a record has no box annotation."""
     box = record.box
-    if box is None:
-        return []
     size = (record.width, record.height)
-    resized = model_view_size(record.width, record.height, image_processor) if box_form == "pixel" else None
-    box_text = box_to_text(box, record.width, record.height, form=box_form, resized=resized)
-    samples = [Sample(*encode(tokenizer, image_processor, focus_messages(record.question), [size], box_text),
-                      record, [None], "focus")]
+    samples = []
+    if "focus" in record.steps and (box is not None or record.box_text is not None):
+        if record.box_text is not None and box_form != "square":
+            raise DataError(f"{record.source}: the box reply is written square-normalised (upstream's round 1); "
+                            f"--box-form {box_form} cannot train on it")
+        resized = model_view_size(record.width, record.height, image_processor) if box_form == "pixel" else None
+        box_text = record.box_text or box_to_text(box, record.width, record.height, form=box_form, resized=resized)
+        samples.append(Sample(*encode(tokenizer, image_processor, focus_messages(record.question, prompts), [size],
+                                      box_text), record, [None], "focus"))
+    if "answer" not in record.steps or box is None:
+        return samples
     window = crop_window(box, record.width, record.height, rule=crop_rule)
     crop_size = (window[2] - window[0], window[3] - window[1])
-    samples.append(Sample(*encode(tokenizer, image_processor, answer_messages(record.question), [size, crop_size],
+    samples.append(Sample(*encode(tokenizer, image_processor, answer_messages(record.question, prompts), [size, crop_size],
                                   record.answer), record, [None, window], "answer"))
     if crop_alone:
-        samples.append(Sample(*encode(tokenizer, image_processor, direct_messages(record.question), [crop_size],
+        samples.append(Sample(*encode(tokenizer, image_processor, direct_messages(record.question, prompts), [crop_size],
                                       record.answer), record, [window], "crop"))
     return samples
 
@@ -309,7 +418,7 @@ def collate(rows: list[Sample], image_processor, pad_id: int, image_token_id: in
             if record.image not in opened:
                 opened[record.image] = load_image(record)
             image = opened[record.image] if window is None else opened[record.image].crop(window)
-            out = image_processor(images=[image], return_tensors="pt")  # one by one, as the processor does a list
+            out = image_processor(images=[fit_image(image, image_processor)], return_tensors="pt")  # one by one, as the processor does a list
             cache[record.image, window] = (out["pixel_values"], out["image_grid_thw"])
     pixels = [cache[record.image, window] for record, window in views]
     grid = torch.cat([g for _, g in pixels])  # [U, 3]
@@ -338,8 +447,8 @@ class PairSample:
     index: int = 0  # position in the run's sample list (keys precomputed reference log-probs)
 
 
-def dpo_samples(pair: Pair, tokenizer, image_processor, stage: int, crop_rule: str = "vcot",
-                rejected_crop: str = "chosen") -> list[PairSample]:
+def dpo_samples(pair: Pair, tokenizer, image_processor, stage: int, crop_rule: str = "raw",
+                rejected_crop: str = "chosen", prompts: str = "upstream") -> list[PairSample]:
     """Stage 1: the box pair for [image] + question. Stage 2 adds the answer pair for
     [image, crop] + question, both answers on the chosen box's crop (upstream) or each on its own."""
     r = pair.record
@@ -348,7 +457,7 @@ def dpo_samples(pair: Pair, tokenizer, image_processor, stage: int, crop_rule: s
     def side(messages, sizes, response, images, kind):
         return Sample(*encode(tokenizer, image_processor, messages, sizes, response), r, images, kind)
 
-    focus = focus_messages(r.question)
+    focus = focus_messages(r.question, prompts, rl=True)
     box = PairSample("box", side(focus, [size], pair.chosen_box, [None], "box"),
                      side(focus, [size], pair.rejected_box, [None], "box"), pair)
     if stage == 1:
@@ -365,7 +474,7 @@ def dpo_samples(pair: Pair, tokenizer, image_processor, stage: int, crop_rule: s
     chosen_window = window("chosen_box")
     rejected_window = chosen_window if rejected_crop == "chosen" else window("rejected_box")
     sizes = [(w[2] - w[0], w[3] - w[1]) for w in (chosen_window, rejected_window)]
-    messages = answer_messages(r.question)
+    messages = answer_messages(r.question, prompts)
     answer = PairSample("answer", side(messages, [size, sizes[0]], pair.chosen_answer, [None, chosen_window], "answer"),
                         side(messages, [size, sizes[1]], pair.rejected_answer, [None, rejected_window], "answer"),
                         pair)

@@ -1,8 +1,8 @@
 """
 Data for visrl, the one reading and I/O layer: records (ours, Visual-CoT's metadata and conversations), pairs
 (ours, upstream VisRL's), each checked field by field with `file:line: field` errors; images opened; JSONL
-files with a torn last line; paths kept inside their root; the flags every stage shares (RunConfig); --out
-guards and one-line CLI errors. What the model reads and writes from these is in chat.py.
+files with a torn last line; paths kept inside their root. What the model reads and writes from these is in
+chat.py; the flags, --out guards and one-line errors every entry point shares are in runs.py.
 Only stdlib and pillow at import time, so it stays cheap to import.
 """
 
@@ -10,12 +10,9 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from PIL import Image
 
@@ -48,6 +45,9 @@ class Record:
     width: int = 0
     height: int = 0
     source: str = ""         # "path:line", for error messages
+    dataset: str = ""        # Visual-CoT's subset name, where the file gives it (upstream's question pool)
+    steps: tuple[str, ...] = ("focus", "answer")  # the SFT steps it teaches: upstream's round files hold one each
+    box_text: str | None = None  # the box step's reply as the file writes it (upstream's round 1 has no pixel box)
 
     @property
     def answer(self) -> str:
@@ -154,25 +154,45 @@ def _from_vcot_meta(obj, name):
                 question=field(obj, "question", str, "a string"), answers=_answers(obj, "answer"),
                 boxes=boxes_field(field(obj, "bboxs", list, "a list of [x1, y1, x2, y2]"), "bboxs"),
                 box_key="bboxs",
-                width=field(obj, "width", int, "an integer"), height=field(obj, "height", int, "an integer"))
+                width=field(obj, "width", int, "an integer"), height=field(obj, "height", int, "an integer"),
+                dataset=dataset if isinstance(dataset, str) else "")
+
+CROP_NAME = re.compile(r"_(\d+)_(\d+)_(\d+)_(\d+)\.[A-Za-z0-9]+$")  # sft_format_round2.py: <name>_x1_y1_x2_y2.jpg
 
 def _from_vcot_conv(obj, name):
-    """Visual-CoT conversation .json item: image [path, 'path###[x1, y1, x2, y2]'], 4 turns."""
-    images = field(obj, "image", list, "a list [path, 'path###[x1, y1, x2, y2]']")
-    if len(images) < 2 or not all(isinstance(s, str) for s in images) or "###" not in images[1]:
-        raise BadField("image", "expected a list [path, 'path###[x1, y1, x2, y2]']")
-    nums = [float(m.group()) for m in NUMBER.finditer(images[1].split("###", 1)[1])]
+    """Visual-CoT conversation .json item (image [path, 'path###[x1, y1, x2, y2]'], 4 turns: both steps), or an
+    item of upstream VisRL's SFT round files cut from it (LLaMA-Factory ShareGPT, 2 turns, `preprocess/`):
+    round 1, image [path] and the box text as the reply (the focus step alone); round 2, image [path, the crop
+    file sft_format_round2.py names <name>_x1_y1_x2_y2.jpg] and the answer (the answer step alone, on that box)."""
+    images = field(obj, "image", list, "a list of image paths")
     turns = field(obj, "conversations", list, "a list of turns")
-    if len(turns) < 4 or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
-        raise BadField("conversations", "expected 4 turns {from, value}: question, box, <image>, answer")
+    if not images or not all(isinstance(s, str) for s in images):
+        raise BadField("image", "expected a list of image paths")
+    if len(turns) not in (2, 4) or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
+        raise BadField("conversations", "expected 4 turns {from, value} (Visual-CoT: question, box, <image>, answer) "
+                                        "or 2 (an upstream SFT round: prompt, reply)")
     question = turns[0]["value"].replace("<image>\n", "").replace("<image>", "")
     for cut in FOCUS_CUTS:  # the question is what precedes the focus instruction
         question = question.split(cut)[0]
-    answers = [t["value"] for t in turns if t.get("from") == "gpt"][-1:] or [turns[-1]["value"]]
-    # the box is the pixel box after '###' (the gpt box turn is the same box, rounded to 3 decimals)
-    return dict(id=str(obj.get("question_id", name)), image=images[0], extra=(),
-                question=question.strip(), answers=answers, boxes=boxes_field([nums], "image"), box_key="image",
-                width=None, height=None)
+    record = dict(id=str(obj.get("question_id", name)), image=images[0], extra=(), question=question.strip(),
+                  answers=[turns[-1]["value"]], boxes=[], box_key="image", width=None, height=None,
+                  dataset=obj.get("dataset") if isinstance(obj.get("dataset"), str) else "")
+    if len(turns) == 2 and len(images) == 1:  # round 1: the box as written (square, 3 decimals)
+        if "[" not in turns[1]["value"] or len(NUMBER.findall(turns[1]["value"])) < 4:
+            raise BadField("conversations", f"round 1's reply {turns[1]['value'][:40]!r} is not a box")
+        return {**record, "answers": [], "steps": ("focus",), "box_text": turns[1]["value"]}
+    if len(images) < 2:
+        raise BadField("image", "expected a second image: 'path###[x1, y1, x2, y2]' or a crop file <name>_x1_y1_x2_y2.jpg")
+    crop_name = CROP_NAME.search(images[1])
+    if "###" in images[1]:  # the pixel box after '###' (the gpt box turn is the same box, rounded to 3 decimals)
+        nums = [float(m.group()) for m in NUMBER.finditer(images[1].split("###", 1)[1])]
+    elif crop_name:
+        nums = [float(v) for v in crop_name.groups()]
+    else:
+        raise BadField("image", f"second image {images[1][:60]!r}: expected 'path###[x1, y1, x2, y2]' or a crop "
+                                "file <name>_x1_y1_x2_y2.jpg (sft_format_round2.py)")
+    steps = ("focus", "answer") if len(turns) == 4 else ("answer",)
+    return {**record, "boxes": boxes_field([nums], "image"), "steps": steps}
 
 def _from_ours(obj, name):
     """Our JSONL: id, image, question, answers, boxes (optional), width/height (optional)."""
@@ -217,7 +237,8 @@ def _record(r, root, source):
     for b in r["boxes"]:  # 1 px of slack for annotation rounding
         if b[0] < -1 or b[1] < -1 or b[2] > w + 1 or b[3] > h + 1:
             raise BadField(r["box_key"], f"box {list(b)} outside the {w}x{h} image")
-    return Record(r["id"], path, r["question"], r["answers"], r["boxes"], w, h, source)
+    return Record(r["id"], path, r["question"], r["answers"], r["boxes"], w, h, source, r.get("dataset", ""),
+                  r.get("steps", ("focus", "answer")), r.get("box_text"))
 
 def json_items(text):
     """(line, object or error message) for a JSON list or a JSONL text."""
@@ -354,6 +375,14 @@ def read_records(path, image_root=None, skip_bad: bool = False, limit: int | Non
 
     return _read(path, image_root, skip_bad, limit, build)
 
+def upstream_question_pool(records: list[Record]) -> list[Record]:
+    """Upstream's generation questions (`preprocess/sample.py`): items 10000-20000 of each Visual-CoT subset (by
+    `dataset`, lower-cased, in file order; subsets in order of first appearance), docvqa excluded."""
+    subsets: dict[str, list[Record]] = {}
+    for r in records:
+        subsets.setdefault(r.dataset.lower(), []).append(r)
+    return [r for name, items in subsets.items() if name != "docvqa" for r in items[10000:20000]]
+
 def cache_dir() -> Path:
     """Where built-in assets (tiny model, synthetic data) are written: $VISRL_CACHE or ~/.cache/visrl."""
     return Path(os.environ.get("VISRL_CACHE", Path.home() / ".cache" / "visrl"))
@@ -479,108 +508,3 @@ def pair_json(pair: Pair, base_dir) -> dict:
             "chosen_box": pair.chosen_box, "rejected_box": pair.rejected_box,
             "chosen_answer": pair.chosen_answer, "rejected_answer": pair.rejected_answer,
             "box_form": pair.box_form}
-
-# -----------------------------------------------------------------------------
-# entry points: an expected error is one line a user can act on; an --out never destroys an input or a run
-
-@dataclass
-class RunConfig:
-    """What every pipeline stage (sft, generate, dpo, eval) is told: the model, the data, where its run goes."""
-
-    model: str = "tiny"  # checkpoint directory, or `tiny` / `tiny-qwen2-vl` (built on first use)
-    adapter: str | None = None  # a trained adapter, merged into the base first (with its parent chain)
-    data: str = "synth"  # records: Visual-CoT .jsonl/.json or ours, a directory with <split>.jsonl, or `synth`
-    image_root: str | None = None  # image paths are relative to this (default: the data file's directory)
-    out: str = "runs/out"  # the run's directory (each command has its own default)
-    limit: int | None = None  # the first N records only
-    seed: int = 0
-    skip_bad_records: bool = False  # skip (and report) malformed records instead of stopping
-    # replace the run in --out (only this command's files); without it generate and eval resume a rerun with the
-    # same settings, sft and dpo refuse one unless --resume
-    overwrite: bool = False
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-
-
-def cli(parse, run) -> None:
-    """Run an entry point: run(parse()). An expected error (UserError) prints `error: <message>` once (rank 0
-    under torchrun) and exits 2; anything else is a bug and keeps its traceback. `--debug` anywhere on the
-    command line, or VISRL_DEBUG=1, prints the traceback of expected errors too."""
-    debug = "--debug" in sys.argv[1:] or os.environ.get("VISRL_DEBUG", "0") not in ("", "0")
-    sys.argv = [sys.argv[0]] + [a for a in sys.argv[1:] if a != "--debug"]
-    try:
-        run(parse())
-    except UserError as e:
-        if debug:
-            traceback.print_exc()
-        if int(os.environ.get("RANK", "0")) == 0 or debug:  # every rank meets the same check: say it once
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-
-def _overlaps(a: Path, b: Path) -> bool:
-    return a == b or a in b.parents or b in a.parents
-
-def check_out(out, run_files, *, inputs=(), data_files=(), resume=False, overwrite=False,
-              resumable=True) -> list[Path]:
-    """Refuse an --out that would destroy what this invocation did not create; returns the files of an earlier
-    run that --overwrite replaces (delete them with `clear_run` once every input has been checked).
-
-    inputs: directories read (model, adapter and its parents): --out may not equal, contain or lie inside one.
-    data_files: files read: --out may not hold one. run_files: the names this command writes into --out;
-    if any exists, --out holds a run: --resume continues it, --overwrite replaces it, else an error."""
-    out_path = Path(out)
-    if out_path.exists() and not out_path.is_dir():
-        raise UserError(f"--out {out} is a file, not a directory")
-    resolved = out_path.resolve()
-    for name, path in inputs:
-        if path is not None and _overlaps(resolved, Path(path).resolve()):
-            raise UserError(f"--out {out} overlaps the {name} {path}: choose a directory outside it")
-    for name, path in data_files:
-        if path is not None and resolved in Path(path).resolve().parents:
-            raise UserError(f"--out {out} holds the {name} {path}: choose another directory")
-    found = [resolved / f for f in run_files if (resolved / f).exists()]
-    if resume and overwrite:
-        raise UserError("--resume continues the run in --out, --overwrite replaces it: pass one of them")
-    if found and not resume and not overwrite:
-        ways = "pass --resume to continue it or --overwrite to replace it" if resumable else "pass --overwrite to replace it"
-        names = ", ".join(p.name for p in found[:6]) + (", ..." if len(found) > 6 else "")
-        raise UserError(f"--out {out} already holds a run ({names}); {ways} (or choose another --out)")
-    return found if overwrite else []
-
-def check_settings(out, command: str, settings: dict, keys, how: str) -> None:
-    """Refuse to go on with the run in --out when its config.json was written by another command, or by this one
-    with other values of `keys` (what a rerun must keep); `how` says how this command goes on with a run."""
-    path = Path(out) / "config.json"
-    if not path.is_file():
-        return
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: unreadable ({e}); pass --overwrite to replace the run, or choose another --out")
-    if not isinstance(old, dict):
-        raise UserError(f"{path}: not a run's config; pass --overwrite to replace the run, or choose another --out")
-    if old.get("command", command) != command:
-        raise UserError(f"--out {out} holds a `{old['command']}` run, not a `{command}` one; choose another --out")
-    changed = [k for k in keys if old.get(k, settings[k]) != settings[k]]
-    if changed:
-        detail = ", ".join(f"--{k.replace('_', '-')} {old[k]!r} -> {settings[k]!r}" for k in changed)
-        raise UserError(f"--out {out} holds a run made with other settings ({detail}); {how} with the same "
-                        "settings, pass --overwrite to replace it, or choose another --out")
-
-def write_config(out, command: str, settings: dict) -> None:
-    """<out>/config.json: the command and its settings, written whole (a kill leaves the old one or the new)."""
-    path = Path(out) / "config.json"
-    tmp = path.with_name(".config.json.tmp")
-    tmp.write_text(json.dumps({"command": command, **settings}, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
-
-def clear_run(paths: list[Path]) -> None:
-    """Delete an earlier run's files (what check_out returned for --overwrite)."""
-    for path in paths:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()

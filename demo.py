@@ -10,7 +10,8 @@ alone (the answer through its crop, and from the crop alone), as in the recipe: 
 then the model labels new questions for itself.
 The training phases run as the commands a user types (`python visrl.py sft|dpo ...`, printed first), so
 the demo is the README's chain; generation and evaluation run in this process. A rerun into the same --out
-skips finished phases and resumes an interrupted one from its checkpoint.
+skips finished phases and resumes an interrupted one from its checkpoint. Also the commands that write the
+built-in assets alone: `visrl.py tiny` (the tiny checkpoint) and `visrl.py synth` (the synthetic set).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 from PIL import Image, ImageDraw
 
@@ -32,6 +34,7 @@ import chat
 import data
 import evaluate
 import generate
+import model as modeling
 import synth
 import viscot
 
@@ -51,6 +54,11 @@ class DemoConfig:
     sft_steps: int = 1500  # SFT optimizer steps
     sft_focus_first_steps: int = 600  # SFT's first steps on box samples alone (sft --focus-first-steps)
     sft_lr: float = 2e-3  # SFT learning rate
+    # the prompt set of the whole chain (recorded by SFT, inherited by every later phase). Not upstream's: upstream
+    # asks generation's and DPO's box step with VisRL's instruction, which its SFT only used for the answer step; a
+    # 7B model carries the box step over, the tiny model trained from random weights does not (seed 0: 1,880 of
+    # 1,920 sampled boxes unparsable, no pair). `visrl` asks every box step with the one instruction SFT taught.
+    prompts: Literal["upstream", "visrl"] = "visrl"
     lora_rank: int = 16  # LoRA rank of every phase
     lora_alpha: float = 32.0  # LoRA alpha of every phase
     batch_size: int = 8  # SFT batch size
@@ -58,6 +66,9 @@ class DemoConfig:
     attempts: int = 3  # generate.py --attempts: each attempt a sampled and a diversity box (upstream: 3)
     gen_temperature: float = 2.0  # generation's sampling temperature (upstream: 2; top-k 50 as generate.py)
     gen_top_p: float = 0.7  # generation's top-p (upstream: 0.7)
+    # generation's reply limit (upstream 1024): the tiny model's boxes and answers are < 20 tokens, and at
+    # temperature 2 a reply that runs on is junk either way, so 64 saves CPU time and changes no pair
+    gen_max_new_tokens: int = 64
     dpo_epochs: float = 2.0  # epochs of each DPO stage over the round's pairs
     dpo_lr: float = 5e-4  # DPO learning rate (both stages)
     dpo_beta: float = 0.1  # DPO beta (both stages)
@@ -202,8 +213,9 @@ def demo(cfg: DemoConfig) -> dict:
 
     # 2. SFT warm-up (the only phase that reads box annotations)
     sft_args = stage_args("sft", dict(model=cfg.model, data=sft_file, out=out / "sft", seed=cfg.seed,
+                                      prompts=cfg.prompts,
                                       max_steps=cfg.sft_steps, focus_first_steps=cfg.sft_focus_first_steps,
-                                      lr=cfg.sft_lr, batch_size=cfg.batch_size,
+                                      lr=cfg.sft_lr, batch_size=cfg.batch_size, grad_accum=1,
                                       lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, log_every=10,
                                       crop_alone_samples=True,  # generation's rule scorer asks the crop alone
                                       cache_pixels=True,  # 64 records: ~40 MB, and later epochs decode nothing
@@ -218,7 +230,7 @@ def demo(cfg: DemoConfig) -> dict:
         questions = write_questions_without_boxes(chunk, data_dir / f"questions_round{rnd}.jsonl")
         gen_flags = dict(model=cfg.model, adapter=str(adapter), data=str(questions), out=str(gen_dir),
                          seed=cfg.seed + rnd, attempts=cfg.attempts, temperature=cfg.gen_temperature,
-                         top_p=cfg.gen_top_p, batch_size=64, chunk=32)
+                         top_p=cfg.gen_top_p, batch_size=64, chunk=32, max_new_tokens=cfg.gen_max_new_tokens)
         gen_start = time.time()
         if not (gen_dir / "summary.json").exists():  # written when generation finishes (it resumes itself)
             print("demo: python " + shlex.join(["generate.py", *flag_args(gen_flags)]), flush=True)
@@ -239,6 +251,7 @@ def demo(cfg: DemoConfig) -> dict:
                                               image_root=data_dir, out=stage_dir, seed=cfg.seed,
                                               epochs=cfg.dpo_epochs, lr=cfg.dpo_lr, beta=cfg.dpo_beta,
                                               nll_weight=cfg.dpo_nll_weight, batch_size=cfg.dpo_batch_size,
+                                              grad_accum=1,
                                               lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, save_every=50,
                                               resume=True))
             adapter = run_phase(f"dpo stage {stage}{tag}", stage_dir, dpo_args, adapter,
@@ -294,6 +307,7 @@ def plot_curves(out: Path, focus_first_steps: int = 0) -> list[Path]:
         phase = str(metrics_file.parent.relative_to(out))
         slug = phase.replace("/", "-")
         rows = read_metrics(metrics_file)
+        held_out = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
         if rows and "dpo_term" in rows[0]:
             series = {"preference (DPO) term": [(r["step"], r["dpo_term"]) for r in rows]}
             if any(r["nll_term"] for r in rows):
@@ -302,6 +316,8 @@ def plot_curves(out: Path, focus_first_steps: int = 0) -> list[Path]:
         else:
             series = {"cross-entropy": [(r["step"], r["loss"]) for r in rows]}
             marks = [(focus_first_steps, "all sample kinds from here")] if focus_first_steps and phase == "sft" else []
+        if len(held_out) > 1:  # one point (the default: at the end only) is in results, not worth a line
+            series["held-out loss"] = held_out
         paths.append(line_plot(series, f"{phase}: training loss", out / "plots" / f"{slug}-loss.png",
                                ylabel="loss (nats per token)" if phase == "sft" else "loss", marks=marks))
         margins = {kind: [(r["step"], r[f"{kind}/rewards/margins"]) for r in rows if f"{kind}/rewards/margins" in r]
@@ -384,3 +400,46 @@ def line_plot(series: dict[str, list[tuple[float, float]]], title: str, path: Pa
     image.save(path)
     return path
 
+
+# --------------------------------------------------------------------------------------------
+# Built-in assets.
+
+
+@dataclass
+class TinyArgs:
+    """Write the built-in tiny checkpoint directory (random weights, BPE trained on the spot)."""
+
+    out: str = "tiny-model"
+    arch: Literal["qwen2.5-vl", "qwen2-vl"] = "qwen2.5-vl"
+    seed: int = 0
+
+
+def _check_new_dir(out: str) -> None:
+    """The asset commands write a whole directory: refuse one that exists and is not empty."""
+    if Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
+        raise data.UserError(f"--out {out} exists and is not empty; choose another --out (or delete it first)")
+
+
+def tiny_command(args: TinyArgs) -> Path:
+    _check_new_dir(args.out)
+    path = modeling.make_tiny(args.out, synth.TinyConfig(arch=args.arch, seed=args.seed))
+    print(f"tiny {args.arch} checkpoint written to {path}")
+    return path
+
+
+@dataclass
+class SynthArgs:
+    """Write the synthetic intention-driven VQA set (Visual-CoT metadata format, PNG images)."""
+
+    out: str = "synth-data"
+    n_train: int = 2000
+    n_val: int = 200
+    n_test: int = 200
+    seed: int = 0
+
+
+def synth_command(args: SynthArgs) -> dict:
+    _check_new_dir(args.out)
+    paths = synth.make_synth(args.out, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=args.seed)
+    print(f"synthetic set written to {args.out}: " + ", ".join(str(p) for p in paths.values()))
+    return paths

@@ -317,7 +317,7 @@ class DPOConfig(modeling.TrainConfig):
     stage: Literal[1, 2] = 1
     epochs: float = 5.0
     lr: float = 5e-6
-    batch_size: int = 2  # pairs per process per micro-step (a stage-2 pair is a box and an answer sample)
+    batch_size: int = 3  # pairs per process per micro-step, upstream's (a stage-2 pair: a box and an answer sample)
     loss: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
     beta: float = 0.1  # for the box step (stage 1 and stage 2)
     beta_answer: float | None = None  # for the answer step in stage 2 (default: --beta)
@@ -326,7 +326,6 @@ class DPOConfig(modeling.TrainConfig):
     lambda_box: float = 0.5  # stage 2: L = lambda_box * L_box + lambda_answer * L_answer
     lambda_answer: float = 0.5
     rejected_crop: Literal["chosen", "own"] = "chosen"  # stage 2: crop the rejected answer sees (upstream: chosen)
-    crop: Literal["vcot", "raw"] = "vcot"
     # all reference log-probs in one pass before training (exact: the reference runs without dropout either
     # way), kept in <out>/reference_logps.safetensors for --resume; --no-precompute-ref: a reference pass per step
     precompute_ref: bool = True
@@ -342,11 +341,16 @@ class DPOConfig(modeling.TrainConfig):
 
 def build_dpo_samples(cfg: DPOConfig, pairs: list[data.Pair], processor, world: modeling.Dist) -> list[list[chat.PairSample]]:
     """Each pair's samples (1 in stage 1, 2 in stage 2), checked before training; bad pairs reported."""
+    cfg = modeling.resolve_convention(cfg)
     grouped, errors, too_long, same_box = [], [], 0, 0
     for pair in pairs:
+        if pair.box_form != cfg.box_form and not cfg.mix_conventions:
+            errors.append(f"{pair.record.source}: field 'box_form': {pair.box_form}, but this chain writes boxes "
+                          f"as {cfg.box_form} (--box-form; --mix-conventions to train on it anyway)")
+            continue
         try:
             samples = chat.dpo_samples(pair, processor.tokenizer, processor.image_processor, cfg.stage,
-                                       cfg.crop, cfg.rejected_crop)
+                                       cfg.crop, cfg.rejected_crop, cfg.prompts)
         except data.DataError as e:
             errors.append(str(e))
             continue
@@ -360,7 +364,7 @@ def build_dpo_samples(cfg: DPOConfig, pairs: list[data.Pair], processor, world: 
         grouped.append(samples)
     data.report_bad(errors, cfg.skip_bad_records, cfg.data, len(grouped))
     if too_long and world.is_main:
-        print(f"dpo: dropped {too_long} pairs longer than {cfg.max_len} tokens", file=sys.stderr)
+        print(f"warning: dpo dropped {too_long} pairs longer than {cfg.max_len} tokens", file=sys.stderr)
     if same_box and world.is_main:
         print(f"dpo: {same_box} pairs have the same chosen and rejected box: only their answer step is trained "
               "(the box step's gradient is zero)", file=sys.stderr)
@@ -474,6 +478,11 @@ class DPOObjective(nn.Module):
         policy = sequence_logps(self.net, batch, features, self.cfg.logp_chunk)
         reference = reference_logps(self.net, batch, features, self.cfg, self.ref_table)
         return step_loss(self.cfg, policy, reference, batch, kind_counts)
+
+    def item_counts(self, groups: list[list[chat.PairSample]]) -> torch.Tensor:
+        """Samples of each kind in these pairs [2] (the held-out loss's normaliser, before collating them)."""
+        return torch.bincount(torch.tensor([DPO_KINDS.index(s.kind) for g in groups for s in g] or [0]),
+                              minlength=2).float() * (len(groups) > 0)
 
     def step_counts(self, micro: list[dict]) -> torch.Tensor:
         """This rank's pairs of each kind in the optimizer step [2] (the loop sums them over ranks)."""

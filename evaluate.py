@@ -5,8 +5,8 @@
     python evaluate.py --predictions runs/eval/predictions.jsonl --judge-endpoint URL --out runs/eval
 
 Top to bottom: offline answer scores; the one client for OpenAI-compatible endpoints (with retries) and
-the judge call; two_step, the one Visual-CoT inference (also behind `visrl.py infer|serve`), and
-prediction with resume; scoring, reports and pictures; the CLI (also `visrl.py eval`). The protocol itself (the official detection scorer, the judge,
+the judge call; prediction with resume (each batch through chat.two_step, the one Visual-CoT inference, also
+behind `visrl.py infer|serve` and generate.py); scoring, reports and pictures; the CLI (also `visrl.py eval`). The protocol itself (the official detection scorer, the judge,
 the benchmark readers and their Items) is in viscot.py. See "Evaluation" in ../shared/RECIPE.md.
 """
 
@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 import chat
 import data
+import runs
 import model as modeling
 import viscot
 
@@ -144,11 +145,11 @@ def judge_answer(endpoint: str, question: str, reference: str, prediction: str, 
 CENTER_BOX_TEXT = "[0.250, 0.250, 0.750, 0.750]"  # upstream's centre-box ablation, '%.3f' as it prints it
 
 
-def focus_prompt(item: viscot.Item, official: bool = False) -> list[dict]:
+def focus_prompt(item: viscot.Item, official: bool = False, prompts: str = "upstream") -> list[dict]:
     """Step 1 messages: the focus prompt (training form, or the benchmark's test-time form), or REC's."""
     if item.kind == "rec":
         return chat.rec_messages(item.question)
-    return chat.focus_messages(item.expression or item.question, official=official)
+    return chat.focus_messages(item.expression or item.question, prompts, official=official)
 
 
 def ablation_box(item: viscot.Item, mode: str, width: int, height: int, seed: int = 0) -> tuple[str, tuple]:
@@ -165,38 +166,8 @@ def ablation_box(item: viscot.Item, mode: str, width: int, height: int, seed: in
     raise ValueError(f"no ablation box for mode {mode!r}")
 
 
-def two_step(generate_fn, images: list[Image.Image], focus_prompts: list[list[dict]], questions: list[str | None],
-             crop_rule: str = "vcot", boxes: list[tuple[str, tuple]] | None = None,
-             vcot_answer: bool = False) -> list[dict]:
-    """The Visual-CoT inference, one row per image: step 1 asks for a box (focus_prompts; or takes `boxes`,
-    (text, pixel box) per image: the ablations, generate.py's sampled and diversity boxes) -> parse -> crop (an
-    unusable box crops the whole image, as upstream's fallback box [0, 0, 1, 1] does) -> step 2 answers the
-    question with image and crop (a None question: no answer step, e.g. REC; vcot_answer: Visual-CoT's 3-turn
-    form, the box as the assistant's turn). generate_fn maps [(messages, images)] to reply texts. Used by
-    evaluate, infer, serve and generate.
-    Rows: box_text, box (pixels or None), box_parsed, crop, answer (stripped)."""
-    if boxes is None:
-        texts = [t.strip() for t in generate_fn([(m, [im]) for m, im in zip(focus_prompts, images)])]
-        boxes = [(text, chat.text_to_box(text, *im.size)) for text, im in zip(texts, images)]
-    rows, crops = [], []
-    for im, (text, box) in zip(images, boxes):
-        w, h = im.size
-        window = chat.crop_window(box if box is not None else (0, 0, w, h), w, h, rule=crop_rule)
-        rows.append({"box_text": text, "box": None if box is None else [float(v) for v in box],
-                     "box_parsed": box is not None, "crop": list(window), "answer": None})
-        crops.append(im.crop(window))
-    asks = [i for i, q in enumerate(questions) if q is not None]
-    if asks:
-        prompts = [chat.vcot_answer_messages(questions[i], rows[i]["box_text"]) if vcot_answer else
-                   chat.answer_messages(questions[i]) for i in asks]
-        replies = generate_fn([(prompt, [images[i], crops[i]]) for prompt, i in zip(prompts, asks)])
-        for i, reply in zip(asks, replies):
-            rows[i]["answer"] = reply.strip()
-    return rows
-
-
 def predict_batch(items: list[viscot.Item], generate_fn, box: str = "model", official_prompt: bool = False,
-                  crop_rule: str = "vcot", seed: int = 0) -> list[dict]:
+                  crop_rule: str = "raw", seed: int = 0, prompts: str = "upstream") -> list[dict]:
     """Prediction rows for a batch of items; generate_fn maps [(messages, images)] to reply texts."""
     images = [viscot.load_item_image(it) for it in items]
     rows = [{"set": it.set, "id": it.id, "kind": it.kind, "question": it.question, "answers": it.answers,
@@ -205,13 +176,13 @@ def predict_batch(items: list[viscot.Item], generate_fn, box: str = "model", off
              "box_mode": box, "box_text": None, "box": None, "box_parsed": None, "crop": None, "answer": None}
             for it, im in zip(items, images)]
     if box == "none":
-        replies = generate_fn([(chat.direct_messages(it.question), [im]) for it, im in zip(items, images)])
+        replies = generate_fn([(chat.direct_messages(it.question, prompts), [im]) for it, im in zip(items, images)])
         for row, reply in zip(rows, replies):
             row["answer"] = reply.strip()
         return rows
     boxes = None if box == "model" else [ablation_box(it, box, *im.size, seed) for it, im in zip(items, images)]
-    steps = two_step(generate_fn, images, [focus_prompt(it, official_prompt) for it in items],
-                     [it.question if it.kind == "vqa" else None for it in items], crop_rule, boxes,
+    steps = chat.two_step(generate_fn, images, [focus_prompt(it, official_prompt, prompts) for it in items],
+                     [it.question if it.kind == "vqa" else None for it in items], crop_rule, prompts, boxes,
                      vcot_answer=official_prompt)
     for row, step in zip(rows, steps):
         row.update(step)
@@ -287,22 +258,23 @@ def reply_function(cfg: "EvalConfig"):
                 return list(pool.map(call, prompts))
         return generate_endpoint
 
-    net, processor = modeling.load(cfg.model, cfg.adapter, cfg.device, cfg.dtype)  # adapter merged, eval mode
+    cfg = resolve_eval_convention(cfg)  # also when called alone (the demo shares one model between two evaluations)
+    net, processor = modeling.load(cfg.model, cfg.adapter, cfg.device, cfg.dtype, cfg.max_pixels)  # adapter merged
     sampling = modeling.Sampling(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
     return lambda prompts: modeling.sample(net, processor, prompts, sampling, batch_size=cfg.batch_size, seed=cfg.seed)
 
 
 # settings that change what a prediction is: a rerun into the same --out must keep them
 PREDICTION_SETTINGS = ("model", "adapter", "endpoint", "endpoint_model", "data", "image_root", "box", "official_prompt",
-                       "crop", "max_new_tokens", "temperature", "top_p", "seed")
+                       "crop", "prompts", "max_pixels", "max_new_tokens", "temperature", "top_p", "seed")
 
 
 def predict(items: list[viscot.Item], cfg: "EvalConfig", generate_fn=None) -> list[dict]:
     """Predictions for the items, in item order: those already in --out/predictions.jsonl are kept, the rest run."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    data.check_settings(out, "evaluate", dataclasses.asdict(cfg), PREDICTION_SETTINGS, "rerun it")
-    data.write_config(out, "evaluate", dataclasses.asdict(cfg))
+    runs.check_settings(out, "evaluate", dataclasses.asdict(cfg), PREDICTION_SETTINGS, "rerun it")
+    runs.write_config(out, "evaluate", dataclasses.asdict(cfg))
     path = out / "predictions.jsonl"
     done = {(r.get("set"), r.get("id")): r for r in data.read_jsonl_rows(path, repair=True)}
     todo = [it for it in items if (it.set, it.id) not in done]
@@ -315,7 +287,8 @@ def predict(items: list[viscot.Item], cfg: "EvalConfig", generate_fn=None) -> li
                                                           dynamic_ncols=True) as bar:
             for start in range(0, len(todo), cfg.batch_size):
                 batch = todo[start:start + cfg.batch_size]
-                for row in predict_batch(batch, generate_fn, cfg.box, cfg.official_prompt, cfg.crop, cfg.seed):
+                for row in predict_batch(batch, generate_fn, cfg.box, cfg.official_prompt, cfg.crop, cfg.seed,
+                                         cfg.prompts):
                     f.write(json.dumps(row) + "\n")
                     done[(row["set"], row["id"])] = row
                 f.flush()  # a killed run loses at most the batch in flight
@@ -458,16 +431,15 @@ def draw_pictures(rows: list[dict], out_dir, n: int) -> list[Path]:
 
 
 @dataclass
-class InferConfig:
+class InferConfig(runs.ConventionArgs):
     """Two-step inference on one image: the model names a box, looks at its crop, answers; draws a PNG."""
 
-    image: str  # the image file
-    question: str
+    image: str = dataclasses.field(kw_only=True)  # the image file
+    question: str = dataclasses.field(kw_only=True)
     model: str = "tiny"  # checkpoint directory, or `tiny` / `tiny-qwen2-vl`
     adapter: str | None = None  # a trained adapter (merged into the base for inference)
     out: str = "infer.png"  # the picture: the image with the predicted box (orange band) and crop window (dashed), the crop beside it
     overwrite: bool = False  # replace an existing --out (never the input image itself)
-    crop: Literal["vcot", "raw"] = "vcot"  # crop rule for the answer step's second image
     max_new_tokens: int = 64  # per step
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -482,11 +454,12 @@ def infer_command(cfg: InferConfig) -> dict:
         raise data.UserError(f"--out {cfg.out} is the input image; choose another --out")
     if (out.exists() or out.is_symlink()) and not cfg.overwrite:
         raise data.UserError(f"--out {cfg.out} exists; choose another --out or pass --overwrite")
+    cfg = square_boxes(modeling.resolve_convention(cfg))
     torch.manual_seed(cfg.seed)
-    net, processor = modeling.load(cfg.model, cfg.adapter, cfg.device, cfg.dtype)
+    net, processor = modeling.load(cfg.model, cfg.adapter, cfg.device, cfg.dtype, cfg.max_pixels)
     sampling = modeling.Sampling(max_new_tokens=cfg.max_new_tokens)
-    row = two_step(lambda prompts: modeling.sample(net, processor, prompts, sampling, seed=cfg.seed),
-                            [image], [chat.focus_messages(cfg.question)], [cfg.question], cfg.crop)[0]
+    row = chat.two_step(lambda prompts: modeling.sample(net, processor, prompts, sampling, seed=cfg.seed),
+                   [image], [chat.focus_messages(cfg.question, cfg.prompts)], [cfg.question], cfg.crop, cfg.prompts)[0]
     row = {"image": str(Path(cfg.image).resolve()), "question": cfg.question, "width": image.width,
            "height": image.height, **row, "picture": str(Path(cfg.out))}
     draw_picture(row, cfg.out)
@@ -502,7 +475,7 @@ def infer_command(cfg: InferConfig) -> dict:
 
 
 @dataclass
-class EvalConfig(data.RunConfig):
+class EvalConfig(runs.RunConfig):
     """Two-step evaluation (focus -> crop -> answer) with the Visual-CoT benchmark protocol; resumable."""
 
     data: str = "synth"  # Visual-CoT release dir (benchmark/, benchmark_det/), a file, a dir with test.jsonl, or `synth`
@@ -528,7 +501,6 @@ class EvalConfig(data.RunConfig):
     # the benchmark's test-time forms instead of ours: the focus text (lower-cased question + '. ') and the answer
     # step in Visual-CoT's 3 turns (question; the box as the assistant's turn; crop + its answer instruction)
     official_prompt: bool = False
-    crop: Literal["vcot", "raw"] = "vcot"  # crop rule for the answer step's second image
     parser: Literal["official", "lenient"] = "official"  # box parser for the headline Acc@0.5 (both are reported)
     pictures: int = 6  # how many PNGs with boxes and crop to draw
 
@@ -537,12 +509,29 @@ OUT_FILES = ("predictions.jsonl", "judge.jsonl", "results.json", "results.md", "
 RESCORE_FILES = ("judge.jsonl", "results.json", "results.md", "pictures")  # what --predictions writes
 
 
+def square_boxes(cfg):
+    """cfg, if its model writes boxes the way inference reads them (square: the benchmark's form)."""
+    if cfg.box_form != "square":
+        raise data.UserError(f"--box-form {cfg.box_form}: inference reads boxes square-normalised (the benchmark's "
+                             "form); this adapter writes another form")
+    return cfg
+
+
+def resolve_eval_convention(cfg: EvalConfig) -> EvalConfig:
+    """The adapter's convention (model.resolve_convention); --official-prompt crops as the benchmark does
+    (Visual-CoT's >= 224 px window) unless --crop says otherwise."""
+    resolved = square_boxes(modeling.resolve_convention(cfg))
+    if cfg.official_prompt and cfg.crop is None:
+        resolved = dataclasses.replace(resolved, crop="vcot")
+    return resolved
+
+
 def check_eval_out(cfg: EvalConfig) -> list[Path]:
     """Refuse an --out that overlaps the model, adapter or data; --overwrite returns the earlier run's files
-    to replace (without it, the same settings resume it and other settings are refused by data.check_settings)."""
+    to replace (without it, the same settings resume it and other settings are refused by runs.check_settings)."""
     inputs = [] if cfg.endpoint else modeling.input_dirs(cfg.model, cfg.adapter)
     data_files = [] if cfg.data == "synth" else [("--data", cfg.data)]
-    return data.check_out(cfg.out, OUT_FILES, inputs=inputs, data_files=data_files,
+    return runs.check_out(cfg.out, OUT_FILES, inputs=inputs, data_files=data_files,
                           resume=not cfg.overwrite, overwrite=cfg.overwrite)
 
 
@@ -556,9 +545,10 @@ def evaluate(cfg: EvalConfig, generate_fn=None) -> dict:
         if cfg.sets:
             rows = [r for r in rows if r["set"] in cfg.sets]
         if out.resolve() != Path(cfg.predictions).resolve().parent:  # re-scoring in place replaces derived files only
-            data.clear_run(data.check_out(out, RESCORE_FILES, overwrite=cfg.overwrite, resumable=False))
+            runs.clear_run(runs.check_out(out, RESCORE_FILES, overwrite=cfg.overwrite, resumable=False))
         out.mkdir(parents=True, exist_ok=True)
     else:
+        cfg = resolve_eval_convention(cfg)
         replaced = check_eval_out(cfg)
         items = viscot.read_items(cfg.data, cfg.sets, cfg.image_root, cfg.limit, cfg.skip_bad_records, cfg.seed)
         if not items:
@@ -570,7 +560,7 @@ def evaluate(cfg: EvalConfig, generate_fn=None) -> dict:
             raise data.DataError(f"{bad.source}: --box gt needs a ground-truth box, this item has none")
         if replaced:  # --overwrite: only once the items are read and the model is loaded
             generate_fn = generate_fn or reply_function(cfg)
-            data.clear_run(replaced)
+            runs.clear_run(replaced)
         rows = predict(items, cfg, generate_fn)
     judge = run_judge(rows, cfg) if cfg.judge_endpoint else None
     results = viscot.summarize(rows, judge, cfg.parser)
@@ -591,7 +581,7 @@ def evaluate(cfg: EvalConfig, generate_fn=None) -> dict:
 
 
 def main() -> None:
-    data.cli(lambda: tyro.cli(EvalConfig), evaluate)
+    runs.cli(lambda: tyro.cli(EvalConfig), evaluate)
 
 
 if __name__ == "__main__":

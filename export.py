@@ -26,6 +26,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 import data
+import runs
 import model as modeling
 
 
@@ -174,7 +175,7 @@ def write_peft(base: Path, chain: list[tuple[Path, modeling.LoRAConfig]], out: P
 def _check_out(out: Path, overwrite: bool, inputs: list[Path]) -> None:
     """Refuse an --out that would lose data: non-empty without --overwrite, or overlapping an input."""
     existing = sorted(out.iterdir()) if out.is_dir() else []
-    data.check_out(out, [p.name for p in existing], inputs=[("input", path) for path in inputs],
+    runs.check_out(out, [p.name for p in existing], inputs=[("input", path) for path in inputs],
                    overwrite=overwrite, resumable=False)
 
 
@@ -218,6 +219,8 @@ def export_command(cfg: ExportConfig) -> Path:
         provenance = {"format": cfg.format, "dtype": dtype, "base_model": str(base), **details,
                       "adapters": [{"path": str(path.resolve()), **asdict(c)} for path, c in chain]}
         (tmp / "visrl_export.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        if chain[-1][1].convention:  # prompts, crop, pixel cap, box form: evaluate/serve on the export keep them
+            (tmp / modeling.CONVENTION_FILE).write_text(json.dumps(chain[-1][1].convention, indent=2) + "\n")
         _commit(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 import chat
 import data
+import runs
 import evaluate
 import model as modeling
 import synth
@@ -47,7 +48,7 @@ import viscot
 
 
 @dataclass
-class GenerateConfig(data.RunConfig):
+class GenerateConfig(runs.RunConfig):
     """Self-evolution data generation: sample boxes and answers, score them, keep preference pairs."""
 
     model: str = "tiny"  # checkpoint directory, or `tiny` / `tiny-qwen2-vl` (ignored with --endpoint)
@@ -56,11 +57,14 @@ class GenerateConfig(data.RunConfig):
     out: str = "runs/generate"  # candidates.jsonl, pairs.jsonl, summary.json, config.json go here
     seed: int = 0  # chunk c samples with seed * 1000003 + 10c, so a resumed run reproduces an uninterrupted one
     split: str = "train"  # which <split>.jsonl of a directory / `synth`
+    # upstream: only upstream's question pool, items 10000-20000 of each Visual-CoT subset (the records' `dataset`),
+    # docvqa excluded (`preprocess/sample.py`); all: every record of --data
+    question_pool: Literal["all", "upstream"] = "all"
     attempts: int = 3  # K: each attempt makes a sampled and a diversity candidate
     temperature: float = 2.0  # policy sampling (upstream: 2, top-p 0.7, top-k 50)
     top_p: float = 0.7
     top_k: int = 50
-    max_new_tokens: int = 64  # per reply (box, answer, crop-alone answer)
+    max_new_tokens: int = 1024  # per reply (box, answer, crop-alone answer), as upstream
     batch_size: int = 16  # prompts per forward of the in-process model
     chunk: int = 8  # questions sampled together: each step's prompts of a chunk go to one model.sample call
     endpoint: str | None = None  # sample from this OpenAI-compatible server instead of the in-process model
@@ -71,7 +75,7 @@ class GenerateConfig(data.RunConfig):
     use_annotated_boxes: bool = False  # rule scorer: crop score = IoU with a record's annotated box, where it has one
     judge_endpoint: str | None = None  # OpenAI-compatible server of the judge model (--scorer judge)
     judge_model: str = "default"  # the `model` field sent to --judge-endpoint
-    judge_max_tokens: int = 64
+    judge_max_tokens: int = 1024  # as upstream
     workers: int = 8  # concurrent HTTP requests to --endpoint / --judge-endpoint
     retries: int = 2  # extra tries of a failed HTTP call before the run stops (finished questions are kept)
     timeout: float = 120.0  # seconds per HTTP call
@@ -79,16 +83,17 @@ class GenerateConfig(data.RunConfig):
     answer_low: float = 0.2  # ... and some answer score <= this
     crop_high: float = 0.8  # chosen needs crop score >= this
     crop_low: float = 0.2  # rejected needs crop score <= this
-    box_form: Literal["square", "axis", "pixel"] = "square"  # how the model writes boxes
-    crop: Literal["vcot", "raw"] = "vcot"  # crop rule for the answer step's second image
+    # a pair's box texts rewritten with 3 decimals as upstream (`data_gen/eval/convert_statistic_format.py`), or
+    # kept as the model wrote them
+    pair_box_text: Literal["rewrite", "as-written"] = "rewrite"
 
 
 OUT_FILES = ("candidates.jsonl", "pairs.jsonl", "summary.json", "config.json")  # what a run writes into --out
 
 # A rerun in the same --out must use the same settings, or finished and new questions would mix.
-RESUME_KEYS = ("model", "adapter", "data", "split", "seed", "attempts", "temperature", "top_p", "top_k",
+RESUME_KEYS = ("model", "adapter", "data", "split", "question_pool", "seed", "attempts", "temperature", "top_p", "top_k",
                "max_new_tokens", "endpoint", "scorer", "use_annotated_boxes", "judge_endpoint", "answer_high", "answer_low",
-               "crop_high", "crop_low", "box_form", "crop")
+               "crop_high", "crop_low", "box_form", "crop", "prompts", "max_pixels", "pair_box_text")
 
 # sampler(prompts=[(messages, images)], sampling, seed) -> replies; judge(openai messages) -> reply text
 Sampler = Callable[[list, "object", int], list[str]]
@@ -252,7 +257,8 @@ class LocalSampler:
 
     def __init__(self, cfg: GenerateConfig):
         device = modeling.setup_distributed(cfg.device).device  # under torchrun: this rank's device
-        self.net, self.processor = modeling.load(cfg.model, cfg.adapter, str(device), cfg.dtype)  # adapter merged
+        self.net, self.processor = modeling.load(cfg.model, cfg.adapter, str(device), cfg.dtype,
+                                                 cfg.max_pixels)  # adapter merged
         self.batch_size = cfg.batch_size
 
     def __call__(self, prompts, sampling, seed):
@@ -305,7 +311,7 @@ def run_chunk(cfg: GenerateConfig, items: list[tuple[int, data.Record]], sampler
     K = cfg.attempts
 
     # 1. all focus prompts of the chunk at once: 2K per question (the sampled and the diversity box)
-    prompts = [(chat.focus_messages(r.question), [image]) for (_, r), image in zip(items, images) for _ in range(2 * K)]
+    prompts = [(chat.focus_messages(r.question, cfg.prompts, rl=True), [image]) for (_, r), image in zip(items, images) for _ in range(2 * K)]
     box_replies = sampler(prompts, policy, chunk_seed)
 
     # 2. parse, apply the diversity rule, crop
@@ -349,9 +355,9 @@ def run_chunk(cfg: GenerateConfig, items: list[tuple[int, data.Record]], sampler
                     live.append((q, cand, box))
         questions.append(candidates)
 
-    # 3. all answers of the chunk at once, each on its box's crop: the step-2 half of evaluate.two_step
-    steps = evaluate.two_step(lambda prompts: sampler(prompts, policy, chunk_seed + 1), [images[q] for q, _, _ in live],
-                              None, [items[q][1].question for q, _, _ in live], cfg.crop,
+    # 3. all answers of the chunk at once, each on its box's crop: the step-2 half of chat.two_step
+    steps = chat.two_step(lambda prompts: sampler(prompts, policy, chunk_seed + 1), [images[q] for q, _, _ in live],
+                              None, [items[q][1].question for q, _, _ in live], cfg.crop, cfg.prompts,
                               boxes=[(cand["box_text"], box) for _, cand, box in live])
     for (_, cand, _), step in zip(live, steps):
         cand["answer"] = step["answer"]
@@ -369,7 +375,7 @@ def run_chunk(cfg: GenerateConfig, items: list[tuple[int, data.Record]], sampler
         gt = {q: items[q][1].box if cfg.use_annotated_boxes else None for q in range(len(items))}
         probe = [x for x in live if gt[x[0]] is None]
         # no ground-truth box: the crop is relevant if the model can answer from the crop alone
-        probe_prompts = [(chat.direct_messages(items[q][1].question), [crop]) for q, _, _, crop in probe]
+        probe_prompts = [(chat.direct_messages(items[q][1].question, cfg.prompts), [crop]) for q, _, _, crop in probe]
         for (q, cand, _, _), answer in zip(probe, sampler(probe_prompts, greedy, chunk_seed + 2) if probe else []):
             cand["crop_answer"] = answer
             cand["crop_score"] = rule_answer_score(answer, items[q][1].answers)
@@ -402,8 +408,9 @@ def run_chunk(cfg: GenerateConfig, items: list[tuple[int, data.Record]], sampler
         pair = None
         if verdict.reason == "kept":
             win, lose = candidates[verdict.chosen], candidates[verdict.rejected]
-            pair = data.pair_json(data.Pair(r, win["box_text"], lose["box_text"], win["answer"], lose["answer"],
-                                            cfg.box_form), root)
+            texts = [c["box_text"] if cfg.pair_box_text == "as-written" else chat.rewrite_box_text(c["box_text"], cfg.box_form)
+                     for c in (win, lose)]
+            pair = data.pair_json(data.Pair(r, *texts, win["answer"], lose["answer"], cfg.box_form), root)
         lines.append({"index": index, "id": r.id, "question": r.question, "answers": r.answers,
                       "gt_box": _box_list(r.box), "crop_score_source": sources[q], "candidates": candidates,
                       "verdict": verdict.reason, "chosen": verdict.chosen, "rejected": verdict.rejected,
@@ -454,6 +461,7 @@ def summarize(lines: list[dict]) -> dict:
 
 def generate(cfg: GenerateConfig, sampler: Sampler | None = None, judge: Judge | None = None) -> dict:
     """Make candidates and pairs for every question in cfg.data into cfg.out, resuming; returns the summary."""
+    cfg = modeling.resolve_convention(cfg)  # the policy adapter's prompts, crop, pixel cap and box form
     if cfg.attempts < 1 or cfg.chunk < 1 or cfg.batch_size < 1:
         raise data.UserError("--attempts, --chunk and --batch-size must be at least 1")
     if cfg.box_form == "pixel" and cfg.endpoint:
@@ -464,18 +472,23 @@ def generate(cfg: GenerateConfig, sampler: Sampler | None = None, judge: Judge |
     inputs = modeling.input_dirs(None if cfg.endpoint else cfg.model, cfg.adapter)
     data_files = [] if cfg.data == "synth" else [("--data", synth.resolve_data(cfg.data, cfg.split))]
     # the same settings resume the run in --out; --overwrite replaces it once the data has been read
-    replaced = data.check_out(out, OUT_FILES, inputs=inputs, data_files=data_files,
+    replaced = runs.check_out(out, OUT_FILES, inputs=inputs, data_files=data_files,
                               resume=not cfg.overwrite, overwrite=cfg.overwrite)
     if not replaced:  # a rerun in the same --out resumes: with the same settings only
-        data.check_settings(out, "generate", dataclasses.asdict(cfg), RESUME_KEYS, "rerun it")
+        runs.check_settings(out, "generate", dataclasses.asdict(cfg), RESUME_KEYS, "rerun it")
     data_path = synth.resolve_data(cfg.data, cfg.split, cfg.seed)
     root = str(Path(cfg.image_root if cfg.image_root is not None else Path(data_path).parent).resolve())
     records = data.read_records(data_path, image_root=cfg.image_root, skip_bad=cfg.skip_bad_records, limit=cfg.limit)
+    if cfg.question_pool == "upstream":
+        records = data.upstream_question_pool(records)
+        if not records:
+            raise data.UserError(f"{data_path}: upstream's question pool (items 10000-20000 of each Visual-CoT subset, "
+                                 "docvqa excluded) is empty in this file; --question-pool all takes every record")
     if sampler is None:  # loaded before --overwrite deletes anything: an unusable model or adapter costs nothing
         sampler = EndpointSampler(cfg) if cfg.endpoint else LocalSampler(cfg)
-    data.clear_run(replaced)
+    runs.clear_run(replaced)
     out.mkdir(parents=True, exist_ok=True)
-    data.write_config(out, "generate", dataclasses.asdict(cfg))
+    runs.write_config(out, "generate", dataclasses.asdict(cfg))
 
     cand_path, pair_path = out / "candidates.jsonl", out / "pairs.jsonl"
     lines = read_progress(cand_path)
@@ -554,7 +567,7 @@ def generate_command(cfg: GenerateConfig) -> dict:
 
 
 def main() -> None:
-    data.cli(lambda: tyro.cli(GenerateConfig), generate_command)
+    runs.cli(lambda: tyro.cli(GenerateConfig), generate_command)
 
 
 if __name__ == "__main__":

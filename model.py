@@ -34,6 +34,7 @@ from transformers.utils import logging as hf_logging
 
 import chat
 import data
+import runs
 import synth
 
 hf_logging.disable_progress_bar()  # per-shard bars on a tiny checkpoint are noise; our own tqdm shows progress
@@ -108,8 +109,10 @@ def read_json(path: Path, what: str) -> dict:
 CHECKPOINT_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
 
 
-def load_model(model: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Load (model, processor) from a Qwen2-VL / Qwen2.5-VL checkpoint directory or `tiny`."""
+def load_model(model: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               max_pixels: int = chat.UPSTREAM_MAX_PIXELS):
+    """Load (model, processor) from a Qwen2-VL / Qwen2.5-VL checkpoint directory or `tiny`; the processor's
+    images are first capped at max_pixels (chat.fit_image; 0: no cap)."""
     path = resolve_model_path(model)
     model_type = read_json(path / "config.json", "checkpoint config").get("model_type")
     if model_type not in ARCHS:
@@ -124,13 +127,15 @@ def load_model(model: str, dtype: torch.dtype = torch.float32, device: str | tor
         raise data.UserError(f"{path}: unusable checkpoint ({type(e).__name__}: {str(e)[:300]})") from e
     net = net.to(device)
     net.name_or_path = str(path)
+    processor.image_processor.visrl_max_pixels = max_pixels  # read by chat.fit_image and chat.image_grid
     return net, processor
 
 
-def load(model: str, adapter: str | None = None, device: str = "auto", dtype: str = "auto"):
+def load(model: str, adapter: str | None = None, device: str = "auto", dtype: str = "auto",
+         max_pixels: int = chat.UPSTREAM_MAX_PIXELS):
     """(net, processor) for inference: the checkpoint with its adapter chain merged, in eval mode."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    net, processor = load_model(model, dtype=resolve_dtype(dtype, device), device=device)
+    net, processor = load_model(model, dtype=resolve_dtype(dtype, device), device=device, max_pixels=max_pixels)
     if adapter:
         load_adapter(net, adapter)
         merge_lora(net)  # plain linears: faster inference, same outputs
@@ -167,7 +172,7 @@ class LoRALinear(nn.Linear):
 
 
 @dataclass
-class TrainConfig(data.RunConfig):
+class TrainConfig(runs.RunConfig):
     """What SFT and DPO share besides the run: optimizer, batches, the LoRA to train, checkpoints."""
 
     epochs: float = 3.0
@@ -176,8 +181,8 @@ class TrainConfig(data.RunConfig):
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    batch_size: int = 4  # per process per micro-step
-    grad_accum: int = 1  # micro-steps per optimizer step
+    batch_size: int = 2  # per process per micro-step (upstream SFT: 2)
+    grad_accum: int = 8  # micro-steps per optimizer step (upstream: 8)
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -189,6 +194,8 @@ class TrainConfig(data.RunConfig):
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end or on SIGTERM/SIGINT)
     keep_checkpoints: int = 2
     resume: bool = False  # continue the run in --out from its newest complete checkpoint
+    val_fraction: float = 0.1  # held out (whole records / pairs, chosen by --seed) for the eval loss; upstream val_size
+    eval_every: int = 0  # optimizer steps between eval losses in metrics.jsonl (0: once, at the end)
     fsdp: bool = True  # under torchrun: shard with FSDP2 (--no-fsdp: replicate, all-reduce gradients)
 
 
@@ -205,6 +212,7 @@ class LoRAConfig:
     parent_sha256: str = ""  # the parent's content when this one was trained on it: a changed parent is an error
     parent_relative: str = ""  # the parent's path relative to this adapter's folder: found there after a move
     base_sha256: str = ""  # the base checkpoint's config and tokenizer files: another base model is an error
+    convention: dict | None = None  # prompts, crop, max_pixels, box_form it was trained with (resolve_convention)
 
 
 def language_model(model: nn.Module) -> nn.Module:
@@ -309,6 +317,38 @@ def read_adapter_config(adapter_dir: str | Path) -> LoRAConfig:
         return LoRAConfig(**fields)
     except TypeError as e:
         raise data.UserError(f"{path}: not an adapter config written by visrl ({e})") from e
+
+
+CONVENTION_FILE = "visrl_convention.json"  # an exported model's convention (export.py writes it)
+
+
+def recorded_convention(model: str, adapter: str | None) -> tuple[dict, str]:
+    """The convention the adapter (else an exported model) was trained with, and where it was read; {} if none."""
+    if adapter:
+        return read_adapter_config(adapter).convention or {}, f"the adapter {adapter}"
+    path = Path(model) / CONVENTION_FILE  # the built-in tiny models have none
+    return (read_json(path, "convention") if path.is_file() else {}), f"the model {model}"
+
+
+def resolve_convention(cfg):
+    """cfg with its convention (runs.ConventionArgs) resolved: as given, else as the adapter or exported model
+    recorded it, else upstream VisRL's. A given value that contradicts the record is an error unless
+    --mix-conventions: a chain sft -> generate -> dpo -> eval uses one prompt set, crop, pixel cap, box form."""
+    recorded, where = recorded_convention(cfg.model, cfg.adapter)
+    values = {}
+    for name, default in chat.UPSTREAM_CONVENTION.items():
+        given, had = getattr(cfg, name), recorded.get(name)
+        if given is not None and had is not None and given != had and not cfg.mix_conventions:
+            flag = "--" + name.replace("_", "-")
+            raise data.UserError(f"{flag} {given}: {where} was trained with {flag} {had}; a chain keeps one "
+                                 f"convention (leave {flag} out, or add --mix-conventions to mean it)")
+        values[name] = given if given is not None else had if had is not None else default
+    return replace(cfg, **values)
+
+
+def convention_of(cfg) -> dict:
+    """The resolved convention as recorded in an adapter config or an export."""
+    return {name: getattr(cfg, name) for name in chat.UPSTREAM_CONVENTION}
 
 
 BASE_FINGERPRINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")  # not the image processor's
@@ -448,7 +488,7 @@ def sample(net: nn.Module, processor, prompts: list, sampling: Sampling = Sampli
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
                   "mm_token_type_ids": (input_ids == image_token_id).int()}
         if images:
-            pixels = image_processor(images=images, return_tensors="pt")
+            pixels = image_processor(images=[chat.fit_image(im, image_processor) for im in images], return_tensors="pt")
             inputs.update(pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"])
         inputs = {k: v.to(device) for k, v in inputs.items()}
         sample = sampling.temperature > 0

@@ -2,7 +2,7 @@
 
     python visrl.py serve --model CKPT --adapter runs/dpo2/adapter --image-root /data/images
 
-It loads with model.load and answers `visual_cot` requests with evaluate.two_step (the same inference
+It loads with model.load and answers `visual_cot` requests with chat.two_step (the same inference
 evaluate.py and `infer` run). Top to bottom: request parsing (body, messages, images, limits); the worker
 thread, the only one that touches the model, which batches requests; the HTTP handler and `serve`. Standard library
 http.server only: no web framework.
@@ -35,6 +35,7 @@ from PIL import Image
 
 import chat
 import data
+import runs
 import evaluate
 import model as modeling
 
@@ -44,7 +45,7 @@ import model as modeling
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(runs.ConventionArgs):
     """An OpenAI-compatible server on the in-process model: POST /v1/chat/completions, GET /v1/models, GET /health."""
 
     model: str = "tiny"  # checkpoint directory, or `tiny` / `tiny-qwen2-vl`
@@ -61,7 +62,6 @@ class ServeConfig:
     max_images_per_request: int = 4
     max_new_tokens_limit: int = 1024  # the largest max_tokens a request may ask; also the default
     max_prompt_tokens: int = 16384  # prompt tokens (image tokens included) per generation
-    crop: Literal["vcot", "raw"] = "vcot"  # crop rule of visual_cot requests
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     seed: int = 0  # seeds the random stream of sampled requests that send no seed
@@ -344,7 +344,7 @@ class Worker(threading.Thread):
         tok, ip = self.processor.tokenizer, self.processor.image_processor
         if job.visual_cot:  # the answer step is the longer one; its crop counted as the whole image: an upper bound
             size = job.images[0].size
-            n = len(chat.encode(tok, ip, chat.answer_messages(job.question), [size, size])[0])
+            n = len(chat.encode(tok, ip, chat.answer_messages(job.question, self.cfg.prompts), [size, size])[0])
         else:
             n = len(chat.encode(tok, ip, job.messages, [im.size for im in job.images])[0])
         if n > self.cfg.max_prompt_tokens:
@@ -374,8 +374,9 @@ class Worker(threading.Thread):
                 steps.append(self._generate(prompts, batch[0]))
                 return [r[0] for r in steps[-1]]
             questions = [j.question for j in batch]
-            rows = evaluate.two_step(generate_fn, [j.images[0] for j in batch], [chat.focus_messages(q) for q in questions],
-                                     questions, self.cfg.crop)
+            rows = chat.two_step(generate_fn, [j.images[0] for j in batch],
+                                     [chat.focus_messages(q, self.cfg.prompts) for q in questions], questions,
+                                     self.cfg.crop, self.cfg.prompts)
             for i, (job, row) in enumerate(zip(batch, rows)):
                 focus, answer = steps[0][i], steps[1][i]
                 job.result = completion(self.cfg, row["answer"], focus[1] + answer[1], focus[2] + answer[2], answer[3])
@@ -537,6 +538,7 @@ def make_server(cfg: ServeConfig, net=None, processor=None) -> tuple[Server, Wor
     """The bound HTTP server (not yet serving: call serve_forever) and its started worker; net/processor
     default to loading cfg.model (+ cfg.adapter). Port 0 picks a free port: see httpd.server_address.
     A missing --image-root or a taken port is a UserError, raised before the model is loaded."""
+    cfg = evaluate.square_boxes(modeling.resolve_convention(cfg))  # the adapter's prompts, crop and pixel cap
     if cfg.image_root is not None and not Path(cfg.image_root).is_dir():
         raise data.UserError(f"--image-root {cfg.image_root}: no such directory")
     try:  # bound first, so a taken port fails before a long load; connections wait in the backlog till serve_forever
@@ -545,7 +547,7 @@ def make_server(cfg: ServeConfig, net=None, processor=None) -> tuple[Server, Wor
         raise data.UserError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from e
     try:
         if net is None:
-            net, processor = modeling.load(cfg.model, cfg.adapter, cfg.device, cfg.dtype)
+            net, processor = modeling.load(cfg.model, cfg.adapter, cfg.device, cfg.dtype, cfg.max_pixels)
         torch.manual_seed(cfg.seed)
         worker = Worker(net, processor, cfg)
     except BaseException:

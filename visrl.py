@@ -33,7 +33,6 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -52,6 +51,7 @@ from tqdm import tqdm
 
 import chat
 import data
+import runs
 import demo
 import dpo
 import evaluate
@@ -70,8 +70,6 @@ class SFTConfig(modeling.TrainConfig):
     """Supervised warm-up: LoRA on the language model, loss on assistant tokens only."""
 
     out: str = "runs/sft"  # where adapter/, config.json and metrics.jsonl go
-    box_form: Literal["square", "axis", "pixel"] = "square"  # how boxes are written as text
-    crop: Literal["vcot", "raw"] = "vcot"  # crop rule for the answer step's second image
     # also train the bare question on the ground-truth crop alone: what generate.py's rule scorer asks
     # (the answer from the crop alone) when the RL phases' questions carry no box annotation
     crop_alone_samples: bool = False
@@ -84,10 +82,11 @@ class SFTConfig(modeling.TrainConfig):
 
 def build_sft_samples(cfg: SFTConfig, records: list[data.Record], processor, world: modeling.Dist) -> list[chat.Sample]:
     """Every record's focus and answer (and crop-alone) samples, over-long ones dropped (or an error) with a count."""
+    cfg = modeling.resolve_convention(cfg)
     samples, no_box, too_long = [], 0, []
     for record in records:
         pair = chat.sft_samples(record, processor.tokenizer, processor.image_processor, cfg.box_form, cfg.crop,
-                                cfg.crop_alone_samples)
+                                cfg.crop_alone_samples, cfg.prompts)
         no_box += not pair
         for sample in pair:
             (too_long if len(sample.input_ids) > cfg.max_len else samples).append(sample)
@@ -96,7 +95,7 @@ def build_sft_samples(cfg: SFTConfig, records: list[data.Record], processor, wor
         raise data.UserError(f"{first.record.source}: {first.kind} sample has {len(first.input_ids)} tokens "
                              f"> --max-len {cfg.max_len} ({len(too_long)} such samples)")
     if world.is_main and (too_long or no_box):
-        print(f"sft: dropped {len(too_long)} samples longer than {cfg.max_len} tokens and "
+        print(f"warning: sft dropped {len(too_long)} samples longer than {cfg.max_len} tokens and "
               f"{no_box} records without a box", file=sys.stderr)
     if not samples:
         raise data.UserError("sft: no trainable samples (every record lacks a box or is too long)")
@@ -123,6 +122,10 @@ def sft_loss(net, batch: dict, n_tokens: torch.Tensor, chunk_size: int = 1024) -
 
 class SFTObjective(nn.Module):
     """sft_loss as a module: FSDP2 gathers a root unit's parameters around its forward."""
+
+    def item_counts(self, samples: list[chat.Sample]) -> torch.Tensor:
+        """Supervised tokens of these samples [] (the held-out loss's normaliser, before collating them)."""
+        return torch.tensor(float(sum(label != chat.IGNORE_INDEX for s in samples for label in s.labels[1:])))
 
     def __init__(self, net):
         super().__init__()
@@ -159,13 +162,13 @@ def cosine_schedule(step: int, total: int, warmup_ratio: float) -> float:
 
 
 def prepare_model(model_path: str, adapter: str | None, lora: modeling.LoRAConfig, world: modeling.Dist,
-                  dtype_name: str, grad_checkpointing: bool):
+                  dtype_name: str, grad_checkpointing: bool, max_pixels: int = chat.UPSTREAM_MAX_PIXELS):
     """Load the base, merge a previous phase's adapter into it, add a fresh adapter to train.
 
     With adapters off, the returned model is exactly the start of this phase: the reference.
     """
     net, processor = modeling.load_model(model_path, dtype=modeling.resolve_dtype(dtype_name, world.device),
-                                         device=world.device)
+                                         device=world.device, max_pixels=max_pixels)
     if adapter:
         modeling.load_adapter(net, adapter)
         modeling.merge_lora(net)
@@ -217,11 +220,11 @@ def check_run_out(cfg, command: str) -> list[Path]:
     --resume or --overwrite says what to do with it; returns what --overwrite will replace. Cheap: it builds
     no built-in asset (those live in the cache, never in an --out)."""
     data_files = [] if cfg.data == "synth" else [("--data", synth.resolve_data(cfg.data))]
-    replaced = data.check_out(cfg.out, RUN_FILES, inputs=modeling.input_dirs(cfg.model, cfg.adapter),
+    replaced = runs.check_out(cfg.out, RUN_FILES, inputs=modeling.input_dirs(cfg.model, cfg.adapter),
                               data_files=data_files, resume=cfg.resume, overwrite=cfg.overwrite)
     if cfg.resume:  # a resumed run goes on with the settings (and the command) it was started with
         settings = dataclasses.asdict(cfg)
-        data.check_settings(cfg.out, command, settings, [k for k in settings if k not in RESUMABLE_CHANGES],
+        runs.check_settings(cfg.out, command, settings, [k for k in settings if k not in RESUMABLE_CHANGES],
                             "--resume it")
     return replaced
 
@@ -235,9 +238,9 @@ def start_run(out: Path, cfg, command: str, world: modeling.Dist, replaced: list
     metrics.jsonl (rank 0 only; None elsewhere)."""
     if not world.is_main:
         return None
-    data.clear_run(replaced)
+    runs.clear_run(replaced)
     out.mkdir(parents=True, exist_ok=True)
-    data.write_config(out, command, dataclasses.asdict(cfg))
+    runs.write_config(out, command, dataclasses.asdict(cfg))
     print(summary, file=sys.stderr)
     return open(out / "metrics.jsonl", "a")
 
@@ -413,6 +416,36 @@ def wrap_objective(objective: nn.Module, cfg, world: modeling.Dist) -> nn.Module
 
 
 
+def held_out(n_items: int, fraction: float, seed: int) -> set[int]:
+    """Indices of the held-out items: ceil(fraction * n) of them, chosen by the seed alone."""
+    if not 0 <= fraction < 1:
+        raise data.UserError(f"--val-fraction {fraction}: expected at least 0 and below 1")
+    return set(random.Random(f"visrl-val/{seed}").sample(range(n_items), math.ceil(fraction * n_items)))
+
+
+@torch.no_grad()
+def eval_loss(objective: nn.Module, val_items: list, collate, cfg, world: modeling.Dist) -> dict:
+    """The loss (and its logged fields) on the held-out items, each once, normalised as one optimizer step over
+    all of them. Every rank runs the same number of batches (FSDP2 gathers in each); a short rank repeats an
+    item with weight 0."""
+    mine = list(range(world.rank, len(val_items), world.world_size))
+    n_batches = math.ceil(math.ceil(len(val_items) / world.world_size) / cfg.batch_size)
+    counts = modeling.all_reduce_sum(objective.item_counts([val_items[i] for i in mine]).to(world.device), world)
+    total, stats = torch.zeros((), device=world.device), 0.0
+    objective.eval()
+    for b in range(n_batches):
+        indices = mine[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+        batch = modeling.to_device(collate([val_items[i] for i in indices or mine[:1] or [0]]), world.device)
+        with modeling.autocast_for(world.device):
+            loss, batch_stats = objective(batch, counts)
+        weight = 1.0 if indices else 0.0
+        total, stats = total + weight * loss, stats + weight * batch_stats
+    objective.train()
+    total, stats = modeling.all_reduce_sum(total, world), modeling.all_reduce_sum(stats, world)
+    fields = objective.log_fields(stats, counts, total.item())
+    return {"eval_loss": total.item(), **{f"eval_{k}": v for k, v in fields.items()}}
+
+
 def epoch_batches(n_samples: int, batch_size: int, world: modeling.Dist, seed: int, epoch: int) -> list[list[int]]:
     """This rank's batches of sample indices for one epoch: one shared shuffle, split without overlap."""
     order = list(range(n_samples))
@@ -434,13 +467,16 @@ def train(cfg: SFTConfig | dpo.DPOConfig) -> Path:
     world = modeling.setup_distributed(cfg.device)
     seed_everything(cfg.seed)
     out = Path(cfg.out)
+    cfg = modeling.resolve_convention(cfg)  # prompts, crop, pixel cap, box form: given, else the adapter's
     replaced = check_run_out(cfg, command)  # before any work: a refused --out costs nothing
     barrier(world)  # every rank has checked --out before rank 0 writes into it
     if not is_sft and cfg.stage == 2 and not cfg.adapter and world.is_main:
         print("warning: dpo --stage 2 without --init-adapter: the policy and the reference start from the base "
               "model, not from the stage-1 model", file=sys.stderr)
-    lora_cfg = modeling.LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-    net, processor = prepare_model(cfg.model, cfg.adapter, lora_cfg, world, cfg.dtype, cfg.grad_checkpointing)
+    lora_cfg = modeling.LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
+                                   convention=modeling.convention_of(cfg))
+    net, processor = prepare_model(cfg.model, cfg.adapter, lora_cfg, world, cfg.dtype, cfg.grad_checkpointing,
+                                   cfg.max_pixels)
     pad_id, image_token_id = processor.tokenizer.pad_token_id, net.config.image_token_id
 
     # What the loop draws from: SFT samples (box, answer, crop-alone) or DPO pairs, whose samples (stage 2:
@@ -449,9 +485,11 @@ def train(cfg: SFTConfig | dpo.DPOConfig) -> Path:
         records = data.read_records(synth.resolve_data(cfg.data, "train", cfg.seed), image_root=cfg.image_root,
                                     skip_bad=cfg.skip_bad_records, limit=cfg.limit)
         items = build_sft_samples(cfg, records, processor, world)
+        val_records = {id(records[i]) for i in held_out(len(records), cfg.val_fraction, cfg.seed)}
+        val_items = [s for s in items if id(s.record) in val_records]  # a record's samples stay on one side
+        items = [s for s in items if id(s.record) not in val_records]
         pixel_cache = {} if cfg.cache_pixels else None
-        collate = lambda indices: chat.collate([items[i] for i in indices], processor.image_processor, pad_id,
-                                               image_token_id, pixel_cache)
+        collate = lambda rows: chat.collate(rows, processor.image_processor, pad_id, image_token_id, pixel_cache)
         objective, what = SFTObjective(net), f"{len(records)} records -> {len(items)} samples"
     else:
         pairs = data.read_pairs(cfg.data, image_root=cfg.image_root, skip_bad=cfg.skip_bad_records, limit=cfg.limit)
@@ -460,15 +498,18 @@ def train(cfg: SFTConfig | dpo.DPOConfig) -> Path:
         if cfg.shared_prefix and not shared and world.is_main:
             print(f"dpo: attention {net.config._attn_implementation!r} takes no custom mask: each pair runs as two "
                   "full rows, as with --no-shared-prefix", file=sys.stderr)
-        collate = lambda indices: dpo.collate_pairs([s for i in indices for s in items[i]], processor.image_processor,
-                                                    pad_id, image_token_id, shared)
+        collate = lambda groups: dpo.collate_pairs([s for g in groups for s in g], processor.image_processor,
+                                                   pad_id, image_token_id, shared)
         # reference log-probs first: a plain forward pass, before the model is sharded; a resumed run reads its own
         ref_table, ref_key, ref_new = None, dpo.reference_key(items, lora_cfg, cfg.dtype), False
         if cfg.precompute_ref:
             ref_table = dpo.load_reference(out, ref_key, world.device) if cfg.resume else None
             if ref_new := ref_table is None:
                 ref_table = dpo.precompute_reference(net, items, processor, cfg, world)
+        val = held_out(len(items), cfg.val_fraction, cfg.seed)  # after the reference pass, which keys every pair
+        items, val_items = [g for i, g in enumerate(items) if i not in val], [g for i, g in enumerate(items) if i in val]
         objective, what = dpo.DPOObjective(net, cfg, ref_table), f"{len(items)} pairs"
+    what += f" (+ {len(val_items)} held out)" if val_items else ""
 
     steps_per_epoch = len(epoch_batches(len(items), cfg.batch_size, world, cfg.seed, 0)) // cfg.grad_accum
     total_steps = cfg.max_steps if cfg.max_steps > 0 else int(cfg.epochs * steps_per_epoch)
@@ -496,7 +537,7 @@ def train(cfg: SFTConfig | dpo.DPOConfig) -> Path:
         dpo.save_reference(out, ref_table, ref_key)
     indices = (sft_index_stream(cfg, items, world, start_step) if is_sft else
                batch_stream(len(items), cfg.batch_size, world, cfg.seed, start=start_step * cfg.grad_accum))
-    batches = (modeling.to_device(collate(batch_indices), world.device) for batch_indices in indices)
+    batches = (modeling.to_device(collate([items[i] for i in batch_indices]), world.device) for batch_indices in indices)
     progress = tqdm(range(start_step, total_steps), desc=name, disable=not world.is_main, dynamic_ncols=True,
                     initial=start_step, total=total_steps)
     stopper = StopOnSignal()
@@ -516,10 +557,13 @@ def train(cfg: SFTConfig | dpo.DPOConfig) -> Path:
             stats = stats + batch_stats
         grad_norm, lr = optimizer_step(params, optimizer, scheduler, world, cfg.grad_clip)
         step_loss, stats = modeling.all_reduce_sum(step_loss, world), modeling.all_reduce_sum(stats, world)
-        if world.is_main and (step % cfg.log_every == 0 or step == total_steps - 1):
+        due = val_items and (step + 1 == total_steps or (cfg.eval_every and (step + 1) % cfg.eval_every == 0))
+        held_out_fields = eval_loss(objective, val_items, collate, cfg, world) if due else {}  # every rank runs it
+        if world.is_main and (step % cfg.log_every == 0 or step == total_steps - 1 or due):
             row = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), "loss": step_loss.item(),
                    "lr": lr, "grad_norm": grad_norm.item()}
             row.update(objective.log_fields(stats, counts, row["loss"]))
+            row.update(held_out_fields)
             if "tokens" in row:
                 row["tokens_per_s"] = row["tokens"] / max(time.time() - step_start, 1e-9)
             row["elapsed_s"] = time.time() - start
@@ -531,61 +575,17 @@ def train(cfg: SFTConfig | dpo.DPOConfig) -> Path:
     return finish_run(out, objective, lora_cfg, world, metrics, stopper, command)
 
 
-# --------------------------------------------------------------------------------------------
-# Built-in assets.
-
-
-@dataclass
-class TinyArgs:
-    """Write the built-in tiny checkpoint directory (random weights, BPE trained on the spot)."""
-
-    out: str = "tiny-model"
-    arch: Literal["qwen2.5-vl", "qwen2-vl"] = "qwen2.5-vl"
-    seed: int = 0
-
-
-def _check_new_dir(out: str) -> None:
-    """The asset commands write a whole directory: refuse one that exists and is not empty."""
-    if Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
-        raise data.UserError(f"--out {out} exists and is not empty; choose another --out (or delete it first)")
-
-
-def tiny_command(args: TinyArgs) -> Path:
-    _check_new_dir(args.out)
-    path = modeling.make_tiny(args.out, synth.TinyConfig(arch=args.arch, seed=args.seed))
-    print(f"tiny {args.arch} checkpoint written to {path}")
-    return path
-
-
-@dataclass
-class SynthArgs:
-    """Write the synthetic intention-driven VQA set (Visual-CoT metadata format, PNG images)."""
-
-    out: str = "synth-data"
-    n_train: int = 2000
-    n_val: int = 200
-    n_test: int = 200
-    seed: int = 0
-
-
-def synth_command(args: SynthArgs) -> dict:
-    _check_new_dir(args.out)
-    paths = synth.make_synth(args.out, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=args.seed)
-    print(f"synthetic set written to {args.out}: " + ", ".join(str(p) for p in paths.values()))
-    return paths
-
-
 COMMANDS = {"sft": (SFTConfig, train), "generate": (generate.GenerateConfig, generate.generate_command),
             "dpo": (dpo.DPOConfig, train), "eval": (evaluate.EvalConfig, evaluate.evaluate), "export": (export.ExportConfig, export.export_command),
             "infer": (evaluate.InferConfig, evaluate.infer_command), "serve": (serve.ServeConfig, serve.serve_command),
-            "demo": (demo.DemoConfig, demo.demo), "tiny": (TinyArgs, tiny_command), "synth": (SynthArgs, synth_command)}
+            "demo": (demo.DemoConfig, demo.demo), "tiny": (demo.TinyArgs, demo.tiny_command), "synth": (demo.SynthArgs, demo.synth_command)}
 
 
 def main() -> None:
     def run(args) -> None:
         next(fn for cls, fn in COMMANDS.values() if isinstance(args, cls))(args)
 
-    data.cli(lambda: tyro.extras.subcommand_cli_from_dict({name: cls for name, (cls, _) in COMMANDS.items()}), run)
+    runs.cli(lambda: tyro.extras.subcommand_cli_from_dict({name: cls for name, (cls, _) in COMMANDS.items()}), run)
 
 
 if __name__ == "__main__":

@@ -183,7 +183,9 @@ def plain_token_logps(net, processor, sample):
     import data
 
     image = data.load_image(sample.record)
-    pixels = processor.image_processor(images=[image if w is None else image.crop(w) for w in sample.images],
+    # the pixel cap (chat.fit_image, tested against upstream's rule in test_chat.py) comes before the processor
+    pixels = processor.image_processor(images=[chat.fit_image(image if w is None else image.crop(w),
+                                                              processor.image_processor) for w in sample.images],
                                        return_tensors="pt")
     input_ids = torch.tensor([sample.input_ids])
     logits = net(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),

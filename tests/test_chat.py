@@ -18,18 +18,26 @@ import data  # noqa: E402
 
 def test_prompts():
     q = "What is the name of the shop?"
-    text = chat.focus_messages(q)[0]["content"][1]["text"]
-    assert text == q + (" Please provide the bounding box coordinate of the region"
-                        " that can help you answer the question better.")
+    text = lambda messages: "".join(p["text"] if p["type"] == "text" else "<image>" for p in messages[0]["content"])
+    # upstream (default): the newline LLaMA-Factory keeps after <image>; VisRL's instruction for the RL box step
+    assert text(chat.focus_messages(q)) == "<image>\n" + q + (" Please provide the bounding box coordinate of the "
+                                                              "region that can help you answer the question better.")
+    assert text(chat.focus_messages(q, rl=True)) == "<image>\n" + q + (
+        " Please first provide the bounding box coordinate of the region, then refer to the corresponding sub-image"
+        " to answer the question better.")
+    assert text(chat.answer_messages(q)) == "<image>\n" + q + " " + chat.VISRL_INSTRUCTION + "\n<image>"
+    assert text(chat.direct_messages(q)) == "<image>\n" + q
+    # visrl: one box instruction for every stage, no newline
+    for rl in (False, True):
+        assert text(chat.focus_messages(q, "visrl", rl=rl)) == "<image>" + q + " " + chat.FOCUS_INSTRUCTION
+    assert text(chat.answer_messages(q, "visrl")) == "<image>" + q + " " + chat.VISRL_INSTRUCTION + "\n<image>"
+    assert text(chat.direct_messages(q, "visrl")) == "<image>" + q
     official = chat.focus_messages(q, official=True)[0]["content"][1]["text"]
     assert official == "what is the name of the shop?. " + chat.FOCUS_INSTRUCTION
-    content = chat.answer_messages(q)[0]["content"]
-    assert [c["type"] for c in content] == ["image", "text", "image"]
-    assert content[1]["text"] == q + " " + chat.VISRL_INSTRUCTION + "\n"
-    content = chat.direct_messages(q)[0]["content"]
-    assert [c["type"] for c in content] == ["image", "text"] and content[1]["text"] == q
     assert all(m["role"] == "user" for f in (chat.focus_messages, chat.answer_messages, chat.direct_messages)
                for m in f(q))
+    with pytest.raises(ValueError, match="prompt set"):
+        chat.focus_messages(q, "nope")
 
 def test_the_3_turn_answer_step_is_the_string_visual_cot_builds():
     # llava/eval/model_cot_loader.py, from a benchmark conversation item (its literal expressions)
@@ -150,7 +158,7 @@ def _contains(win, box):
 
 def test_crop_vcot_hand_example():
     # centre (459 // 2, 736 // 2) = (229, 368), half side max(12, 25, 112) = 112
-    assert chat.crop_window((217, 343, 242, 393), 391, 500) == (117, 256, 341, 480)
+    assert chat.crop_window((217, 343, 242, 393), 391, 500, rule="vcot") == (117, 256, 341, 480)
 
 @pytest.mark.parametrize("box", [
     (0, 0, 10, 10), (590, 0, 600, 10), (0, 390, 10, 400), (590, 390, 600, 400),  # corners
@@ -158,7 +166,7 @@ def test_crop_vcot_hand_example():
     (250, 150, 300, 200), (100.4, 100.6, 120.2, 180.9),
 ])
 def test_crop_vcot_small_boxes(box):
-    win = chat.crop_window(box, 600, 400)
+    win = chat.crop_window(box, 600, 400, rule="vcot")
     assert all(isinstance(v, int) for v in win)
     assert win[2] - win[0] == 224 and win[3] - win[1] == 224  # shifted inside, never cut
     assert 0 <= win[0] and 0 <= win[1] and win[2] <= 600 and win[3] <= 400
@@ -166,21 +174,22 @@ def test_crop_vcot_small_boxes(box):
 
 def test_crop_vcot_big_and_small_images():
     box = (100, 50, 500, 350)  # 400 x 300: half side 200
-    win = chat.crop_window(box, 600, 400)
+    win = chat.crop_window(box, 600, 400, rule="vcot")
     assert win == (100, 0, 500, 400)  # centre (300, 200), half side 200: 400 px, the whole height
     # an odd side over 224 may lose its last pixel, exactly as upstream's floor division does
-    win = chat.crop_window((0, 0, 301, 301), 600, 600)
+    win = chat.crop_window((0, 0, 301, 301), 600, 600, rule="vcot")
     assert win == (0, 0, 300, 300)
-    assert chat.crop_window((10, 10, 20, 20), 150, 100) == (0, 0, 150, 100)  # smaller image: all of it
-    assert chat.crop_window((10, 10, 20, 20), 300, 150) == (0, 0, 224, 150)
+    assert chat.crop_window((10, 10, 20, 20), 150, 100, rule="vcot") == (0, 0, 150, 100)  # smaller image: all of it
+    assert chat.crop_window((10, 10, 20, 20), 300, 150, rule="vcot") == (0, 0, 224, 150)
 
 def test_crop_raw_and_image():
     assert chat.crop_window((10.2, 20.7, 30.1, 40.0), 100, 100, "raw") == (10, 20, 31, 40)
     assert chat.crop_window((50, 50, 50, 50), 100, 100, "raw") == (50, 50, 51, 51)
     assert chat.crop_window((100, 100, 100, 100), 100, 100, "raw") == (99, 99, 100, 100)
     img = Image.new("RGB", (600, 400))
-    assert img.crop(chat.crop_window((0, 0, 10, 10), *img.size)).size == (224, 224)
+    assert img.crop(chat.crop_window((0, 0, 10, 10), *img.size, rule="vcot")).size == (224, 224)
     assert img.crop(chat.crop_window((0, 0, 10, 10), *img.size, rule="raw")).size == (10, 10)
+    assert chat.crop_window((0, 0, 10, 10), *img.size) == (0, 0, 10, 10)  # the default: upstream's raw crop
     with pytest.raises(ValueError):
         chat.crop_window((0, 0, 1, 1), 10, 10, rule="nope")
 
@@ -221,7 +230,7 @@ def test_only_assistant_tokens_are_supervised(processor, synth_dir):
         n_prompt = sample.labels.index(next(label for label in sample.labels if label != chat.IGNORE_INDEX))
         prompt = tok.decode(sample.input_ids[:n_prompt])
         assert prompt.endswith("<|im_start|>assistant\n") and "<|im_start|>system\n" in prompt
-    assert record.question + " " + chat.FOCUS_INSTRUCTION in tok.decode(focus.input_ids)
+    assert "<|vision_end|>\n" + record.question + " " + chat.FOCUS_INSTRUCTION in tok.decode(focus.input_ids)
     assert record.question + " " + chat.VISRL_INSTRUCTION + "\n<|vision_start|>" in tok.decode(answer.input_ids)
 
 
@@ -231,11 +240,12 @@ def test_crop_alone_sample_is_the_bare_question_on_the_crop(processor, synth_dir
     focus, answer, crop = chat.sft_samples(record, tok, image_processor, crop_alone=True)
     assert crop.kind == "crop" and crop.images == answer.images[1:]
     text = tok.decode(crop.input_ids)
-    assert text.count("<|vision_start|>") == 1 and "<|vision_end|>" + record.question + "<|im_end|>" in text
+    assert text.count("<|vision_start|>") == 1 and "<|vision_end|>\n" + record.question + "<|im_end|>" in text
     assert tok.decode([t for t, label in zip(crop.input_ids, crop.labels) if label != chat.IGNORE_INDEX]) == \
         record.answer + "<|im_end|>"
     pixels = chat.collate([crop], image_processor, tok.pad_token_id, 0)  # one image: the crop, not the whole page
-    expected = image_processor(images=[data.load_image(record).crop(crop.images[0])], return_tensors="pt")
+    expected = image_processor(images=[chat.fit_image(data.load_image(record).crop(crop.images[0]), image_processor)],
+                               return_tensors="pt")
     assert pixels["image_grid_thw"].tolist() == expected["image_grid_thw"].tolist()
     assert torch.equal(pixels["pixel_values"], expected["pixel_values"])
     image_pad = tok.convert_tokens_to_ids("<|image_pad|>")
@@ -262,7 +272,8 @@ def test_collate_processes_each_distinct_view_once_and_the_cache_decodes_nothing
     records = data.read_records(synth_dir / "train.jsonl")[:3]
     samples = [s for r in records for s in chat.sft_samples(r, tok, image_processor, crop_alone=True)]
     # independently: every row's images processed on their own, in token order
-    expected = [image_processor(images=[data.load_image(s.record) if w is None else data.load_image(s.record).crop(w)],
+    expected = [image_processor(images=[chat.fit_image(data.load_image(s.record) if w is None else
+                                                       data.load_image(s.record).crop(w), image_processor)],
                                 return_tensors="pt") for s in samples for w in s.images]
     batch = chat.collate(samples, image_processor, tok.pad_token_id, 0)
     # per record: the page and one crop window (the answer and crop-alone samples share it)
@@ -310,3 +321,116 @@ def test_collate_pads_right_and_marks_image_tokens(processor, synth_dir):
         assert batch["response_targets"][mine].tolist() == [t for t in s.labels if t != chat.IGNORE_INDEX]
         flat = batch["input_ids"].reshape(-1)
         assert torch.equal(flat[batch["response_index"][mine] + 1], batch["response_targets"][mine])
+
+
+# -----------------------------------------------------------------------------
+# upstream's prompts as token ids: LLaMA-Factory's qwen2_vl template and Qwen2vlPlugin, rebuilt here from their
+# literal strings (src/visrl/data/template.py, mm_plugin.py), on upstream's data strings per stage
+
+UPSTREAM_FOCUS = "Please provide the bounding box coordinate of the region that can help you answer the question better."
+UPSTREAM_VISRL = ("Please first provide the bounding box coordinate of the region, then refer to the corresponding "
+                  "sub-image to answer the question better.")
+
+
+def upstream_ids(tok, image_processor, human: str, sizes, response: str) -> list[int]:
+    """format_system + format_user around the human turn, each <image> replaced as the plugin does, then the
+    assistant's content + the stop word <|im_end|> (the supervised part)."""
+    for w, h in sizes:
+        n = chat.image_token_count(w, h, image_processor)
+        human = human.replace("<image>", "<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>", 1)
+    text = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+            + "<|im_start|>user\n" + human + "<|im_end|>\n<|im_start|>assistant\n" + response + "<|im_end|>")
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("stage", ["sft round 1", "sft round 2", "generation box", "generation answer",
+                                   "stage 1", "stage 2 box", "stage 2 answer", "inference box", "inference answer"])
+def test_prompts_are_upstream_s_tokens(processor, synth_dir, stage):
+    tok, ip = processor.tokenizer, processor.image_processor
+    record = data.read_records(synth_dir / "train.jsonl")[0]
+    q, size = record.question, (record.width, record.height)
+    box_text = chat.box_to_text(record.box, *size)
+    window = chat.crop_window(record.box, *size)
+    crop = (window[2] - window[0], window[3] - window[1])
+    vcot_turn = "<image>\n" + q + " " + UPSTREAM_FOCUS  # Visual-CoT's data: SFT round 1 as is
+    rl_turn = vcot_turn.replace(UPSTREAM_FOCUS, UPSTREAM_VISRL)  # sft_format_round2.py, data_gen/generate.py
+    answer_turn = rl_turn + "\n<image>"  # round 2, generation's answer step, stage 2 (aligner.py)
+    pair = data.Pair(record, box_text, "[0.100, 0.100, 0.200, 0.200]", record.answer, "wrong")
+    focus, answer = chat.sft_samples(record, tok, ip)
+    stage1, = chat.dpo_samples(pair, tok, ip, stage=1)
+    box2, answer2 = chat.dpo_samples(pair, tok, ip, stage=2)
+    cases = {  # ours: (ids, the upstream human turn, its images, the response)
+        "sft round 1": (focus.input_ids, vcot_turn, [size], box_text),
+        "sft round 2": (answer.input_ids, answer_turn, [size, crop], record.answer),
+        "generation box": (chat.encode(tok, ip, chat.focus_messages(q, rl=True), [size], box_text)[0], rl_turn,
+                           [size], box_text),
+        "generation answer": (chat.encode(tok, ip, chat.answer_messages(q), [size, crop], "x")[0], answer_turn,
+                              [size, crop], "x"),
+        "stage 1": (stage1.chosen.input_ids, rl_turn, [size], box_text),
+        "stage 2 box": (box2.chosen.input_ids, rl_turn, [size], box_text),
+        "stage 2 answer": (answer2.chosen.input_ids, answer_turn, [size, crop], record.answer),
+        # inference asks as SFT taught: round 1's turn, then round 2's
+        "inference box": (chat.encode(tok, ip, chat.focus_messages(q), [size], "y")[0], vcot_turn, [size], "y"),
+        "inference answer": (chat.encode(tok, ip, chat.answer_messages(q), [size, crop], "z")[0], answer_turn,
+                             [size, crop], "z"),
+    }
+    ours, human, sizes, response = cases[stage]
+    assert ours == upstream_ids(tok, ip, human, sizes, response)
+
+
+# -----------------------------------------------------------------------------
+# the pixel cap (upstream's image rule)
+
+@pytest.mark.parametrize("size, fitted", [
+    ((1344, 1344), (512, 512)),  # sqrt(262144 / 1806336) = 0.38095...; 1344 x it = 512.0
+    ((1000, 500), (724, 362)),  # factor sqrt(0.524288) = 0.72408; 724.08 -> 724, 362.04 -> 362
+    ((512, 512), (512, 512)),  # at the cap: untouched
+    ((300, 20), (300, 28)),  # under the cap, a side under 28 -> 28
+    ((5, 6000), (28, 5040)),  # -> (28, 6000), then height / width > 200 -> width * 180
+    ((391, 500), (391, 500)),
+])
+def test_the_pixel_cap_is_upstream_s_rule(processor, tiny_path, size, fitted):
+    import model
+
+    image = Image.frombytes("RGB", size, bytes((7 * i) % 256 for i in range(3 * size[0] * size[1])))
+    assert processor.image_processor.visrl_max_pixels == 512 * 512  # the default
+    assert chat.fitted_size(*size, processor.image_processor) == fitted
+    got = chat.fit_image(image, processor.image_processor)
+    assert got.size == fitted
+    # NEAREST, step by step as upstream resizes (for (5, 6000): twice)
+    steps = {(5, 6000): [(28, 6000), (28, 5040)]}.get(size, [fitted] if fitted != size else [])
+    expected = image
+    for step in steps:
+        expected = expected.resize(step, resample=Image.NEAREST)
+    assert got.tobytes() == expected.tobytes()
+    # an image's tokens are those of its fitted size, which the uncapped processor gives the fitted image
+    uncapped = model.load_model(str(tiny_path), max_pixels=0)[1].image_processor
+    assert chat.fitted_size(*size, uncapped) == size and chat.fit_image(image, uncapped) is image
+    assert chat.image_token_count(*size, processor.image_processor) == chat.image_token_count(*fitted, uncapped)
+
+
+def test_upstream_sft_round_records_give_their_one_step(processor, tmp_path):
+    import json
+
+    from test_data import _png, sft_round_items
+
+    _png(tmp_path / "a.png")
+    (tmp_path / "sft.json").write_text(json.dumps(list(sft_round_items())))
+    round1, round2 = data.read_records(tmp_path / "sft.json")
+    tok, ip = processor.tokenizer, processor.image_processor
+    (focus,) = chat.sft_samples(round1, tok, ip)  # the box reply exactly as the file writes it
+    assert focus.kind == "focus" and tok.decode([t for t, label in zip(focus.input_ids, focus.labels)
+                                                 if label != chat.IGNORE_INDEX]) == "[0.016, 0.042, 0.156, 0.417]<|im_end|>"
+    (answer,) = chat.sft_samples(round2, tok, ip)  # the answer on the crop named by the file: the raw box
+    assert answer.kind == "answer" and answer.images == [None, (1, 2, 10, 20)]
+    with pytest.raises(data.DataError, match="square-normalised"):
+        chat.sft_samples(round1, tok, ip, box_form="axis")
+
+
+def test_rewrite_box_text_is_upstream_s_3_decimals():
+    # convert_statistic_format.py: json.loads the box, '{:.3f}' each number, joined by ', '
+    assert chat.rewrite_box_text("[0.1,0.25, 0.5,0.6]") == "[0.100, 0.250, 0.500, 0.600]"
+    assert chat.rewrite_box_text("the box is [0.12345, 0.2, 0.3, 0.4] ok") == "[0.123, 0.200, 0.300, 0.400]"
+    assert chat.rewrite_box_text("[10.4, 20, 30.6, 40]", "pixel") == "[10, 20, 31, 40]"
+    with pytest.raises(ValueError):
+        chat.rewrite_box_text("[0.1, 0.2")

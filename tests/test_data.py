@@ -1,4 +1,4 @@
-"""Tests for data.py: readers, validation with file:line errors, paths inside roots, --out guards, CLI errors."""
+"""Tests for data.py: readers, validation with file:line errors, paths inside roots."""
 
 import json
 import sys
@@ -91,6 +91,52 @@ def test_read_upstream_pair_files(tmp_path):
         data.read_pairs(f)
     with pytest.raises(DataError, match="this is a pairs file"):  # and a records reader names what it is
         data.read_records(f)
+
+
+UPSTREAM_FOCUS = "Please provide the bounding box coordinate of the region that can help you answer the question better."
+UPSTREAM_VISRL = ("Please first provide the bounding box coordinate of the region, then refer to the corresponding "
+                  "sub-image to answer the question better.")
+
+
+def sft_round_items(question="What colour is it?"):
+    """One item of each of upstream's SFT round files, written from their format (preprocess/sft_format_round1.py and
+    sft_format_round2.py cut Visual-CoT's 4-turn items; LLaMA-Factory ShareGPT, `image` + `conversations`)."""
+    round1 = {"image": ["a.png"], "question_id": 7, "dataset": "gqa", "conversations": [
+        {"from": "human", "value": "<image>\n" + question + " " + UPSTREAM_FOCUS},
+        {"from": "gpt", "value": "[0.016, 0.042, 0.156, 0.417]"}]}
+    round2 = {"image": ["a.png", "a_1_2_10_20.jpg"], "question_id": 7, "dataset": "gqa", "conversations": [
+        {"from": "human", "value": "<image>\n" + question + " " + UPSTREAM_VISRL + "\n<image>"},
+        {"from": "gpt", "value": "red"}]}
+    return round1, round2
+
+
+def test_read_upstream_sft_round_files(tmp_path):
+    _png(tmp_path / "a.png")
+    f = tmp_path / "sft.json"
+    f.write_text(json.dumps(list(sft_round_items()), indent=4))  # upstream's demo_sft_data holds both rounds
+    r1, r2 = data.read_records(f)
+    assert (r1.question, r1.steps, r1.box_text, r1.boxes, r1.dataset) == (
+        "What colour is it?", ("focus",), "[0.016, 0.042, 0.156, 0.417]", [], "gqa")
+    # round 2's crop file is named by its pixel box: the answer step alone, on that box
+    assert (r2.question, r2.steps, r2.answers, r2.box, r2.box_text) == (
+        "What colour is it?", ("answer",), ["red"], (1, 2, 10, 20), None)
+    assert (r2.width, r2.height) == (64, 48) and r2.image == str((tmp_path / "a.png").resolve())
+    round1, round2 = sft_round_items()
+    for bad, field in ((dict(round2, image=["a.png", "a_crop.jpg"]), "image"),
+                       (dict(round1, conversations=round1["conversations"][:1]), "conversations"),
+                       (dict(round1, conversations=[round1["conversations"][0], {"from": "gpt", "value": "red"}]),
+                        "conversations")):
+        f.write_text(json.dumps([round1, bad], indent=4))
+        with pytest.raises(DataError, match=rf"sft\.json:\d+: field '{field}'"):
+            data.read_records(f)
+
+
+def test_upstream_question_pool_is_items_10000_to_20000_of_each_subset():
+    records = [data.Record(f"{name}{i}", "x.png", "q", ["a"], dataset=name)
+               for name, n in (("gqa", 10_005), ("DocVQA", 20_500), ("flickr30k", 21_000)) for i in range(n)]
+    records.insert(5, data.Record("late", "x.png", "q", ["a"], dataset="gqa"))  # file order within a subset counts
+    pool = data.upstream_question_pool(records)
+    assert [r.id for r in pool] == [f"gqa{i}" for i in range(9999, 10005)] + [f"flickr30k{i}" for i in range(10_000, 20_000)]
 
 
 def test_read_ours_and_write_round_trip(tmp_path):
@@ -217,51 +263,3 @@ def test_path_inside_resolves_before_it_checks(tmp_path):
         with pytest.raises(data.PathError) as e:
             data.path_inside(tmp_path / "root", rel)
         assert e.value.outside and str(tmp_path) not in str(e.value)  # names the path, never the root
-
-
-def test_check_out_refuses_overlaps_and_earlier_runs(tmp_path):
-    model_dir, run = tmp_path / "model", tmp_path / "run"
-    model_dir.mkdir()
-    (model_dir / "config.json").write_text("{}")
-    for out in (model_dir, model_dir / "sub", tmp_path):
-        with pytest.raises(data.UserError, match="overlaps the --model"):
-            data.check_out(out, ("adapter",), inputs=[("--model", model_dir)])
-    with pytest.raises(data.UserError, match="holds the --data"):
-        data.check_out(tmp_path, ("adapter",), data_files=[("--data", model_dir / "config.json")])
-    assert data.check_out(run, ("adapter", "metrics.jsonl")) == []  # a fresh --out
-    (run / "adapter").mkdir(parents=True)
-    (run / "notes.txt").write_text("mine")
-    with pytest.raises(data.UserError, match=r"already holds a run \(adapter\); pass --resume .* or --overwrite"):
-        data.check_out(run, ("adapter", "metrics.jsonl"))
-    assert data.check_out(run, ("adapter", "metrics.jsonl"), resume=True) == []
-    with pytest.raises(data.UserError, match="pass one of them"):
-        data.check_out(run, ("adapter",), resume=True, overwrite=True)
-    replaced = data.check_out(run, ("adapter", "metrics.jsonl"), overwrite=True)
-    assert replaced == [(run / "adapter").resolve()]
-    data.clear_run(replaced)
-    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]  # only the run's own files go
-    with pytest.raises(data.UserError, match="is a file"):
-        data.check_out(run / "notes.txt", ("adapter",))
-
-
-def test_cli_prints_expected_errors_on_one_line_and_keeps_bugs_loud(monkeypatch, capsys):
-    def fail(_):
-        raise data.DataError("x.jsonl:3: field 'image': missing")
-
-    monkeypatch.setattr(sys, "argv", ["visrl.py"])
-    monkeypatch.delenv("VISRL_DEBUG", raising=False)
-    with pytest.raises(SystemExit) as e:
-        data.cli(lambda: None, fail)
-    assert e.value.code == 2 and capsys.readouterr().err == "error: x.jsonl:3: field 'image': missing\n"
-    monkeypatch.setattr(sys, "argv", ["visrl.py", "--debug"])
-    with pytest.raises(SystemExit):
-        data.cli(lambda: None, fail)
-    err = capsys.readouterr().err
-    assert "Traceback" in err and err.endswith("error: x.jsonl:3: field 'image': missing\n")
-    monkeypatch.setattr(sys, "argv", ["visrl.py"])
-    monkeypatch.setenv("RANK", "1")  # other ranks meet the same check: rank 0 says it
-    with pytest.raises(SystemExit):
-        data.cli(lambda: None, fail)
-    assert capsys.readouterr().err == ""
-    with pytest.raises(KeyError):  # a bug is not caught
-        data.cli(lambda: None, lambda _: {}["missing"])

@@ -43,9 +43,9 @@ def _sft_cmd(synth_dir, out, *extra):
 
 
 def test_two_rank_losses_match_one_rank(synth_dir, tmp_path):
-    _run([sys.executable, "visrl.py", "sft", "--data"] + _sft_cmd(synth_dir, tmp_path / "one", "--batch-size", "4",
+    _run([sys.executable, "visrl.py", "sft", "--grad-accum", "1", "--data"] + _sft_cmd(synth_dir, tmp_path / "one", "--batch-size", "4",
                                                                   "--max-steps", "3"))
-    _run(TORCHRUN + ["visrl.py", "sft", "--data"] + _sft_cmd(synth_dir, tmp_path / "two", "--batch-size", "2",
+    _run(TORCHRUN + ["visrl.py", "sft", "--grad-accum", "1", "--data"] + _sft_cmd(synth_dir, tmp_path / "two", "--batch-size", "2",
                                                              "--max-steps", "3"))
     one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
     assert len(one) == len(two) == 3
@@ -66,7 +66,7 @@ def _wait_for(predicate, proc, seconds=300):
 
 
 def test_sigkill_then_resume_gives_the_same_losses(synth_dir, tmp_path):
-    base = [sys.executable, "visrl.py", "sft", "--data"]
+    base = [sys.executable, "visrl.py", "sft", "--grad-accum", "1", "--data"]
     steps = ["--max-steps", "8", "--save-every", "2", "--batch-size", "2"]
     _run(base + _sft_cmd(synth_dir, tmp_path / "whole", *steps))
     proc = subprocess.Popen(base + _sft_cmd(synth_dir, tmp_path / "killed", *steps), cwd=ROOT,
@@ -85,7 +85,7 @@ def test_sigkill_then_resume_gives_the_same_losses(synth_dir, tmp_path):
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_cleanly(synth_dir, tmp_path):
-    cmd = [sys.executable, "visrl.py", "sft", "--data"] + _sft_cmd(synth_dir, tmp_path / "run", "--max-steps", "40",
+    cmd = [sys.executable, "visrl.py", "sft", "--grad-accum", "1", "--data"] + _sft_cmd(synth_dir, tmp_path / "run", "--max-steps", "40",
                                                                    "--batch-size", "2")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
@@ -102,7 +102,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_cleanly(synth_dir, tmp_path):
 
 def test_a_torn_checkpoint_write_leaves_the_previous_one(synth_dir, tmp_path):
     out = tmp_path / "run"
-    visrl.train(visrl.SFTConfig(data=str(synth_dir / "train.jsonl"), out=str(out), max_steps=4, save_every=2,
+    visrl.train(visrl.SFTConfig(grad_accum=1, data=str(synth_dir / "train.jsonl"), out=str(out), max_steps=4, save_every=2,
                               batch_size=2, limit=16, lr=1e-3))
     good = visrl.latest_checkpoint(out)
     assert good.name == "step_00000004"
@@ -113,7 +113,7 @@ def test_a_torn_checkpoint_write_leaves_the_previous_one(synth_dir, tmp_path):
     shard = next(torn.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])
     assert visrl.latest_checkpoint(out) == good
-    visrl.train(visrl.SFTConfig(data=str(synth_dir / "train.jsonl"), out=str(out), max_steps=6, save_every=2,
+    visrl.train(visrl.SFTConfig(grad_accum=1, data=str(synth_dir / "train.jsonl"), out=str(out), max_steps=6, save_every=2,
                               batch_size=2, limit=16, lr=1e-3, resume=True))
     assert [r["step"] for r in _rows(out)] == list(range(1, 7))
     assert visrl.latest_checkpoint(out).name == "step_00000006"
@@ -121,7 +121,7 @@ def test_a_torn_checkpoint_write_leaves_the_previous_one(synth_dir, tmp_path):
 
 
 def test_two_rank_fsdp_dpo_matches_one_rank(pairs_file, tmp_path):
-    common = ["visrl.py", "dpo", "--data", str(pairs_file), "--stage", "2", "--max-steps", "2", "--lr", "1e-3"]
+    common = ["visrl.py", "dpo", "--grad-accum", "1", "--data", str(pairs_file), "--stage", "2", "--max-steps", "2", "--lr", "1e-3"]
     _run([sys.executable] + common + ["--out", str(tmp_path / "one"), "--batch-size", "2"])
     _run(TORCHRUN + common + ["--out", str(tmp_path / "two"), "--batch-size", "1"])  # FSDP2 by default
     # and two full rows per pair with a reference pass per step: packing and the precomputed table change nothing
@@ -154,7 +154,7 @@ def test_generation_under_fsdp_matches_one_process(synth_dir, tmp_path):
 def test_fsdp_sigterm_then_resume_continues_exactly(synth_dir, tmp_path):
     """Two FSDP2 ranks under torchrun: SIGTERM mid-run (torchrun forwards it), then --resume; the
     resumed steps' losses equal a straight run's (sharded checkpoint through DCP)."""
-    base = TORCHRUN + ["visrl.py", "sft", "--data"]
+    base = TORCHRUN + ["visrl.py", "sft", "--grad-accum", "1", "--data"]
     steps = ["--batch-size", "2", "--max-steps", "30"]
     _run(base + _sft_cmd(synth_dir, tmp_path / "whole", *steps))
     proc = subprocess.Popen(base + _sft_cmd(synth_dir, tmp_path / "split", *steps), cwd=ROOT,
@@ -177,7 +177,7 @@ def test_fsdp_sigterm_then_resume_continues_exactly(synth_dir, tmp_path):
 def test_an_expected_error_under_torchrun_is_said_once(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q"}\n')
-    result = subprocess.run(TORCHRUN + ["visrl.py", "sft", "--data", str(bad), "--out", str(tmp_path / "run")],
+    result = subprocess.run(TORCHRUN + ["visrl.py", "sft", "--grad-accum", "1", "--data", str(bad), "--out", str(tmp_path / "run")],
                             capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode != 0
     assert result.stderr.count(f"error: 1 bad record(s) in {bad}") == 1, result.stderr[-3000:]

@@ -266,7 +266,7 @@ def _rows(out):
 
 def test_first_step_loss_is_ln2_and_stage2_loss_is_the_weighted_sum(pairs_file, tmp_path):
     # the reference per step (the same pass as the policy's), so the first step's equality is exact
-    visrl.train(dpo.DPOConfig(data=str(pairs_file), stage=2, out=str(tmp_path / "s2"), max_steps=2,
+    visrl.train(dpo.DPOConfig(grad_accum=1, data=str(pairs_file), stage=2, out=str(tmp_path / "s2"), max_steps=2,
                               lambda_box=0.3, lambda_answer=0.7, lr=1e-3, precompute_ref=False))
     rows = _rows(tmp_path / "s2")
     first = rows[0]
@@ -283,7 +283,7 @@ def test_first_step_loss_is_ln2_and_stage2_loss_is_the_weighted_sum(pairs_file, 
 
 
 def test_the_nll_term_is_logged_apart_from_the_preference_term(pairs_file, tmp_path):
-    visrl.train(dpo.DPOConfig(data=str(pairs_file), stage=2, out=str(tmp_path / "s2"), max_steps=1,
+    visrl.train(dpo.DPOConfig(grad_accum=1, data=str(pairs_file), stage=2, out=str(tmp_path / "s2"), max_steps=1,
                                     nll_weight=2.0))
     (row,) = _rows(tmp_path / "s2")
     # at the reference: preference term 0.5 ln 2 + 0.5 ln 2; NLL term = 2 x the mean over all samples of
@@ -294,7 +294,7 @@ def test_the_nll_term_is_logged_apart_from_the_preference_term(pairs_file, tmp_p
 
 
 def test_short_run_raises_the_reward_margin(pairs_file, tmp_path):
-    out = visrl.train(dpo.DPOConfig(data=str(pairs_file), stage=1, out=str(tmp_path / "s1"),
+    out = visrl.train(dpo.DPOConfig(grad_accum=1, data=str(pairs_file), stage=1, out=str(tmp_path / "s1"),
                                           max_steps=16, lr=2e-3, batch_size=4, warmup_ratio=0.0))
     # Judged independently of the training log: trained adapter vs the model with adapters off.
     net, processor = model.load_model("tiny")
@@ -318,8 +318,8 @@ def test_short_run_raises_the_reward_margin(pairs_file, tmp_path):
 
 def test_precompute_ref_trains_the_same_and_a_resumed_run_reads_its_table(pairs_file, tmp_path, capsys, monkeypatch):
     common = dict(data=str(pairs_file), stage=2, max_steps=3, lr=1e-3, limit=8)
-    visrl.train(dpo.DPOConfig(out=str(tmp_path / "live"), precompute_ref=False, **common))
-    visrl.train(dpo.DPOConfig(out=str(tmp_path / "pre"), **common))  # the default
+    visrl.train(dpo.DPOConfig(grad_accum=1, out=str(tmp_path / "live"), precompute_ref=False, **common))
+    visrl.train(dpo.DPOConfig(grad_accum=1, out=str(tmp_path / "pre"), **common))  # the default
     for live, pre in zip(_rows(tmp_path / "live"), _rows(tmp_path / "pre")):
         assert pre["loss"] == pytest.approx(live["loss"], abs=1e-5)
         assert pre["answer/rewards/margins"] == pytest.approx(live["answer/rewards/margins"], abs=1e-5)
@@ -328,11 +328,11 @@ def test_precompute_ref_trains_the_same_and_a_resumed_run_reads_its_table(pairs_
     calls = []
     real = dpo.precompute_reference
     monkeypatch.setattr(dpo, "precompute_reference", lambda *a: calls.append(1) or real(*a))
-    visrl.train(dpo.DPOConfig(out=str(tmp_path / "pre"), resume=True, **{**common, "max_steps": 5}))
+    visrl.train(dpo.DPOConfig(grad_accum=1, out=str(tmp_path / "pre"), resume=True, **{**common, "max_steps": 5}))
     assert not calls and "read back from reference_logps.safetensors" in capsys.readouterr().err
     assert _rows(tmp_path / "pre")[:3] == first  # the same run, extended: its steps before the resume untouched
     (tmp_path / "pre" / dpo.REFERENCE_FILE).write_bytes(b"torn")  # an unreadable table is computed again
-    visrl.train(dpo.DPOConfig(out=str(tmp_path / "pre"), resume=True, **{**common, "max_steps": 6}))
+    visrl.train(dpo.DPOConfig(grad_accum=1, out=str(tmp_path / "pre"), resume=True, **{**common, "max_steps": 6}))
     assert calls == [1]
 
 
@@ -350,8 +350,8 @@ def test_dpo_trains_on_upstream_visrl_pair_files(pairs_file, tmp_path):
     theirs = data.read_pairs(upstream)
     assert [(p.record.question, p.record.image, p.chosen_box, p.rejected_answer) for p in theirs] == \
         [(p.record.question, p.record.image, p.chosen_box, p.rejected_answer) for p in ours]
-    visrl.train(dpo.DPOConfig(data=str(upstream), stage=2, out=str(tmp_path / "up"), max_steps=2, lr=1e-3))
-    visrl.train(dpo.DPOConfig(data=str(pairs_file), stage=2, out=str(tmp_path / "ours"), max_steps=2, lr=1e-3, limit=8))
+    visrl.train(dpo.DPOConfig(grad_accum=1, data=str(upstream), stage=2, out=str(tmp_path / "up"), max_steps=2, lr=1e-3))
+    visrl.train(dpo.DPOConfig(grad_accum=1, data=str(pairs_file), stage=2, out=str(tmp_path / "ours"), max_steps=2, lr=1e-3, limit=8))
     for a, b in zip(_rows(tmp_path / "up"), _rows(tmp_path / "ours")):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
 
@@ -363,8 +363,8 @@ def test_init_adapter_is_the_reference_and_the_stack_reloads(tiny_path, pairs_fi
     for m in model.lora_modules(net).values():
         torch.nn.init.normal_(m.lora_B.weight, std=0.05)
     model.save_adapter(net, tmp_path / "sft", cfg)
-    out = visrl.train(dpo.DPOConfig(data=str(pairs_file), stage=1, out=str(tmp_path / "dpo"), max_steps=1,
-                                          batch_size=2, adapter=str(tmp_path / "sft")))
+    out = visrl.train(dpo.DPOConfig(grad_accum=1, data=str(pairs_file), stage=1, out=str(tmp_path / "dpo"), max_steps=1,
+                                    batch_size=2, adapter=str(tmp_path / "sft"), val_fraction=0.0))  # all 16 train
     first = _rows(tmp_path / "dpo")[0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at the start
 
@@ -428,8 +428,8 @@ def test_bad_pairs_are_reported_with_file_and_line(pairs_file, tmp_path, edit, s
     path = _bad_pairs(pairs_file, tmp_path, edit)
     try:
         with pytest.raises(data.DataError, match=rf"{path.name}:3: field '{field}'"):
-            visrl.train(dpo.DPOConfig(data=str(path), stage=stage, out=str(tmp_path / "x"), max_steps=1))
-        out = visrl.train(dpo.DPOConfig(data=str(path), stage=stage, out=str(tmp_path / "y"), max_steps=2,
+            visrl.train(dpo.DPOConfig(grad_accum=1, data=str(path), stage=stage, out=str(tmp_path / "x"), max_steps=1))
+        out = visrl.train(dpo.DPOConfig(grad_accum=1, data=str(path), stage=stage, out=str(tmp_path / "y"), max_steps=2,
                                               skip_bad_records=True))
         assert len(_rows(tmp_path / "y")) == 2 and (out / "adapter.safetensors").exists()
     finally:

@@ -72,7 +72,9 @@ def test_run_on_the_release_with_ablations(release, tmp_path):
     answer_prompts = [m for m, images in fake.prompts if len(images) == 2]  # and its 3-turn answer step
     assert answer_prompts[0] == chat.vcot_answer_messages("What is the date?", fake.box)
     rows = [json.loads(line) for line in (tmp_path / "model" / "predictions.jsonl").read_text().splitlines()]
-    assert rows[0]["crop"] == list(chat.crop_window(chat.text_to_box(fake.box, 300, 200), 300, 200))
+    # and the benchmark's crop (Visual-CoT's >= 224 px window), not the training default
+    assert rows[0]["crop"] == list(chat.crop_window(chat.text_to_box(fake.box, 300, 200), 300, 200, rule="vcot"))
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["crop"] == "vcot"
     assert results["sets"]["docvqa"]["answer"]["exact_match"] == pytest.approx(1 / 3)
 
     answers_only = FakeModel()
@@ -83,7 +85,7 @@ def test_run_on_the_release_with_ablations(release, tmp_path):
     direct = FakeModel()
     none = ev.evaluate(_config(tmp_path / "none", release, sets=("docvqa",), box="none"), direct)
     assert "detection" not in none["sets"]["docvqa"] and none["means"].get("detection") is None
-    assert [_text(m) for m, _ in direct.prompts] == ["What is the date?", "What is on the y axis?", "Who signed?"]
+    assert [_text(m) for m, _ in direct.prompts] == ["\nWhat is the date?", "\nWhat is on the y axis?", "\nWho signed?"]
     before = (tmp_path / "none" / "predictions.jsonl").read_bytes()
     with pytest.raises(data.UserError, match="--box.*pass --overwrite to replace it"):  # same --out, other settings
         ev.evaluate(_config(tmp_path / "none", release, sets=("docvqa",), box="center"), FakeModel())

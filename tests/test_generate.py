@@ -43,11 +43,14 @@ def _cfg(path, synth_dir, out, **overrides):
 
 
 def _prompt_kind(messages):
-    """('focus' | 'answer' | 'direct', question) of one of our prompts."""
-    text = next(p["text"] for p in messages[0]["content"] if p["type"] == "text")
-    if text.endswith(" " + chat.FOCUS_INSTRUCTION):
-        return "focus", text[:-len(chat.FOCUS_INSTRUCTION) - 1]
-    if chat.VISRL_INSTRUCTION in text:
+    """('focus' | 'answer' | 'direct', question) of one of our prompts (either prompt set)."""
+    content = messages[0]["content"]
+    text = next(p["text"] for p in content if p["type"] == "text").removeprefix("\n")
+    n_images = sum(p["type"] == "image" for p in content)
+    for instruction in (chat.FOCUS_INSTRUCTION, chat.VISRL_INSTRUCTION):
+        if n_images == 1 and text.endswith(" " + instruction):
+            return "focus", text[:-len(instruction) - 1]
+    if n_images == 2:
         return "answer", text.split(" " + chat.VISRL_INSTRUCTION)[0]
     return "direct", text
 
@@ -251,6 +254,8 @@ def test_malformed_model_boxes_are_counted_and_skipped(synth_dir, tmp_path):
     def sampler(prompts, sampling, seed):
         kinds = [_prompt_kind(m)[0] for m, _ in prompts]
         calls.append(kinds)
+        if kinds[0] == "focus":  # upstream's generation asks for the box with VisRL's instruction
+            assert all(m == chat.focus_messages(r.question, rl=True) for m, _ in prompts)
         return replies if kinds[0] == "focus" else [r.answer] * len(prompts)
 
     summary = generate.generate(_cfg(path, synth_dir, tmp_path / "out", attempts=5), sampler)
@@ -353,7 +358,7 @@ def test_generated_pairs_train_with_dpo(synth_dir, tmp_path):
     assert json.loads((out / "summary.json").read_text())["pairs_kept"] == len(pairs)
 
     # no --image-root: the pair file records the root its image paths are relative to
-    visrl.train(dpo.DPOConfig(data=str(out / "pairs.jsonl"), stage=2, max_steps=1, batch_size=2,
+    visrl.train(dpo.DPOConfig(grad_accum=1, data=str(out / "pairs.jsonl"), stage=2, max_steps=1, batch_size=2,
                                     out=str(tmp_path / "dpo")))
     (row,) = _read_lines(tmp_path / "dpo" / "metrics.jsonl")
     assert row["step"] == 1 and row["loss"] == pytest.approx(0.6931, abs=1e-3)  # ln 2 at the reference
@@ -450,7 +455,7 @@ def test_judge_scorer_over_http(synth_dir, tmp_path):
         text = next(p["text"] for p in parts if p["type"] == "text")
         images = [_decode(p) for p in parts if p["type"] == "image_url"]
         r = find(text)
-        if text.endswith(chat.FOCUS_INSTRUCTION):  # policy, box step: always the true box
+        if text.endswith(chat.VISRL_INSTRUCTION):  # policy, box step (VisRL's instruction): always the true box
             return chat.box_to_text(r.box, r.width, r.height)
         on_target = same_crop(images[-1], gt_crops[r.question])
         if chat.VISRL_INSTRUCTION in text:  # policy, answer step: right only on the true crop
@@ -532,7 +537,7 @@ def test_each_file_kind_is_named_when_given_where_another_is_wanted(synth_dir, t
     out = tmp_path / "gen"
     generate.generate(_cfg(path, synth_dir, out, attempts=1), Scripted(records))
     with pytest.raises(data.DataError, match="this is a pairs file .*train on it with `visrl.py dpo"):
-        visrl.train(visrl.SFTConfig(data=str(out / "pairs.jsonl"), out=str(tmp_path / "sft"), max_steps=1))
+        visrl.train(visrl.SFTConfig(grad_accum=1, data=str(out / "pairs.jsonl"), out=str(tmp_path / "sft"), max_steps=1))
     with pytest.raises(data.DataError, match="candidates log: its pairs are in pairs.jsonl beside it"):
         data.read_pairs(out / "candidates.jsonl")
     with pytest.raises(data.DataError, match="this is a records file .*a pairs file is wanted here"):
@@ -565,3 +570,25 @@ def test_a_resumed_run_gives_older_pairs_their_image_root(synth_dir, tmp_path):
     pairs = data.read_pairs(out / "pairs.jsonl")  # no image_root given: each line names its own
     assert len(pairs) == sum(line["pair"] is not None for line in lines) > 0
     assert all(p.record.image.startswith(str(synth_dir.resolve())) for p in pairs)
+
+
+@pytest.mark.parametrize("pair_box_text", ["rewrite", "as-written"])
+def test_pair_box_texts_are_rewritten_with_3_decimals_as_upstream(synth_dir, tmp_path, pair_box_text):
+    path, records = _records(synth_dir, tmp_path, 1)
+    r = records[0]
+    good = chat.box_to_text(r.box, r.width, r.height)
+    loose = "box: " + good.replace(", ", ",").replace("0.", ".", 1)  # parses to the same numbers, written loosely
+    # the diversity box: a far corner, so it is not replaced and scores no overlap
+    far = (0.0, 0.0, 40.0, 40.0) if r.box[0] > 100 and r.box[1] > 100 else (r.width - 40.0, r.height - 40.0, r.width, r.height)
+
+    def sampler(prompts, sampling, seed):
+        kinds = [_prompt_kind(m)[0] for m, _ in prompts]
+        if kinds[0] == "focus":
+            return [loose, chat.box_to_text(far, r.width, r.height)]
+        return [r.answer, "wrong answer"]  # (a) answers right on its crop, (b) wrong
+
+    generate.generate(_cfg(path, synth_dir, tmp_path / "out", attempts=1, pair_box_text=pair_box_text), sampler)
+    (pair,) = data.read_pairs(tmp_path / "out" / "pairs.jsonl")
+    assert pair.chosen_box == (good if pair_box_text == "rewrite" else loose)
+    assert pair.rejected_box == chat.box_to_text(far, r.width, r.height)
+    assert generate.GenerateConfig().pair_box_text == "rewrite"

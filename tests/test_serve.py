@@ -413,7 +413,7 @@ def test_visual_cot_returns_the_box_and_the_answer(server, reference):
     reply = _chat(url, _request(evaluate.image_data_url(image), visual_cot=True))
     cot = reply["visual_cot"]
     assert set(cot) == {"box_text", "box", "crop"} and len(cot["crop"]) == 4
-    expected = evaluate.two_step(lambda prompts: _generate(reference, prompts), [image], [chat.focus_messages(QUESTION)],
+    expected = chat.two_step(lambda prompts: _generate(reference, prompts), [image], [chat.focus_messages(QUESTION)],
                                 [QUESTION])[0]
     assert cot == {k: expected[k] for k in ("box_text", "box", "crop")}
     assert reply["choices"][0]["message"]["content"] == expected["answer"]

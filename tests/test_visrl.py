@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _config(synth_dir, out, **overrides):
-    base = dict(model="tiny", data=str(synth_dir), out=str(out), batch_size=4, lr=2e-3, warmup_ratio=0.0,
+    base = dict(model="tiny", data=str(synth_dir), out=str(out), batch_size=4, grad_accum=1, lr=2e-3, warmup_ratio=0.0,
                 seed=0)
     return visrl.SFTConfig(**{**base, **overrides})
 
@@ -125,14 +125,16 @@ def test_cli_help_and_sft_command(synth_dir, tmp_path):
     env_python = [sys.executable, str(ROOT / "visrl.py")]
     help_text = subprocess.run(env_python + ["sft", "--help"], capture_output=True, text=True, check=True).stdout
     for flag in ("--model", "--adapter", "--data", "--out", "--limit", "--seed", "--max-steps", "--epochs",
-                 "--lr", "--batch-size", "--grad-accum", "--lora-rank", "--lora-alpha"):
+                 "--lr", "--batch-size", "--grad-accum", "--lora-rank", "--lora-alpha", "--val-fraction", "--eval-every",
+                 "--prompts", "--crop", "--max-pixels", "--box-form", "--mix-conventions"):
         assert flag in help_text, flag
     run = subprocess.run(env_python + ["sft", "--data", str(synth_dir), "--out", str(tmp_path / "cli"),
-                                       "--max-steps", "2", "--limit", "8"],
+                                       "--max-steps", "2", "--limit", "8", "--grad-accum", "1"],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert len((tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()) == 2
-    assert "8 records -> 16 samples" in run.stderr
+    rows = [json.loads(line) for line in (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and "eval_loss" in rows[-1] and "eval_loss" not in rows[0]  # held out: at the end
+    assert "8 records -> 14 samples (+ 2 held out)" in run.stderr  # --val-fraction 0.1: one whole record
 
 
 def test_data_synth_builds_the_cached_set_once(monkeypatch, tmp_path):
@@ -203,7 +205,7 @@ def test_a_second_run_into_the_same_out_is_refused_until_resume_or_overwrite(syn
     visrl.train(_config(synth_dir, out, max_steps=2, limit=8))
     (out / "notes.txt").write_text("the user's own file")
     before = snapshot(out)
-    code, _, err = run_cli("visrl.py", "sft", "--data", synth_dir, "--out", out, "--max-steps", "2", "--limit", "8")
+    code, _, err = run_cli("visrl.py", "sft", "--grad-accum", "1", "--data", synth_dir, "--out", out, "--max-steps", "2", "--limit", "8")
     assert_one_line_error(code, err, f"--out {out} already holds a run", "--resume", "--overwrite")
     assert snapshot(out) == before
     with pytest.raises(data.UserError, match=r"other settings \(--lr 0.002 -> 0.001\)"):
@@ -277,10 +279,10 @@ def test_every_entry_point_reports_an_expected_error_on_one_line(synth_dir, pair
     predictions.write_text(json.dumps({"set": "s", "id": 3, "answers": ["a"], "width": 9, "height": 9,
                                        "gt_box": [1, 2, 3], "box_text": "[0.1, 0.1, 0.2, 0.2]"}) + "\n")
     cases = [  # (command line, what the message must name)
-        (["visrl.py", "sft", "--data", bad, "--out", tmp_path / "a"], [f"{bad}:2: invalid JSON"]),
-        (["visrl.py", "sft", "--model", corrupt, "--out", tmp_path / "b", "--data", synth_dir],
+        (["visrl.py", "sft", "--grad-accum", "1", "--data", bad, "--out", tmp_path / "a"], [f"{bad}:2: invalid JSON"]),
+        (["visrl.py", "sft", "--grad-accum", "1", "--model", corrupt, "--out", tmp_path / "b", "--data", synth_dir],
          [f"{corrupt}/config.json: cannot read"]),
-        (["visrl.py", "dpo", "--data", pairs_file, "--out", tmp_path / "c", "--resume", "--overwrite"], ["pass one of them"]),
+        (["visrl.py", "dpo", "--grad-accum", "1", "--data", pairs_file, "--out", tmp_path / "c", "--resume", "--overwrite"], ["pass one of them"]),
         (["visrl.py", "export", "--adapter", tmp_path / "nowhere"], ["nowhere: not an adapter directory"]),
         (["visrl.py", "infer", "--image", tmp_path / "missing.png", "--question", "?"], ["missing.png"]),
         (["generate.py", "--data", tmp_path / "missing.jsonl", "--out", tmp_path / "d"], ["missing.jsonl"]),
@@ -293,7 +295,7 @@ def test_every_entry_point_reports_an_expected_error_on_one_line(synth_dir, pair
     started = [(start_cli(*argv), fragments) for argv, fragments in cases]  # together: most of each is imports
     for process, fragments in started:
         assert_one_line_error(*finish_cli(process)[::2], *fragments)
-    code, _, err = run_cli("visrl.py", "sft", "--data", bad, "--out", tmp_path / "a", "--debug")
+    code, _, err = run_cli("visrl.py", "sft", "--grad-accum", "1", "--data", bad, "--out", tmp_path / "a", "--debug")
     assert code == 2 and "Traceback" in err and f"{bad}:2: invalid JSON" in err  # --debug shows where it was raised
     assert not any((tmp_path / name).exists() for name in "abcdef")  # a refused command writes nothing
 
@@ -310,6 +312,62 @@ def test_generate_and_eval_are_visrl_subcommands_with_the_same_behaviour(tmp_pat
     line = lambda cmd: results[cmd][2][results[cmd][2].index("error: "):].replace("visrl_py_", "").strip()
     assert line(("visrl.py", "generate")).split(":")[:2] == line(("generate.py",)).split(":")[:2]
     assert line(("visrl.py", "eval")).split(":")[:2] == line(("evaluate.py",)).split(":")[:2]
+
+
+def test_held_out_records_are_fixed_by_the_seed_and_their_loss_is_the_plain_mean_nll(synth_dir, tiny_path, tmp_path):
+    held = visrl.held_out(100, 0.1, seed=0)
+    assert len(held) == 10 and held == visrl.held_out(100, 0.1, seed=0) and held != visrl.held_out(100, 0.1, seed=1)
+    assert len(visrl.held_out(8, 0.1, seed=0)) == 1 and visrl.held_out(8, 0.0, seed=0) == set()
+    with pytest.raises(data.UserError, match="--val-fraction"):
+        visrl.held_out(8, 1.0, seed=0)
+    # a run's eval_loss: the mean token NLL of the held-out records' samples under its final adapter, computed
+    # here by HF's own full-logits forward
+    adapter = visrl.train(_config(synth_dir, tmp_path / "run", limit=10, max_steps=2, val_fraction=0.2))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = data.read_records(synth_dir / "train.jsonl", limit=10)
+    net, processor = model.load("tiny", str(adapter), device="cpu", dtype="float32")
+    samples = [s for i in sorted(visrl.held_out(10, 0.2, seed=0)) for s in
+               chat.sft_samples(records[i], processor.tokenizer, processor.image_processor)]
+    with torch.no_grad():
+        logps = torch.cat([plain_token_logps(net, processor, s) for s in samples])
+    assert rows[-1]["eval_loss"] == pytest.approx(-logps.mean().item(), rel=1e-4)
+    assert rows[-1]["eval_tokens"] == sum(len(s.input_ids) for s in samples)  # only they were evaluated
+
+
+def test_a_chain_keeps_the_convention_sft_was_given(synth_dir, pairs_file, tmp_path):
+    """sft -> generate -> dpo 1 -> dpo 2 -> eval -> export: the prompt set, crop rule and pixel cap SFT was given
+    (none of them the default) are recorded in its adapter and every later stage takes them without a flag."""
+    import evaluate
+    import export
+    import generate
+
+    chosen = {"prompts": "visrl", "crop": "vcot", "max_pixels": 300_000, "box_form": "square"}
+    sft = visrl.train(visrl.SFTConfig(data=str(synth_dir / "train.jsonl"), out=str(tmp_path / "sft"), limit=8,
+                                      max_steps=1, grad_accum=1, **chosen))
+    generate.generate(generate.GenerateConfig(adapter=str(sft), data=str(synth_dir / "train.jsonl"), limit=2,
+                                              out=str(tmp_path / "gen"), attempts=1, max_new_tokens=8))
+    dpo1 = visrl.train(dpo.DPOConfig(data=str(pairs_file), stage=1, adapter=str(sft), out=str(tmp_path / "dpo1"),
+                                     max_steps=1, grad_accum=1, limit=4, val_fraction=0.0))
+    dpo2 = visrl.train(dpo.DPOConfig(data=str(pairs_file), stage=2, adapter=str(dpo1), out=str(tmp_path / "dpo2"),
+                                     max_steps=1, grad_accum=1, limit=4, val_fraction=0.0))
+    evaluate.evaluate(evaluate.EvalConfig(adapter=str(dpo2), data=str(synth_dir / "test.jsonl"), limit=2,
+                                          out=str(tmp_path / "eval"), max_new_tokens=8, pictures=0))
+    for run in ("sft", "gen", "dpo1", "dpo2", "eval"):
+        config = json.loads((tmp_path / run / "config.json").read_text())
+        assert {k: config[k] for k in chosen} == chosen, run
+    for adapter in (sft, dpo1, dpo2):
+        assert model.read_adapter_config(adapter).convention == chosen
+    # a flag that contradicts the adapter is an error naming both, unless asked for
+    with pytest.raises(data.UserError, match=r"--crop raw: the adapter .*dpo2.* was trained with --crop vcot"):
+        evaluate.evaluate(evaluate.EvalConfig(adapter=str(dpo2), data=str(synth_dir / "test.jsonl"), limit=2,
+                                              out=str(tmp_path / "eval-raw"), crop="raw"))
+    assert not (tmp_path / "eval-raw").exists()
+    mixed = model.resolve_convention(evaluate.EvalConfig(adapter=str(dpo2), crop="raw", mix_conventions=True))
+    assert (mixed.crop, mixed.prompts, mixed.max_pixels) == ("raw", "visrl", 300_000)
+    # an exported model keeps it too; with nothing recorded, upstream's defaults
+    merged = export.export_command(export.ExportConfig(adapter=str(dpo2), out=str(tmp_path / "merged")))
+    assert model.convention_of(model.resolve_convention(evaluate.EvalConfig(model=str(merged)))) == chosen
+    assert model.convention_of(model.resolve_convention(evaluate.EvalConfig())) == chat.UPSTREAM_CONVENTION
 
 
 def test_the_readme_layout_table_is_true_to_the_code():
