@@ -225,9 +225,9 @@ def two_step(generate_fn, images: list, focus_prompts: list[list[dict]], questio
         crops.append(im.crop(window))
     asks = [i for i, q in enumerate(questions) if q is not None]
     if asks:
-        prompts = [vcot_answer_messages(questions[i], rows[i]["box_text"]) if vcot_answer else
-                   answer_messages(questions[i], prompts) for i in asks]
-        replies = generate_fn([(prompt, [images[i], crops[i]]) for prompt, i in zip(prompts, asks)])
+        answer_prompts = [vcot_answer_messages(questions[i], rows[i]["box_text"]) if vcot_answer else
+                          answer_messages(questions[i], prompts) for i in asks]
+        replies = generate_fn([(prompt, [images[i], crops[i]]) for prompt, i in zip(answer_prompts, asks)])
         for i, reply in zip(asks, replies):
             rows[i]["answer"] = reply.strip()
     return rows
@@ -377,11 +377,11 @@ def sft_samples(record: Record, tokenizer, image_processor, box_form: str = "squ
         return samples
     window = crop_window(box, record.width, record.height, rule=crop_rule)
     crop_size = (window[2] - window[0], window[3] - window[1])
-    samples.append(Sample(*encode(tokenizer, image_processor, answer_messages(record.question, prompts), [size, crop_size],
-                                  record.answer), record, [None, window], "answer"))
+    samples.append(Sample(*encode(tokenizer, image_processor, answer_messages(record.question, prompts),
+                                  [size, crop_size], record.answer), record, [None, window], "answer"))
     if crop_alone:
-        samples.append(Sample(*encode(tokenizer, image_processor, direct_messages(record.question, prompts), [crop_size],
-                                      record.answer), record, [window], "crop"))
+        samples.append(Sample(*encode(tokenizer, image_processor, direct_messages(record.question, prompts),
+                                      [crop_size], record.answer), record, [window], "crop"))
     return samples
 
 
@@ -418,7 +418,8 @@ def collate(rows: list[Sample], image_processor, pad_id: int, image_token_id: in
             if record.image not in opened:
                 opened[record.image] = load_image(record)
             image = opened[record.image] if window is None else opened[record.image].crop(window)
-            out = image_processor(images=[fit_image(image, image_processor)], return_tensors="pt")  # one by one, as the processor does a list
+            # capped as upstream does, then processed one by one, as the processor does a list
+            out = image_processor(images=[fit_image(image, image_processor)], return_tensors="pt")
             cache[record.image, window] = (out["pixel_values"], out["image_grid_thw"])
     pixels = [cache[record.image, window] for record, window in views]
     grid = torch.cat([g for _, g in pixels])  # [U, 3]

@@ -59,6 +59,8 @@ class DemoConfig:
     # 7B model carries the box step over, the tiny model trained from random weights does not (seed 0: 1,880 of
     # 1,920 sampled boxes unparsable, no pair). `visrl` asks every box step with the one instruction SFT taught.
     prompts: Literal["upstream", "visrl"] = "visrl"
+    # The rest of the convention is upstream's: raw box crops, images capped at 512x512 (a 1344 px page is
+    # resized to 512 px, NEAREST, before the tiny processor's own 112 px view), square box text.
     lora_rank: int = 16  # LoRA rank of every phase
     lora_alpha: float = 32.0  # LoRA alpha of every phase
     batch_size: int = 8  # SFT batch size

@@ -411,8 +411,10 @@ REFERENCE_FILE = "reference_logps.safetensors"  # the precomputed table, beside 
 
 def reference_key(grouped, lora: modeling.LoRAConfig, dtype: str) -> str:
     """What a reference table depends on, hashed: every sample's tokens and images, the base and parent
-    adapter's content, the dtype. A resumed run reuses its table only under an equal key."""
-    digest = hashlib.sha256(json.dumps([lora.base_sha256, lora.parent_sha256, dtype]).encode())
+    adapter's content, the dtype, the convention (the pixel cap changes pixels, not tokens). A resumed run reuses
+    its table only under an equal key."""
+    digest = hashlib.sha256(json.dumps([lora.base_sha256, lora.parent_sha256, dtype, lora.convention],
+                                       sort_keys=True).encode())
     for sample in (s for g in grouped for s in g):
         for side in (sample.chosen, sample.rejected):
             digest.update(json.dumps([side.input_ids, side.labels, side.images, side.record.image]).encode())

@@ -6,8 +6,9 @@
 
 Top to bottom: offline answer scores; the one client for OpenAI-compatible endpoints (with retries) and
 the judge call; prediction with resume (each batch through chat.two_step, the one Visual-CoT inference, also
-behind `visrl.py infer|serve` and generate.py); scoring, reports and pictures; the CLI (also `visrl.py eval`). The protocol itself (the official detection scorer, the judge,
-the benchmark readers and their Items) is in viscot.py. See "Evaluation" in ../shared/RECIPE.md.
+behind `visrl.py infer|serve` and generate.py); scoring, reports and pictures; the CLI (also `visrl.py eval`).
+The protocol itself (the official detection scorer, the judge, the benchmark readers and their Items) is in
+viscot.py. See "Evaluation" in ../shared/RECIPE.md.
 """
 
 from __future__ import annotations

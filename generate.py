@@ -311,7 +311,8 @@ def run_chunk(cfg: GenerateConfig, items: list[tuple[int, data.Record]], sampler
     K = cfg.attempts
 
     # 1. all focus prompts of the chunk at once: 2K per question (the sampled and the diversity box)
-    prompts = [(chat.focus_messages(r.question, cfg.prompts, rl=True), [image]) for (_, r), image in zip(items, images) for _ in range(2 * K)]
+    prompts = [(chat.focus_messages(r.question, cfg.prompts, rl=True), [image])  # the RL box step's instruction
+               for (_, r), image in zip(items, images) for _ in range(2 * K)]
     box_replies = sampler(prompts, policy, chunk_seed)
 
     # 2. parse, apply the diversity rule, crop
@@ -357,8 +358,8 @@ def run_chunk(cfg: GenerateConfig, items: list[tuple[int, data.Record]], sampler
 
     # 3. all answers of the chunk at once, each on its box's crop: the step-2 half of chat.two_step
     steps = chat.two_step(lambda prompts: sampler(prompts, policy, chunk_seed + 1), [images[q] for q, _, _ in live],
-                              None, [items[q][1].question for q, _, _ in live], cfg.crop, cfg.prompts,
-                              boxes=[(cand["box_text"], box) for _, cand, box in live])
+                          None, [items[q][1].question for q, _, _ in live], cfg.crop, cfg.prompts,
+                          boxes=[(cand["box_text"], box) for _, cand, box in live])
     for (_, cand, _), step in zip(live, steps):
         cand["answer"] = step["answer"]
         if not step["answer"]:
@@ -408,8 +409,8 @@ def run_chunk(cfg: GenerateConfig, items: list[tuple[int, data.Record]], sampler
         pair = None
         if verdict.reason == "kept":
             win, lose = candidates[verdict.chosen], candidates[verdict.rejected]
-            texts = [c["box_text"] if cfg.pair_box_text == "as-written" else chat.rewrite_box_text(c["box_text"], cfg.box_form)
-                     for c in (win, lose)]
+            texts = [c["box_text"] if cfg.pair_box_text == "as-written" else
+                     chat.rewrite_box_text(c["box_text"], cfg.box_form) for c in (win, lose)]
             pair = data.pair_json(data.Pair(r, *texts, win["answer"], lose["answer"], cfg.box_form), root)
         lines.append({"index": index, "id": r.id, "question": r.question, "answers": r.answers,
                       "gt_box": _box_list(r.box), "crop_score_source": sources[q], "candidates": candidates,

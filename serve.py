@@ -375,8 +375,8 @@ class Worker(threading.Thread):
                 return [r[0] for r in steps[-1]]
             questions = [j.question for j in batch]
             rows = chat.two_step(generate_fn, [j.images[0] for j in batch],
-                                     [chat.focus_messages(q, self.cfg.prompts) for q in questions], questions,
-                                     self.cfg.crop, self.cfg.prompts)
+                                 [chat.focus_messages(q, self.cfg.prompts) for q in questions], questions,
+                                 self.cfg.crop, self.cfg.prompts)
             for i, (job, row) in enumerate(zip(batch, rows)):
                 focus, answer = steps[0][i], steps[1][i]
                 job.result = completion(self.cfg, row["answer"], focus[1] + answer[1], focus[2] + answer[2], answer[3])

@@ -230,7 +230,8 @@ def check_run_out(cfg, command: str) -> list[Path]:
 
 
 # what a resumed run may change: bookkeeping, and how long it runs (to extend a finished run)
-RESUMABLE_CHANGES = ("resume", "overwrite", "log_every", "save_every", "keep_checkpoints", "max_steps", "epochs")
+RESUMABLE_CHANGES = ("resume", "overwrite", "log_every", "save_every", "keep_checkpoints", "max_steps", "epochs",
+                     "eval_every", "mix_conventions")
 
 
 def start_run(out: Path, cfg, command: str, world: modeling.Dist, replaced: list[Path], summary: str):

@@ -99,7 +99,9 @@ def test_long_samples_are_dropped_or_rejected(synth_dir, tmp_path, capsys):
     cfg = _config(synth_dir, tmp_path, max_len=answer_len - 1)
     samples = visrl.build_sft_samples(cfg, records, processor, model.Dist())
     assert all(len(s.input_ids) <= answer_len - 1 for s in samples)
-    assert "dropped" in capsys.readouterr().err
+    dropped = sum(len(s.input_ids) > answer_len - 1 for r in records
+                  for s in chat.sft_samples(r, processor.tokenizer, processor.image_processor))
+    assert f"warning: sft dropped {dropped} samples longer than {answer_len - 1} tokens" in capsys.readouterr().err
     cfg.error_on_long = True
     with pytest.raises(ValueError, match=r"train\.jsonl:\d+: (focus|answer) sample has \d+ tokens"):
         visrl.build_sft_samples(cfg, records, processor, model.Dist())
