@@ -1,0 +1,58 @@
+"""DPO stages 1 and 2 at other settings on one seed of a `bench/demo_seeds.py` run: its SFT adapter and its
+generated pairs are reused (they do not depend on the DPO settings), each setting's stages are run as the demo
+runs them (its flags, one changed) and evaluated on the seed's test questions, with the held-out loss.
+
+    VISRL_CACHE=<the run's cache> python bench/dpo_settings.py --run runs/demo-seeds --seed 0 \
+        --settings lr=5e-5 epochs=1 --out runs/dpo-settings
+
+Prints one line per setting and stage: the demo's metrics and the held-out box (and answer) loss after it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import tyro
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import demo  # noqa: E402
+
+
+@dataclass
+class Args:
+    run: str  # a bench/demo_seeds.py --out
+    seed: int = 0
+    settings: tuple[str, ...] = ("lr=5e-5",)  # each: comma-separated dpo flags that replace the demo's
+    out: str = "runs/dpo-settings"
+
+
+def main(args: Args) -> None:
+    base = Path(args.run) / f"seed{args.seed}"
+    defaults = demo.DemoConfig()
+    for spec in args.settings:
+        flags = dict(kv.split("=") for kv in spec.split(","))
+        out = Path(args.out) / f"seed{args.seed}-{spec.replace(',', '-').replace('=', '')}"
+        adapter = base / "sft" / "adapter"
+        for stage in (1, 2):
+            settings = {"epochs": str(defaults.dpo_epochs), "lr": str(defaults.dpo_lr), "beta": str(defaults.dpo_beta),
+                        "nll-weight": str(defaults.dpo_nll_weight), "batch-size": str(defaults.dpo_batch_size),
+                        "lora-rank": str(defaults.lora_rank), "lora-alpha": str(defaults.lora_alpha), **flags}
+            subprocess.run([sys.executable, str(ROOT / "visrl.py"), "dpo", "--data", str(base / "round1/generate/pairs.jsonl"),
+                            "--stage", str(stage), "--adapter", str(adapter), "--image-root", str(base / "data"),
+                            "--out", str(out / f"dpo{stage}"), "--seed", str(args.seed), "--grad-accum", "1", "--resume"]
+                           + [x for k, v in settings.items() for x in ("--" + k, v)], check=True)
+            adapter = out / f"dpo{stage}" / "adapter"
+            row = demo.evaluate_phase(demo.DemoConfig(seed=args.seed, n_test=500), adapter, base / "data" / "test.jsonl",
+                                      out / f"dpo{stage}")
+            last = json.loads((out / f"dpo{stage}" / "metrics.jsonl").read_text().splitlines()[-1])
+            held = {k: round(v, 3) for k, v in last.items() if k in ("eval_box/loss", "eval_answer/loss", "eval_box/logps/chosen")}
+            print(spec, "stage", stage, {k: round(v, 1) for k, v in row.items()}, held, flush=True)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
