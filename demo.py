@@ -71,7 +71,7 @@ class DemoConfig:
     # generation's reply limit (upstream 1024): the tiny model's boxes and answers are < 20 tokens, and at
     # temperature 2 a reply that runs on is junk either way, so 64 saves CPU time and changes no pair
     gen_max_new_tokens: int = 64
-    dpo_epochs: float = 2.0  # epochs of each DPO stage over the round's pairs
+    dpo_epochs: float = 4.0  # epochs of each DPO stage over the round's pairs (upstream: 5; 2 gained less, BENCHMARKS.md)
     # DPO learning rate (both stages). Upstream: 5e-6 for a 7B model; the tiny model needs more, but at 5e-4 DPO
     # memorised the pairs (held-out box loss above ln 2, unseen chosen boxes pushed down; BENCHMARKS.md)
     dpo_lr: float = 5e-5
