@@ -51,11 +51,11 @@ class DemoConfig:
     n_train: int = 500  # synthetic training records: the first --sft-records annotated, the rest bare questions
     sft_records: int = 64  # records SFT reads (question, box, answer); the RL phases never see a box
     n_test: int = 500  # held-out synthetic test records, evaluated after every phase
-    # SFT optimizer steps: a warm-up, not convergence (upstream: 3 epochs). 750 steps of 8 are ~100 passes over
-    # the 57 records SFT trains on; at 1500 the SFT model's answers were already what DPO's pairs prefer, and
-    # DPO left answer accuracy where SFT put it (BENCHMARKS.md, issue 16)
-    sft_steps: int = 750
-    sft_focus_first_steps: int = 300  # SFT's first steps on box samples alone (sft --focus-first-steps)
+    # SFT optimizer steps: a warm-up, not convergence (upstream: 3 epochs). 1000 steps of 8 are ~140 passes over
+    # the 57 records SFT trains on; at 1500 the SFT model's answers were already what DPO's pairs prefer and DPO
+    # left answer accuracy where SFT put it; at 750 it raised answers but not boxes (BENCHMARKS.md, issue 16)
+    sft_steps: int = 1000
+    sft_focus_first_steps: int = 400  # SFT's first steps on box samples alone (sft --focus-first-steps)
     sft_lr: float = 2e-3  # SFT learning rate
     # the prompt set of the whole chain (recorded by SFT, inherited by every later phase). Not upstream's: upstream
     # asks generation's and DPO's box step with VisRL's instruction, which its SFT only used for the answer step; a
