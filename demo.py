@@ -145,6 +145,12 @@ def flag_args(flags: dict) -> list[str]:
     return args
 
 
+def dpo_settings(cfg: DemoConfig) -> dict:
+    """The demo's training settings for both DPO stages, as `visrl.py dpo` fields."""
+    return dict(epochs=cfg.dpo_epochs, lr=cfg.dpo_lr, beta=cfg.dpo_beta, nll_weight=cfg.dpo_nll_weight,
+                batch_size=cfg.dpo_batch_size, grad_accum=1, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
+
+
 def stage_args(subcommand: str, flags: dict) -> list[str]:
     """The argv of `python visrl.py <subcommand>` with these flags."""
     return [VISRL, subcommand, *flag_args(flags)]
@@ -255,12 +261,8 @@ def demo(cfg: DemoConfig) -> dict:
         for stage in (1, 2):
             stage_dir = out / f"round{rnd}" / f"dpo{stage}"
             dpo_args = stage_args("dpo", dict(data=pairs_file, stage=stage, model=cfg.model, adapter=adapter,
-                                              image_root=data_dir, out=stage_dir, seed=cfg.seed,
-                                              epochs=cfg.dpo_epochs, lr=cfg.dpo_lr, beta=cfg.dpo_beta,
-                                              nll_weight=cfg.dpo_nll_weight, batch_size=cfg.dpo_batch_size,
-                                              grad_accum=1,
-                                              lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, save_every=50,
-                                              resume=True))
+                                              image_root=data_dir, out=stage_dir, seed=cfg.seed, **dpo_settings(cfg),
+                                              save_every=50, resume=True))
             adapter = run_phase(f"dpo stage {stage}{tag}", stage_dir, dpo_args, adapter,
                                 pairs=n_pairs, extra_seconds=time.time() - gen_start if stage == 1 else 0.0)
 

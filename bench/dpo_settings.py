@@ -33,22 +33,19 @@ class Args:
 
 def main(args: Args) -> None:
     base = Path(args.run) / f"seed{args.seed}"
-    defaults = demo.DemoConfig()
+    run_cfg = demo.DemoConfig(**json.loads((base / "phases.json").read_text())["config"])  # the settings it ran with
     for spec in args.settings:
-        flags = dict(kv.split("=") for kv in spec.split(","))
+        flags = dict(kv.split("=") for kv in spec.split(","))  # dpo flags as typed: lr=5e-5, nll-weight=0
         out = Path(args.out) / f"seed{args.seed}-{spec.replace(',', '-').replace('=', '')}"
         adapter = base / "sft" / "adapter"
         for stage in (1, 2):
-            settings = {"epochs": str(defaults.dpo_epochs), "lr": str(defaults.dpo_lr), "beta": str(defaults.dpo_beta),
-                        "nll-weight": str(defaults.dpo_nll_weight), "batch-size": str(defaults.dpo_batch_size),
-                        "lora-rank": str(defaults.lora_rank), "lora-alpha": str(defaults.lora_alpha), **flags}
+            settings = {**{k.replace("_", "-"): str(v) for k, v in demo.dpo_settings(run_cfg).items()}, **flags}
             subprocess.run([sys.executable, str(ROOT / "visrl.py"), "dpo", "--data", str(base / "round1/generate/pairs.jsonl"),
                             "--stage", str(stage), "--adapter", str(adapter), "--image-root", str(base / "data"),
-                            "--out", str(out / f"dpo{stage}"), "--seed", str(args.seed), "--grad-accum", "1", "--resume"]
+                            "--out", str(out / f"dpo{stage}"), "--seed", str(args.seed), "--resume"]
                            + [x for k, v in settings.items() for x in ("--" + k, v)], check=True)
             adapter = out / f"dpo{stage}" / "adapter"
-            row = demo.evaluate_phase(demo.DemoConfig(seed=args.seed, n_test=500), adapter, base / "data" / "test.jsonl",
-                                      out / f"dpo{stage}")
+            row = demo.evaluate_phase(run_cfg, adapter, base / "data" / "test.jsonl", out / f"dpo{stage}")
             last = json.loads((out / f"dpo{stage}" / "metrics.jsonl").read_text().splitlines()[-1])
             held = {k: round(v, 3) for k, v in last.items() if k in ("eval_box/loss", "eval_answer/loss", "eval_box/logps/chosen")}
             print(spec, "stage", stage, {k: round(v, 1) for k, v in row.items()}, held, flush=True)
