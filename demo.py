@@ -80,6 +80,9 @@ class DemoConfig:
     dpo_lr: float = 5e-5
     dpo_beta: float = 0.1  # DPO beta (both stages)
     dpo_nll_weight: float = 1.0  # dpo --nll-weight: NLL of the chosen responses added to the DPO loss
+    # stage 1 also trains the NLL of each pair's chosen answer on its chosen crop (dpo --answer-anchor, not
+    # upstream's): without it stage 1's box pairs moved a strong SFT model's answers (BENCHMARKS.md)
+    dpo_answer_anchor: bool = True
     dpo_batch_size: int = 4  # pairs per DPO step
     eval_batch_size: int = 32  # prompts per generate call in the evaluations
 
@@ -145,10 +148,11 @@ def flag_args(flags: dict) -> list[str]:
     return args
 
 
-def dpo_settings(cfg: DemoConfig) -> dict:
-    """The demo's training settings for both DPO stages, as `visrl.py dpo` fields."""
+def dpo_settings(cfg: DemoConfig, stage: int) -> dict:
+    """The demo's training settings for a DPO stage, as `visrl.py dpo` fields."""
     return dict(epochs=cfg.dpo_epochs, lr=cfg.dpo_lr, beta=cfg.dpo_beta, nll_weight=cfg.dpo_nll_weight,
-                batch_size=cfg.dpo_batch_size, grad_accum=1, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
+                answer_anchor=cfg.dpo_answer_anchor and stage == 1, batch_size=cfg.dpo_batch_size, grad_accum=1,
+                lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
 
 
 def stage_args(subcommand: str, flags: dict) -> list[str]:
@@ -261,7 +265,7 @@ def demo(cfg: DemoConfig) -> dict:
         for stage in (1, 2):
             stage_dir = out / f"round{rnd}" / f"dpo{stage}"
             dpo_args = stage_args("dpo", dict(data=pairs_file, stage=stage, model=cfg.model, adapter=adapter,
-                                              image_root=data_dir, out=stage_dir, seed=cfg.seed, **dpo_settings(cfg),
+                                              image_root=data_dir, out=stage_dir, seed=cfg.seed, **dpo_settings(cfg, stage),
                                               save_every=50, resume=True))
             adapter = run_phase(f"dpo stage {stage}{tag}", stage_dir, dpo_args, adapter,
                                 pairs=n_pairs, extra_seconds=time.time() - gen_start if stage == 1 else 0.0)

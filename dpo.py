@@ -323,6 +323,10 @@ class DPOConfig(modeling.TrainConfig):
     beta_answer: float | None = None  # for the answer step in stage 2 (default: --beta)
     label_smoothing: float = 0.0  # the robust loss's assumed label-flip rate
     nll_weight: float = 0.0  # adds nll_weight * length-normalised NLL of the chosen responses
+    # stage 1: each pair's chosen answer on its chosen crop joins the batch with the NLL term alone (no preference
+    # term), so the box-step update leaves the answer step where the previous phase put it (not upstream's;
+    # needs --nll-weight > 0; the demo uses it: BENCHMARKS.md, "The strong SFT model")
+    answer_anchor: bool = False
     lambda_box: float = 0.5  # stage 2: L = lambda_box * L_box + lambda_answer * L_answer
     lambda_answer: float = 0.5
     rejected_crop: Literal["chosen", "own"] = "chosen"  # stage 2: crop the rejected answer sees (upstream: chosen)
@@ -342,6 +346,7 @@ class DPOConfig(modeling.TrainConfig):
 def build_dpo_samples(cfg: DPOConfig, pairs: list[data.Pair], processor, world: modeling.Dist) -> list[list[chat.PairSample]]:
     """Each pair's samples (1 in stage 1, 2 in stage 2), checked before training; bad pairs reported."""
     cfg = modeling.resolve_convention(cfg)
+    sample_stage = 2 if cfg.answer_anchor else cfg.stage  # the anchor: stage 2's answer samples, preference weight 0
     grouped, errors, too_long, same_box = [], [], 0, 0
     for pair in pairs:
         if pair.box_form != cfg.box_form and not cfg.mix_conventions:
@@ -349,12 +354,12 @@ def build_dpo_samples(cfg: DPOConfig, pairs: list[data.Pair], processor, world: 
                           f"as {cfg.box_form} (--box-form; --mix-conventions to train on it anyway)")
             continue
         try:
-            samples = chat.dpo_samples(pair, processor.tokenizer, processor.image_processor, cfg.stage,
+            samples = chat.dpo_samples(pair, processor.tokenizer, processor.image_processor, sample_stage,
                                        cfg.crop, cfg.rejected_crop, cfg.prompts)
         except data.DataError as e:
             errors.append(str(e))
             continue
-        same_box += cfg.stage == 2 and samples[0].kind != "box"  # its box step was dropped
+        same_box += sample_stage == 2 and samples[0].kind != "box"  # its box step was dropped
         longest = max(max(len(s.chosen.input_ids), len(s.rejected.input_ids)) for s in samples)
         if longest > cfg.max_len:
             if cfg.error_on_long:
@@ -446,6 +451,8 @@ def step_loss(cfg: DPOConfig, policy: torch.Tensor, reference: torch.Tensor, bat
 
     Stage 1: the mean pair loss. Stage 2: lambda_box * mean box loss + lambda_answer * mean answer
     loss, means over the whole optimizer step (kind_counts: samples per kind, all micro-batches, ranks).
+    Plus nll_weight x the mean NLL of every chosen response (with --answer-anchor, stage 1's answer rows
+    add only this).
     """
     n = batch["kind"].shape[0]
     kind = batch["kind"]  # [B] 0 box, 1 answer
@@ -455,8 +462,8 @@ def step_loss(cfg: DPOConfig, policy: torch.Tensor, reference: torch.Tensor, bat
     losses, chosen_rewards, rejected_rewards = preference_loss(
         policy[:n], policy[n:], reference[:n], reference[n:], beta=beta, kind=cfg.loss,
         label_smoothing=cfg.label_smoothing)
-    lambdas = (torch.tensor([cfg.lambda_box, cfg.lambda_answer], device=policy.device) if cfg.stage == 2
-               else torch.ones(2, device=policy.device))
+    lambdas = torch.tensor([cfg.lambda_box, cfg.lambda_answer] if cfg.stage == 2 else [1.0, 0.0],  # stage 1:
+                           device=policy.device)  # box rows only; anchor answer rows have no preference term
     weights = lambdas[kind] / kind_counts.clamp(min=1)[kind]  # [B]
     loss = (weights * losses).sum()
     nll = -policy[:n] / response_lengths(batch)[:n].clamp(min=1)  # [B] length-normalised NLL of the chosen

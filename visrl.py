@@ -469,6 +469,9 @@ def train(cfg: SFTConfig | dpo.DPOConfig) -> Path:
     seed_everything(cfg.seed)
     out = Path(cfg.out)
     cfg = modeling.resolve_convention(cfg)  # prompts, crop, pixel cap, box form: given, else the adapter's
+    if not is_sft and cfg.answer_anchor and (cfg.stage != 1 or cfg.nll_weight <= 0):
+        raise data.UserError("dpo --answer-anchor: for --stage 1 with --nll-weight > 0 (it trains the chosen answers' "
+                             f"NLL alone), got --stage {cfg.stage} --nll-weight {cfg.nll_weight}")
     replaced = check_run_out(cfg, command)  # before any work: a refused --out costs nothing
     barrier(world)  # every rank has checked --out before rank 0 writes into it
     if not is_sft and cfg.stage == 2 and not cfg.adapter and world.is_main:

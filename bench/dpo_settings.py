@@ -5,7 +5,9 @@ runs them (its flags, one changed) and evaluated on the seed's test questions, w
     VISRL_CACHE=<the run's cache> python bench/dpo_settings.py --run runs/demo-seeds --seed 0 \
         --settings lr=5e-5 epochs=1 --out runs/dpo-settings
 
-Prints one line per setting and stage: the demo's metrics and the held-out box (and answer) loss after it.
+Prints one line per setting and stage: the demo's metrics, the held-out box (and answer) loss after it, and
+the answers it flipped against SFT's on the same questions (right -> wrong, wrong -> right: how far the stage
+moved the answer step, which a single accuracy hides).
 """
 
 from __future__ import annotations
@@ -20,35 +22,52 @@ import tyro
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
 import demo  # noqa: E402
+import viscot  # noqa: E402
 
 
 @dataclass
 class Args:
     run: str  # a bench/demo_seeds.py --out
     seed: int = 0
-    settings: tuple[str, ...] = ("lr=5e-5",)  # each: comma-separated dpo flags that replace the demo's
+    # each: comma-separated dpo flags that replace the demo's; `s1.flag=v` / `s2.flag=v`: that stage only
+    settings: tuple[str, ...] = ("lr=5e-5",)
     out: str = "runs/dpo-settings"
 
 
 def main(args: Args) -> None:
     base = Path(args.run) / f"seed{args.seed}"
-    run_cfg = demo.DemoConfig(**json.loads((base / "phases.json").read_text())["config"])  # the settings it ran with
+    ran = json.loads((base / "phases.json").read_text())["config"]
+    run_cfg = demo.DemoConfig(**{"dpo_answer_anchor": False, **ran})  # the settings it ran with (older runs: no anchor)
     for spec in args.settings:
-        flags = dict(kv.split("=") for kv in spec.split(","))  # dpo flags as typed: lr=5e-5, nll-weight=0
+        flags = dict(kv.split("=") for kv in spec.split(","))  # dpo flags as typed: lr=5e-5, s1.nll-weight=0
         out = Path(args.out) / f"seed{args.seed}-{spec.replace(',', '-').replace('=', '')}"
         adapter = base / "sft" / "adapter"
         for stage in (1, 2):
-            settings = {**{k.replace("_", "-"): str(v) for k, v in demo.dpo_settings(run_cfg).items()}, **flags}
+            settings = {k.replace("_", "-"): str(v) for k, v in demo.dpo_settings(run_cfg, stage).items()}
+            settings |= {k.split(".", 1)[-1]: v for k, v in flags.items() if not k[:3] in ("s1.", "s2.") or
+                         k.startswith(f"s{stage}.")}
+            as_stage = settings.pop("stage", str(stage))  # s1.stage=2,s1.lambda-answer=0: stage 1 with an answer anchor
             subprocess.run([sys.executable, str(ROOT / "visrl.py"), "dpo", "--data", str(base / "round1/generate/pairs.jsonl"),
-                            "--stage", str(stage), "--adapter", str(adapter), "--image-root", str(base / "data"),
+                            "--stage", as_stage, "--adapter", str(adapter), "--image-root", str(base / "data"),
                             "--out", str(out / f"dpo{stage}"), "--seed", str(args.seed), "--resume"]
                            + [x for k, v in settings.items() for x in ("--" + k, v)], check=True)
             adapter = out / f"dpo{stage}" / "adapter"
             row = demo.evaluate_phase(run_cfg, adapter, base / "data" / "test.jsonl", out / f"dpo{stage}")
             last = json.loads((out / f"dpo{stage}" / "metrics.jsonl").read_text().splitlines()[-1])
             held = {k: round(v, 3) for k, v in last.items() if k in ("eval_box/loss", "eval_answer/loss", "eval_box/logps/chosen")}
-            print(spec, "stage", stage, {k: round(v, 1) for k, v in row.items()}, held, flush=True)
+            flips = answer_flips(base / "sft" / "eval" / "predictions.jsonl", out / f"dpo{stage}" / "eval" / "predictions.jsonl")
+            print(spec, "stage", stage, {k: round(v, 1) for k, v in row.items()}, held, flips, flush=True)
+
+
+def answer_flips(before: Path, after: Path) -> dict:
+    """Questions whose answer went right -> wrong and wrong -> right between two evaluations."""
+    def right(path):
+        return {r["id"]: viscot.normalize_answer(r["answer"] or "") in [viscot.normalize_answer(a) for a in r["answers"]]
+                for r in data.read_jsonl_rows(path)}
+    old, new = right(before), right(after)
+    return {"lost": sum(old[k] and not new[k] for k in old), "gained": sum(new[k] and not old[k] for k in old)}
 
 
 if __name__ == "__main__":

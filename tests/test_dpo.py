@@ -107,6 +107,26 @@ def test_stage2_objective_is_the_weighted_sum_of_its_parts():
     assert stats[1, 0].item() == pytest.approx(sum(answer), rel=1e-6)
 
 
+def test_answer_anchor_adds_only_the_chosen_answers_nll_to_stage_1():
+    """Stage 1 with --answer-anchor: the box rows' DPO loss (mean over box rows) + nll_weight x the mean
+    length-normalised NLL of every chosen row; the answer rows' rejected log-probs get no gradient."""
+    cfg = dpo.DPOConfig(data="x", stage=1, beta=0.1, nll_weight=2.0, answer_anchor=True)
+    g = torch.Generator().manual_seed(1)
+    policy, reference = torch.randn(8, generator=g).requires_grad_(), torch.randn(8, generator=g)
+    # rows 0..3 chosen, 4..7 rejected; response tokens: chosen rows 3, 1, 2, 4; rejected rows one each
+    batch = {"kind": torch.tensor([0, 1, 0, 1]), "response_row": torch.tensor([0, 0, 0, 1, 2, 2, 3, 3, 3, 3, 4, 5, 6, 7]),
+             "input_ids": torch.zeros(8, 3)}
+    loss, _ = dpo.step_loss(cfg, policy, reference, batch, torch.tensor([2.0, 2.0]))
+    p, r = policy.detach(), reference
+    box = [-math.log(_sig(0.1 * ((p[i] - r[i]) - (p[i + 4] - r[i + 4])).item())) for i in (0, 2)]
+    nll = [-p[i].item() / length for i, length in enumerate((3, 1, 2, 4))]
+    assert loss.item() == pytest.approx(sum(box) / 2 + 2.0 * sum(nll) / 4, rel=1e-6)
+    (grad,) = torch.autograd.grad(loss, policy)
+    assert grad[5].item() == 0.0 and grad[7].item() == 0.0  # the answer rows' rejected: no preference term
+    assert grad[4].item() != 0.0 and grad[6].item() != 0.0
+    assert grad[1].item() == pytest.approx(-2.0 / 4 / 1) and grad[3].item() == pytest.approx(-2.0 / 4 / 4)
+
+
 # ---------------------------------------------------------------------------------------------
 # the DPO forward on the tiny model
 
@@ -291,6 +311,17 @@ def test_the_nll_term_is_logged_apart_from_the_preference_term(pairs_file, tmp_p
     assert row["dpo_term"] == pytest.approx(math.log(2), abs=1e-5)
     assert row["nll_term"] == pytest.approx(2.0 * (row["box/nll/chosen"] + row["answer/nll/chosen"]) / 2, rel=1e-5)
     assert row["loss"] == pytest.approx(row["dpo_term"] + row["nll_term"], rel=1e-6) and row["nll_term"] > 0
+
+
+def test_a_stage_1_run_with_the_answer_anchor_trains_the_box_pairs_and_the_chosen_answers_nll(pairs_file, tmp_path):
+    visrl.train(dpo.DPOConfig(grad_accum=1, data=str(pairs_file), stage=1, out=str(tmp_path / "s1"), max_steps=1,
+                              nll_weight=2.0, answer_anchor=True, precompute_ref=False))
+    (row,) = _rows(tmp_path / "s1")
+    # at the reference the box pairs' loss is ln 2 and the answer rows add none (2 ln 2 if they did)
+    assert row["box/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert row["dpo_term"] == pytest.approx(math.log(2), abs=1e-5)
+    assert row["nll_term"] == pytest.approx(2.0 * (row["box/nll/chosen"] + row["answer/nll/chosen"]) / 2, rel=1e-5)
+    assert json.loads((tmp_path / "s1" / "config.json").read_text())["answer_anchor"] is True
 
 
 def test_short_run_raises_the_reward_margin(pairs_file, tmp_path):

@@ -247,6 +247,15 @@ def test_an_out_overlapping_an_input_is_refused_and_nothing_changes(synth_dir, t
     assert snapshot(run, tiny_path, gen) == before
 
 
+def test_the_answer_anchor_outside_stage_1_or_without_the_nll_term_is_refused(pairs_file, tmp_path, monkeypatch,
+                                                                                capsys):
+    for argv in (["--stage", "2", "--nll-weight", "1"], ["--stage", "1"]):
+        code, err = _main(monkeypatch, capsys, visrl.main, "dpo", "--data", pairs_file, "--answer-anchor",
+                          "--out", tmp_path / "run", *argv)
+        assert_one_line_error(code, err, "--answer-anchor: for --stage 1 with --nll-weight > 0")
+    assert not (tmp_path / "run").exists()
+
+
 def test_default_outs_differ_per_stage():
     import evaluate
     import export
