@@ -150,9 +150,9 @@ def flag_args(flags: dict) -> list[str]:
 
 def dpo_settings(cfg: DemoConfig, stage: int) -> dict:
     """The demo's training settings for a DPO stage, as `visrl.py dpo` fields."""
-    return dict(epochs=cfg.dpo_epochs, lr=cfg.dpo_lr, beta=cfg.dpo_beta, nll_weight=cfg.dpo_nll_weight,
-                answer_anchor=cfg.dpo_answer_anchor and stage == 1, batch_size=cfg.dpo_batch_size, grad_accum=1,
-                lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
+    anchor = {"answer_anchor": True} if cfg.dpo_answer_anchor and stage == 1 else {}
+    return dict(epochs=cfg.dpo_epochs, lr=cfg.dpo_lr, beta=cfg.dpo_beta, nll_weight=cfg.dpo_nll_weight, **anchor,
+                batch_size=cfg.dpo_batch_size, grad_accum=1, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
 
 
 def stage_args(subcommand: str, flags: dict) -> list[str]:

@@ -15,7 +15,6 @@ phases never saw (the synthetic set's train.jsonl), it prints:
 from __future__ import annotations
 
 import collections
-import json
 import sys
 from pathlib import Path
 

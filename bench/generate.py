@@ -75,8 +75,8 @@ def main() -> None:
                                              "chunk": chunk, "batch_size": batch})
             summary = generate.generate(cfg, sampler)
             rows.append((name, chunk, batch, summary))
-    print(f"\n| variant | device | questions x candidates | --chunk | --batch-size | max new tokens | "
-          f"seconds | candidates/s | speed-up |")
+    print("\n| variant | device | questions x candidates | --chunk | --batch-size | max new tokens | "
+          "seconds | candidates/s | speed-up |")
     print("|---|---|---|---|---|---|---|---|---|")
     slow = rows[0][3]["this_run"]["candidates_per_s"]
     for name, chunk, batch, summary in rows:
