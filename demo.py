@@ -335,7 +335,10 @@ def plot_curves(out: Path, focus_first_steps: int = 0) -> list[Path]:
                                ylabel="loss (nats per token)" if phase == "sft" else "loss", marks=marks))
         margins = {kind: [(r["step"], r[f"{kind}/rewards/margins"]) for r in rows if f"{kind}/rewards/margins" in r]
                    for kind in ("box", "answer")}
-        margins = {f"{kind} step": points for kind, points in margins.items() if points}
+        config = metrics_file.parent / "config.json"
+        anchored = config.exists() and json.loads(config.read_text()).get("answer_anchor", False)
+        names = {"box": "box step", "answer": "answer step (NLL anchor)" if anchored else "answer step"}
+        margins = {names[kind]: points for kind, points in margins.items() if points}
         if margins:
             paths.append(line_plot(margins, f"{phase}: DPO reward margin, chosen - rejected",
                                    out / "plots" / f"{slug}-margins.png", ylabel="reward margin", log_y=False))

@@ -18,6 +18,20 @@ def test_line_plot_draws_each_series(tmp_path):
     assert demo._COLORS[0] in colors and demo._COLORS[1] in colors
 
 
+def test_a_stage_1_run_with_the_answer_anchor_labels_its_answer_margins_as_not_preference_trained(tmp_path, monkeypatch):
+    row = {"step": 1, "loss": 0.7, "dpo_term": 0.69, "nll_term": 0.01, "box/rewards/margins": 0.0,
+           "answer/rewards/margins": 0.0}
+    for stage, anchored in (("dpo1", True), ("dpo2", False)):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+        (tmp_path / stage / "config.json").write_text(json.dumps({"answer_anchor": anchored}))
+    drawn = {}
+    monkeypatch.setattr(demo, "line_plot", lambda series, title, path, **kw: drawn.setdefault(path.name, list(series)))
+    demo.plot_curves(tmp_path)
+    assert drawn["dpo1-margins.png"] == ["box step", "answer step (NLL anchor)"]
+    assert drawn["dpo2-margins.png"] == ["box step", "answer step"]
+
+
 def test_questions_for_the_rl_phases_carry_no_boxes(synth_dir, tmp_path):
     records = data.read_records(synth_dir / "train.jsonl")[:5]
     path = demo.write_questions_without_boxes(records, synth_dir / "q.jsonl")
