@@ -344,7 +344,8 @@ class DPOConfig(modeling.TrainConfig):
 
 
 def build_dpo_samples(cfg: DPOConfig, pairs: list[data.Pair], processor, world: modeling.Dist) -> list[list[chat.PairSample]]:
-    """Each pair's samples (1 in stage 1, 2 in stage 2), checked before training; bad pairs reported."""
+    """Each pair's samples (1 in stage 1, 2 in stage 2 or with --answer-anchor), checked before training; bad pairs
+    reported."""
     cfg = modeling.resolve_convention(cfg)
     sample_stage = 2 if cfg.answer_anchor else cfg.stage  # the anchor: stage 2's answer samples, preference weight 0
     grouped, errors, too_long, same_box = [], [], 0, 0
