@@ -372,8 +372,9 @@ def build_dpo_samples(cfg: DPOConfig, pairs: list[data.Pair], processor, world: 
     if too_long and world.is_main:
         print(f"warning: dpo dropped {too_long} pairs longer than {cfg.max_len} tokens", file=sys.stderr)
     if same_box and world.is_main:
+        how = "by the anchor's NLL alone" if cfg.answer_anchor else "the box step's gradient is zero"
         print(f"dpo: {same_box} pairs have the same chosen and rejected box: only their answer step is trained "
-              "(the box step's gradient is zero)", file=sys.stderr)
+              f"({how})", file=sys.stderr)
     if not grouped:
         raise data.UserError("dpo: no usable pairs")
     index = 0
