@@ -45,14 +45,15 @@ def main(args: Args) -> None:
         out = Path(args.out) / f"seed{args.seed}-{spec.replace(',', '-').replace('=', '')}"
         adapter = base / "sft" / "adapter"
         for stage in (1, 2):
-            settings = {k.replace("_", "-"): str(v) for k, v in demo.dpo_settings(run_cfg, stage).items()}
+            # the demo's flags as typed (value "" for a switch that is on: the bare flag), then the setting's
+            settings = {k.replace("_", "-"): "" if v is True else str(v) for k, v in demo.dpo_settings(run_cfg, stage).items()}
             settings |= {k.split(".", 1)[-1]: v for k, v in flags.items() if not k[:3] in ("s1.", "s2.") or
                          k.startswith(f"s{stage}.")}
             as_stage = settings.pop("stage", str(stage))  # s1.stage=2,s1.lambda-answer=0: stage 1 with an answer anchor
             subprocess.run([sys.executable, str(ROOT / "visrl.py"), "dpo", "--data", str(base / "round1/generate/pairs.jsonl"),
                             "--stage", as_stage, "--adapter", str(adapter), "--image-root", str(base / "data"),
                             "--out", str(out / f"dpo{stage}"), "--seed", str(args.seed), "--resume"]
-                           + [x for k, v in settings.items() for x in ("--" + k, v)], check=True)
+                           + [x for k, v in settings.items() for x in ["--" + k] + ([v] if v else [])], check=True)
             adapter = out / f"dpo{stage}" / "adapter"
             row = demo.evaluate_phase(run_cfg, adapter, base / "data" / "test.jsonl", out / f"dpo{stage}")
             last = json.loads((out / f"dpo{stage}" / "metrics.jsonl").read_text().splitlines()[-1])
