@@ -65,8 +65,7 @@ def main(args: Args) -> None:
 def answer_flips(before: Path, after: Path) -> dict:
     """Questions whose answer went right -> wrong and wrong -> right between two evaluations."""
     def right(path):
-        return {r["id"]: viscot.normalize_answer(r["answer"] or "") in [viscot.normalize_answer(a) for a in r["answers"]]
-                for r in data.read_jsonl_rows(path)}
+        return {r["id"]: viscot.exact_match(r["answer"] or "", r["answers"]) == 1.0 for r in data.read_jsonl_rows(path)}
     old, new = right(before), right(after)
     return {"lost": sum(old[k] and not new[k] for k in old), "gained": sum(new[k] and not old[k] for k in old)}
 
