@@ -79,7 +79,9 @@ class DemoConfig:
     # memorised the pairs (held-out box loss above ln 2, unseen chosen boxes pushed down; BENCHMARKS.md)
     dpo_lr: float = 5e-5
     dpo_beta: float = 0.1  # DPO beta (both stages)
-    dpo_nll_weight: float = 3.0  # dpo --nll-weight: NLL of the chosen responses added to the DPO loss
+    # dpo --nll-weight: NLL of the chosen responses added to the DPO loss (upstream: none). Without it stage 2
+    # wrecked the boxes; at 1 a strong SFT model (200 records) lost boxes, at 3 not (BENCHMARKS.md)
+    dpo_nll_weight: float = 3.0
     # stage 1 also trains the NLL of each pair's chosen answer on its chosen crop (dpo --answer-anchor, not
     # upstream's): without it stage 1's box pairs moved a strong SFT model's answers (BENCHMARKS.md)
     dpo_answer_anchor: bool = True
