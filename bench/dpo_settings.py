@@ -47,7 +47,7 @@ def main(args: Args) -> None:
         for stage in (1, 2):
             # the demo's flags as typed (value "" for a switch that is on: the bare flag), then the setting's
             settings = {k.replace("_", "-"): "" if v is True else str(v) for k, v in demo.dpo_settings(run_cfg, stage).items()}
-            settings |= {k.split(".", 1)[-1]: v for k, v in flags.items() if not k[:3] in ("s1.", "s2.") or
+            settings |= {k.split(".", 1)[-1]: v for k, v in flags.items() if k[:3] not in ("s1.", "s2.") or
                          k.startswith(f"s{stage}.")}
             as_stage = settings.pop("stage", str(stage))  # s1.stage=2,s1.lambda-answer=0: stage 1 with an answer anchor
             subprocess.run([sys.executable, str(ROOT / "visrl.py"), "dpo", "--data", str(base / "round1/generate/pairs.jsonl"),
