@@ -1,11 +1,13 @@
-"""What the model reads and writes: the prompt table, boxes as text (parse, IoU), crop windows, the Qwen chat
-format, tokens with labels, and batches. The arrows record -> prompt -> tokens/pixels -> batch, in one place.
-Only stdlib and pillow at import time (torch only inside the batching functions), so it stays cheap to import.
-"""
+"""What the model reads and writes: the prompt table, boxes as text (parse, IoU), answers against their references,
+crop windows, the two-step inference, the Qwen chat format, tokens with labels, and batches: record -> prompt ->
+tokens/pixels -> batch, in one place. Cheap to import: stdlib and pillow only (torch inside the batching functions)."""
 
 import math
 import random
+import re
+import string
 from dataclasses import dataclass
+from itertools import islice
 
 from data import BOX_FORMS, NUMBER, Box, DataError, Pair, Record, load_image
 
@@ -22,18 +24,15 @@ VCOT_ANSWER_TEXT = "Please answer the question based on the original image and l
 REC_PROMPT = "Locate the region this sentence describes: {}. Please provide the bounding box coordinates."
 
 PROMPT_SETS = ("upstream", "visrl")
-# upstream: each stage's own instruction (LLaMA-Factory data): the focus instruction for SFT's box step and for
-# inference, VisRL's for the box step of generation and both DPO stages (`rl=True`), the newline LLaMA-Factory
-# keeps after the image placeholder. visrl: the focus instruction for every box step, no newline (one prompt
-# for one step, so a box prompt never changes between SFT and DPO).
-
+# upstream: each stage's own instruction (LLaMA-Factory data): the focus one for SFT's box step and inference, VisRL's
+# for the box step of generation and both DPO stages (`rl=True`), and the newline after the image placeholder.
+# visrl: the focus instruction for every box step, no newline (so a box prompt never changes between SFT and DPO).
 
 def _lead(prompts: str) -> str:
     """Text between the first image and the question: LLaMA-Factory keeps the newline after `<image>`."""
     if prompts not in PROMPT_SETS:
         raise ValueError(f"unknown prompt set {prompts!r}, expected one of {PROMPT_SETS}")
     return "\n" if prompts == "upstream" else ""
-
 
 def focus_messages(question: str, prompts: str = "upstream", rl: bool = False, official: bool = False) -> list[dict]:
     """Step 1 prompt: [image] + question + box instruction; the model replies with a box. rl: the box step of
@@ -47,21 +46,19 @@ def focus_messages(question: str, prompts: str = "upstream", rl: bool = False, o
 
 def rec_messages(expression: str) -> list[dict]:
     """Referring-expression prompt: [image] + Visual-CoT's locate instruction; the model replies with a box."""
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": REC_PROMPT.format(expression.lower())}]}]
+    text = REC_PROMPT.format(expression.lower())
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
 
 def answer_messages(question: str, prompts: str = "upstream") -> list[dict]:
     """Step 2 prompt: [image] + question + VisRL's instruction + newline + [crop]; the model replies with the answer
     (upstream's SFT round 2, `preprocess/sft_format_round2.py`, and its generation and stage 2)."""
-    return [{"role": "user", "content": [
-        {"type": "image"},
-        {"type": "text", "text": _lead(prompts) + question + " " + VISRL_INSTRUCTION + "\n"},
-        {"type": "image"},  # the crop of the box
-    ]}]
+    text = _lead(prompts) + question + " " + VISRL_INSTRUCTION + "\n"
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}, {"type": "image"}]}]
 
 def vcot_answer_messages(question: str, box_text: str) -> list[dict]:
-    """Step 2 as Visual-CoT's evaluation asks it (llava/eval/model_cot_loader.py), three turns: [image] +
-    question; the box as the assistant's reply; [crop] + its answer instruction glued to the question (no space
-    between them, and a trailing space, exactly as that script's string splits leave them)."""
+    """Step 2 as Visual-CoT's evaluation asks it (llava/eval/model_cot_loader.py), three turns: [image] + question;
+    the box as the assistant's reply; [crop] + its answer instruction glued to the question (no space between them,
+    and a trailing space, exactly as that script's string splits leave them)."""
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\n" + question}]},
             {"role": "assistant", "content": box_text},
             {"role": "user", "content": [{"type": "image"},
@@ -74,17 +71,11 @@ def direct_messages(question: str, prompts: str = "upstream") -> list[dict]:
 # -----------------------------------------------------------------------------
 # boxes: (x1, y1, x2, y2) in pixels of the original image; text forms square / axis / pixel
 
-
-def _pad(width, height):
-    """(dx, dy, S): where the image sits in Visual-CoT's centred square of side S = max(w, h)."""
-    side = max(width, height)
-    return (side - width) // 2, (side - height) // 2, side
-
 def _divisors(width, height, form, resized):
     """(dx, dy, div_x, div_y) with text value = (pixel + d) / div, and pixel = value * div - d."""
-    if form == "square":
-        dx, dy, side = _pad(width, height)
-        return dx, dy, side, side
+    if form == "square":  # the image centred in Visual-CoT's square of side max(w, h)
+        side = max(width, height)
+        return (side - width) // 2, (side - height) // 2, side, side
     if form == "axis":
         return 0, 0, width, height
     if form == "pixel":
@@ -93,18 +84,16 @@ def _divisors(width, height, form, resized):
         return 0, 0, width / resized[0], height / resized[1]
     raise ValueError(f"unknown box form {form!r}, expected one of {BOX_FORMS}")
 
-def box_to_text(box: Box, width: int, height: int, form: str = "square", resized=None) -> str:
-    """Box in original pixels -> the text the model writes, e.g. '[0.542, 0.686, 0.592, 0.786]'."""
+def box_to_text(box: Box, width: int, height: int, form: str = "square", resized=None, exact: bool = False) -> str:
+    """Box in original pixels -> the text the model writes, e.g. '[0.542, 0.686, 0.592, 0.786]'; exact: every
+    digit of each value (what a scorer reads, where 3 decimals would flip a near-threshold IoU)."""
     dx, dy, div_x, div_y = _divisors(width, height, form, resized)
     x1, y1, x2, y2 = box
     # same operations as Visual-CoT's tools/convert_data_to_llava_format.py: add the pad, divide, '%.3f'
     vals = ((x1 + dx) / div_x, (y1 + dy) / div_y, (x2 + dx) / div_x, (y2 + dy) / div_y)
-    if form == "pixel":
-        return "[" + ", ".join(str(round(v)) for v in vals) + "]"
-    return "[" + ", ".join(f"{v:.3f}" for v in vals) + "]"
-
-# one number: a plain regex with no nested quantifiers, so it stays linear on junk replies;
-# nan/inf are matched only so that a reply containing them fails instead of being skipped over
+    if exact:
+        return "[" + ", ".join(repr(float(v)) for v in vals) + "]"
+    return "[" + ", ".join(str(round(v)) if form == "pixel" else f"{v:.3f}" for v in vals) + "]"
 
 def parse_box(text: str) -> tuple[float, float, float, float] | None:
     """Lenient parse: the first four numbers of the first [...] group; None (never raises) if unusable."""
@@ -114,17 +103,12 @@ def parse_box(text: str) -> tuple[float, float, float, float] | None:
     end = text.find("]", start + 1)
     if start < 0 or end < 0:
         return None
-    vals = []
-    for m in NUMBER.finditer(text, start + 1, end):
-        vals.append(float(m.group()))
-        if len(vals) == 4:
-            break
+    # NUMBER matches nan/inf only so that a reply containing them fails instead of being skipped over
+    vals = [float(m.group()) for m in islice(NUMBER.finditer(text, start + 1, end), 4)]
     if len(vals) < 4 or not all(math.isfinite(v) and v >= 0 for v in vals):
         return None
     x1, y1, x2, y2 = vals
-    if x2 < x1 or y2 < y1:
-        return None
-    return x1, y1, x2, y2
+    return (x1, y1, x2, y2) if x2 >= x1 and y2 >= y1 else None
 
 def rewrite_box_text(text: str, form: str = "square") -> str:
     """A parsed box text as upstream writes pair boxes: its four numbers with 3 decimals (pixels: integers)."""
@@ -133,28 +117,38 @@ def rewrite_box_text(text: str, form: str = "square") -> str:
         raise ValueError(f"box text {text[:60]!r} does not parse")
     return "[" + ", ".join(str(round(v)) if form == "pixel" else f"{v:.3f}" for v in vals) + "]"
 
-def _clip(box, width, height):
-    """Box clipped to the image, or None if nothing of it is left."""
-    x1, y1, x2, y2 = (min(max(box[0], 0.0), width), min(max(box[1], 0.0), height),
-                      min(max(box[2], 0.0), width), min(max(box[3], 0.0), height))
-    return (x1, y1, x2, y2) if x2 > x1 and y2 > y1 else None
-
 def text_to_box(text: str, width: int, height: int, form: str = "square", resized=None) -> Box | None:
     """A model's box text -> original-image pixels, clipped; None if unusable (callers count these)."""
     vals = parse_box(text)
     if vals is None or (form != "pixel" and max(vals) > 1.0 + 1e-6):
         return None  # a normalised value above 1 points outside the image: a failure, not a clip
     dx, dy, div_x, div_y = _divisors(width, height, form, resized)
-    x1, y1, x2, y2 = vals
-    return _clip((x1 * div_x - dx, y1 * div_y - dy, x2 * div_x - dx, y2 * div_y - dy), width, height)
+    x1, x2 = (min(max(v * div_x - dx, 0.0), width) for v in vals[0::2])
+    y1, y2 = (min(max(v * div_y - dy, 0.0), height) for v in vals[1::2])
+    return (x1, y1, x2, y2) if x2 > x1 and y2 > y1 else None
+
+def view_size(width: int, height: int, form: str, image_processor) -> tuple[int, int] | None:
+    """What a `pixel` box counts in: (w, h) of the resized image the model sees; None for the other forms."""
+    if form != "pixel":
+        return None
+    if image_processor is None:
+        raise ValueError("box form 'pixel' needs the model's image processor (the size of the image it sees)")
+    return model_view_size(width, height, image_processor)
+
+def read_box(text: str, width: int, height: int, form: str = "square", image_processor=None) -> Box | None:
+    """A box text in `form` -> original-image pixels, clipped; None if unusable (text_to_box)."""
+    return text_to_box(text, width, height, form, view_size(width, height, form, image_processor))
+
+def write_box(box: Box, width: int, height: int, form: str = "square", image_processor=None) -> str:
+    """Original-image pixels -> the box text in `form` (box_to_text)."""
+    return box_to_text(box, width, height, form, view_size(width, height, form, image_processor))
 
 def iou(a: Box, b: Box) -> float:
     """Intersection over union, plain floats, no +1 in the areas; 0.0 when the union is empty."""
     iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = iw * ih
-    union = (max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1]) +
-             max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1]) - inter)
+    union = max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1]) + max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1]) - inter
     return inter / union if union > 0 else 0.0
 
 def center_box(width: int, height: int) -> Box:
@@ -168,10 +162,64 @@ def random_box(width: int, height: int, rng: random.Random) -> Box:
     return x1, y1, x1 + bw, y1 + bh
 
 # -----------------------------------------------------------------------------
+# answers against their references (offline, no judge): exact match, ANLS, containment. A reference may be one
+# string or a list of acceptable strings; the score is the best over the list.
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop punctuation and articles, collapse whitespace (SQuAD/VQA-style)."""
+    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCT))
+    return " ".join(text.split())
+
+def _as_list(reference: str | list[str]) -> list[str]:
+    return [reference] if isinstance(reference, str) else list(reference)
+
+def exact_match(prediction: str, reference: str | list[str]) -> float:
+    """1.0 if the normalised prediction equals a normalised reference, else 0.0."""
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(r) for r in _as_list(reference)))
+
+def containment(prediction: str, reference: str | list[str]) -> float:
+    """1.0 if a normalised reference appears as whole words inside the normalised prediction."""
+    pred = f" {normalize_answer(prediction)} "
+    return float(any(normalize_answer(r) and f" {normalize_answer(r)} " in pred for r in _as_list(reference)))
+
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance (insertions, deletions, substitutions all cost 1)."""
+    if len(a) < len(b):
+        a, b = b, a
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+def anls(prediction: str, reference: str | list[str], threshold: float = 0.5) -> float:
+    """ANLS (Biten et al. 2019, DocVQA): max over references of 1 - NL if NL < threshold else 0,
+    NL = edit distance / max length, on lower-cased, whitespace-stripped strings."""
+    pred = " ".join(prediction.lower().split())
+    best = 0.0
+    for ref in _as_list(reference):
+        ref = " ".join(ref.lower().split())
+        if not pred and not ref:
+            return 1.0
+        nl = levenshtein(pred, ref) / max(len(pred), len(ref))
+        best = max(best, 1.0 - nl if nl < threshold else 0.0)
+    return best
+
+def answer_scores(prediction: str, reference: str | list[str]) -> dict[str, float]:
+    """All offline scores of one answer: exact match, ANLS, containment."""
+    return {"exact_match": exact_match(prediction, reference), "anls": anls(prediction, reference),
+            "containment": containment(prediction, reference)}
+
+# -----------------------------------------------------------------------------
 # crops: the second image of the answer step
 
-def crop_window(box: Box, width: int, height: int, rule: str = "raw",
-                min_half: int = 112) -> tuple[int, int, int, int]:
+def crop_window(box: Box, width: int, height: int, rule: str = "raw", min_half: int = 112) -> tuple[int, int, int, int]:
     """Integer (left, top, right, bottom) of the crop shown to the model for a box."""
     x1, y1, x2, y2 = box
     if rule == "raw":  # VisRL's own crop: the box itself, rounded outward, at least 1 px
@@ -180,12 +228,11 @@ def crop_window(box: Box, width: int, height: int, rule: str = "raw",
         return left, top, right, bottom
     if rule != "vcot":
         raise ValueError(f"unknown crop rule {rule!r}, expected 'vcot' or 'raw'")
-    # Matches cropwithbbox() in deepcs233/Visual-CoT llava/eval/model_cot_loader.py step by step:
-    # floor division applied to the coordinates as given (ints or floats), half side at least
-    # min_half, shift back inside at the top/left then the bottom/right, then clip. Deviation: upstream
-    # gets here from the box text (its 'sum < 5' test picks normalised vs pixels) and does not clip the
-    # far side before centring; our boxes are already original pixels, clipped by text_to_box.
-    # Like upstream, a box with an odd side above 2 * min_half may lose its last pixel row/column.
+    # Matches cropwithbbox() in deepcs233/Visual-CoT llava/eval/model_cot_loader.py step by step: floor division applied
+    # to the coordinates as given (ints or floats), half side at least min_half, shift back inside at the top/left then
+    # the bottom/right, then clip. Deviation: upstream gets here from the box text (its 'sum < 5' test picks normalised
+    # vs pixels) and does not clip the far side before centring; our boxes are already original pixels, clipped by
+    # text_to_box. Like upstream, a box with an odd side above 2 * min_half may lose its last pixel row/column.
     cx, cy = (x1 + x2) // 2, (y1 + y2) // 2
     half = max((x2 - x1) // 2, (y2 - y1) // 2, min_half)
     if cx - half < 0:
@@ -196,26 +243,22 @@ def crop_window(box: Box, width: int, height: int, rule: str = "raw",
         cx = width - half
     if cy + half > height:
         cy = height - half
-    return (int(max(0, cx - half)), int(max(0, cy - half)),
-            int(min(width, cx + half)), int(min(height, cy + half)))
+    return int(max(0, cx - half)), int(max(0, cy - half)), int(min(width, cx + half)), int(min(height, cy + half))
 
 # -----------------------------------------------------------------------------
 # the two-step inference, written once: evaluate, infer, serve and generate call it
 
-
 def two_step(generate_fn, images: list, focus_prompts: list[list[dict]], questions: list[str | None],
              crop_rule: str = "raw", prompts: str = "upstream", boxes: list[tuple[str, tuple]] | None = None,
-             vcot_answer: bool = False) -> list[dict]:
-    """The Visual-CoT inference, one row per image: step 1 asks for a box (focus_prompts; or takes `boxes`,
-    (text, pixel box) per image: the ablations, generate.py's sampled and diversity boxes) -> parse -> crop (an
-    unusable box crops the whole image, as upstream's fallback box [0, 0, 1, 1] does) -> step 2 answers the
-    question with image and crop (a None question: no answer step, e.g. REC; vcot_answer: Visual-CoT's 3-turn
-    form, the box as the assistant's turn). generate_fn maps [(messages, images)] to reply texts. Used by
-    evaluate, infer, serve and generate.
-    Rows: box_text, box (pixels or None), box_parsed, crop, answer (stripped)."""
+             vcot_answer: bool = False, box_form: str = "square", image_processor=None) -> list[dict]:
+    """Visual-CoT inference, one row per image: step 1 asks for a box (focus_prompts, or `boxes` given as (text, pixel
+    box) per image, e.g. the ablations) -> parse -> crop (an unusable box crops the whole image, as upstream's fallback
+    box [0, 0, 1, 1] does) -> step 2 answers with image and crop (a None question: no answer step, e.g. REC;
+    vcot_answer: Visual-CoT's 3-turn form). generate_fn: [(messages, images)] -> reply texts; boxes are read in box_form
+    (pixel: needs image_processor). Rows: box_text, box (pixels or None), box_parsed, crop, answer (stripped)."""
     if boxes is None:
         texts = [t.strip() for t in generate_fn([(m, [im]) for m, im in zip(focus_prompts, images)])]
-        boxes = [(text, text_to_box(text, *im.size)) for text, im in zip(texts, images)]
+        boxes = [(text, read_box(text, *im.size, box_form, image_processor)) for text, im in zip(texts, images)]
     rows, crops = [], []
     for im, (text, box) in zip(images, boxes):
         w, h = im.size
@@ -232,15 +275,12 @@ def two_step(generate_fn, images: list, focus_prompts: list[list[dict]], questio
             rows[i]["answer"] = reply.strip()
     return rows
 
-
 # -----------------------------------------------------------------------------
-# Tokenisation: messages -> Qwen chat text -> token ids (image placeholders expanded) -> batches.
-# Rendering is done here, not by a checkpoint's template, so that train and test prompts can
-# never drift apart; tests check it against the Qwen chat template byte for byte.
+# Tokenisation: messages -> Qwen chat text -> token ids (image placeholders expanded) -> batches. Rendered here, not by
+# a checkpoint's template, so train and test prompts never drift apart (tests check it byte for byte against Qwen's).
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
-
 
 def render_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
     """The Qwen chat format: default system prompt, each image as <|vision_start|><|image_pad|><|vision_end|>."""
@@ -252,16 +292,10 @@ def render_chat(messages: list[dict], add_generation_prompt: bool = True) -> str
         text += f"<|im_start|>{message['role']}\n{content}<|im_end|>\n"
     return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
-
-UPSTREAM_MAX_PIXELS = 512 * 512  # LLaMA-Factory's `image_resolution` default, which VisRL trains with
-# the convention a run takes when neither its flags nor its adapter say otherwise (runs.ConventionArgs)
-UPSTREAM_CONVENTION = {"prompts": "upstream", "crop": "raw", "max_pixels": UPSTREAM_MAX_PIXELS, "box_form": "square"}
-
-
 def _fit_steps(width: int, height: int, max_pixels: int) -> list[tuple[int, int]]:
-    """The successive NEAREST resizes of upstream's image rule (LLaMA-Factory `mm_plugin.py`: `_preprocess_image`
-    and Qwen2-VL's override): over max_pixels both sides scale by sqrt(max_pixels / (w * h)), truncated; then
-    every side at least 28; then an aspect ratio over 200 is cut to 180. max_pixels 0: no steps at all."""
+    """The successive NEAREST resizes of upstream's image rule (LLaMA-Factory `mm_plugin.py`: `_preprocess_image` and
+    Qwen2-VL's override): over max_pixels both sides scale by sqrt(max_pixels / (w * h)), truncated; then every side at
+    least 28; then an aspect ratio over 200 is cut to 180. max_pixels 0: no steps at all."""
     steps = []
     if not max_pixels:
         return steps
@@ -280,12 +314,10 @@ def _fit_steps(width: int, height: int, max_pixels: int) -> list[tuple[int, int]
         steps.append((width, height))
     return steps
 
-
 def fitted_size(width: int, height: int, image_processor) -> tuple[int, int]:
     """(w, h) of an image after the run's pixel cap (`image_processor.visrl_max_pixels`), before the processor."""
     steps = _fit_steps(width, height, getattr(image_processor, "visrl_max_pixels", 0))
     return steps[-1] if steps else (width, height)
-
 
 def fit_image(image, image_processor):
     """The image as the processor gets it: resized step by step as upstream does (NEAREST), or unchanged."""
@@ -295,38 +327,30 @@ def fit_image(image, image_processor):
         image = image.resize(size, resample=Image.NEAREST)
     return image
 
-
 def image_grid(width: int, height: int, image_processor) -> tuple[int, int]:
     """(grid_h, grid_w) in patches the image processor will produce for an image of this size (after the cap)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
     width, height = fitted_size(width, height, image_processor)
     patch, merge = image_processor.patch_size, image_processor.merge_size
-    h, w = smart_resize(height, width, factor=patch * merge,
-                        min_pixels=image_processor.size["shortest_edge"],
+    h, w = smart_resize(height, width, factor=patch * merge, min_pixels=image_processor.size["shortest_edge"],
                         max_pixels=image_processor.size["longest_edge"])
     return h // patch, w // patch
-
 
 def image_token_count(width: int, height: int, image_processor) -> int:
     """How many <|image_pad|> tokens stand for one image of this size."""
     grid_h, grid_w = image_grid(width, height, image_processor)
     return grid_h * grid_w // image_processor.merge_size**2
 
-
 def model_view_size(width: int, height: int, image_processor) -> tuple[int, int]:
     """(w, h) of the resized image the model sees (for the `pixel` box form)."""
     grid_h, grid_w = image_grid(width, height, image_processor)
     return grid_w * image_processor.patch_size, grid_h * image_processor.patch_size
 
-
 def encode(tokenizer, image_processor, messages: list[dict], image_sizes: list[tuple[int, int]],
            response: str | None = None) -> tuple[list[int], list[int]]:
-    """Token ids and labels; only the response and its <|im_end|> are supervised.
-
-    image_sizes: (w, h) of each image in order; each image's single <|image_pad|> is expanded to
-    the number of tokens its grid gives, so text and pixels always agree.
-    """
+    """Token ids and labels; only the response and its <|im_end|> are supervised. image_sizes: (w, h) of each image
+    in order; each image's <|image_pad|> is expanded to the tokens its grid gives, so text and pixels always agree."""
     image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     prompt_ids = tokenizer(render_chat(messages), add_special_tokens=False)["input_ids"]
     counts = iter([image_token_count(w, h, image_processor) for w, h in image_sizes])
@@ -342,9 +366,7 @@ def encode(tokenizer, image_processor, messages: list[dict], image_sizes: list[t
         labels += response_ids
     return input_ids, labels
 
-
 Window = tuple[int, int, int, int]
-
 
 @dataclass
 class Sample:
@@ -356,21 +378,16 @@ class Sample:
     images: list[Window | None]  # in token order: None = the whole image, else a crop window of it
     kind: str  # SFT: "focus" | "answer" | "crop"; a DPO pair's side: "box" | "answer"
 
-
 def sft_samples(record: Record, tokenizer, image_processor, box_form: str = "square",
                 crop_rule: str = "raw", crop_alone: bool = False, prompts: str = "upstream") -> list[Sample]:
-    """The supervised samples of an annotated record: focus (box text) and answer (with the crop), or the one of
-    them an upstream round file holds (record.steps); with crop_alone also the bare question on the crop alone,
-    which generate.py's rule scorer asks when a record has no box annotation."""
-    box = record.box
-    size = (record.width, record.height)
-    samples = []
+    """The supervised samples of an annotated record: focus (box text) and answer (with the crop), or the one of them an
+    upstream round file holds (record.steps); crop_alone adds the bare question on the crop (generate.py's scorer)."""
+    box, size, samples = record.box, (record.width, record.height), []
     if "focus" in record.steps and (box is not None or record.box_text is not None):
         if record.box_text is not None and box_form != "square":
             raise DataError(f"{record.source}: the box reply is written square-normalised (upstream's round 1); "
                             f"--box-form {box_form} cannot train on it")
-        resized = model_view_size(record.width, record.height, image_processor) if box_form == "pixel" else None
-        box_text = record.box_text or box_to_text(box, record.width, record.height, form=box_form, resized=resized)
+        box_text = record.box_text or write_box(box, record.width, record.height, box_form, image_processor)
         samples.append(Sample(*encode(tokenizer, image_processor, focus_messages(record.question, prompts), [size],
                                       box_text), record, [None], "focus"))
     if "answer" not in record.steps or box is None:
@@ -384,12 +401,11 @@ def sft_samples(record: Record, tokenizer, image_processor, box_form: str = "squ
                                       [crop_size], record.answer), record, [window], "crop"))
     return samples
 
-
 def collate(rows: list[Sample], image_processor, pad_id: int, image_token_id: int,
             pixel_cache: dict | None = None) -> dict:
-    """Right-pad rows into one batch (SFT samples, or a DPO batch's chosen then rejected rows). Each distinct
-    image (a page, a crop window of it) is processed once and referenced by every row that shows it; with a
-    pixel_cache (a dict the caller keeps) once per run. Response positions are listed for the fused log-probs."""
+    """Right-pad rows into one batch (SFT samples, or a DPO batch's chosen then rejected rows). Each distinct image (a
+    page, a crop window of it) is processed once and referenced by every row that shows it; with a pixel_cache (a dict
+    the caller keeps) once per run. Response positions are listed for the fused log-probs."""
     import torch
 
     length = max(len(row.input_ids) for row in rows)
@@ -436,7 +452,6 @@ def collate(rows: list[Sample], image_processor, pad_id: int, image_token_id: in
         "response_targets": torch.as_tensor(response_targets, dtype=torch.long),  # [N]
     }
 
-
 @dataclass
 class PairSample:
     """One step of a preference pair: chosen and rejected sequences sharing one prompt."""
@@ -447,26 +462,24 @@ class PairSample:
     pair: Pair
     index: int = 0  # position in the run's sample list (keys precomputed reference log-probs)
 
-
 def dpo_samples(pair: Pair, tokenizer, image_processor, stage: int, crop_rule: str = "raw",
                 rejected_crop: str = "chosen", prompts: str = "upstream") -> list[PairSample]:
     """Stage 1: the box pair for [image] + question. Stage 2 adds the answer pair for
     [image, crop] + question, both answers on the chosen box's crop (upstream) or each on its own."""
     r = pair.record
-    size = (r.width, r.height)
 
-    def side(messages, sizes, response, images, kind):
+    def side(messages, response, images, kind):
+        sizes = [(r.width, r.height) if w is None else (w[2] - w[0], w[3] - w[1]) for w in images]
         return Sample(*encode(tokenizer, image_processor, messages, sizes, response), r, images, kind)
 
     focus = focus_messages(r.question, prompts, rl=True)
-    box = PairSample("box", side(focus, [size], pair.chosen_box, [None], "box"),
-                     side(focus, [size], pair.rejected_box, [None], "box"), pair)
+    box = PairSample("box", side(focus, pair.chosen_box, [None], "box"),
+                     side(focus, pair.rejected_box, [None], "box"), pair)
     if stage == 1:
         return _distinct([box])
-    resized = model_view_size(r.width, r.height, image_processor) if pair.box_form == "pixel" else None
 
     def window(key):
-        pixel_box = text_to_box(getattr(pair, key), r.width, r.height, form=pair.box_form, resized=resized)
+        pixel_box = read_box(getattr(pair, key), r.width, r.height, pair.box_form, image_processor)
         if pixel_box is None:
             raise DataError(f"{r.source}: field '{key}': box {getattr(pair, key)[:60]!r} does not parse "
                             f"as a {pair.box_form} box inside the {r.width}x{r.height} image (stage 2 crops it)")
@@ -474,13 +487,10 @@ def dpo_samples(pair: Pair, tokenizer, image_processor, stage: int, crop_rule: s
 
     chosen_window = window("chosen_box")
     rejected_window = chosen_window if rejected_crop == "chosen" else window("rejected_box")
-    sizes = [(w[2] - w[0], w[3] - w[1]) for w in (chosen_window, rejected_window)]
     messages = answer_messages(r.question, prompts)
-    answer = PairSample("answer", side(messages, [size, sizes[0]], pair.chosen_answer, [None, chosen_window], "answer"),
-                        side(messages, [size, sizes[1]], pair.rejected_answer, [None, rejected_window], "answer"),
-                        pair)
+    answer = PairSample("answer", side(messages, pair.chosen_answer, [None, chosen_window], "answer"),
+                        side(messages, pair.rejected_answer, [None, rejected_window], "answer"), pair)
     return _distinct([box, answer])
-
 
 def _distinct(samples: list[PairSample]) -> list[PairSample]:
     """The samples whose chosen and rejected sequences differ: an identical one has loss ln 2 and zero gradient

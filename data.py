@@ -1,10 +1,6 @@
-"""
-Data for visrl, the one reading and I/O layer: records (ours, Visual-CoT's metadata and conversations), pairs
-(ours, upstream VisRL's), each checked field by field with `file:line: field` errors; images opened; JSONL
-files with a torn last line; paths kept inside their root. What the model reads and writes from these is in
-chat.py; the flags, --out guards and one-line errors every entry point shares are in runs.py.
-Only stdlib and pillow at import time, so it stays cheap to import.
-"""
+"""Data for visrl, the one reading and I/O layer: records (ours, Visual-CoT's) and pairs (ours, upstream VisRL's)
+checked field by field with `file:line: field` errors; images; JSONL files with a torn last line; paths kept inside
+their root. Model texts are in chat.py, shared flags and errors in runs.py. Only stdlib and pillow at import time."""
 
 import json
 import math
@@ -27,9 +23,7 @@ def union_box(boxes: list[Box]) -> Box:
     """Several ground-truth boxes merge into their union (as Visual-CoT's data conversion does)."""
     if not boxes:
         raise ValueError("union_box of no boxes")
-    return (min(b[0] for b in boxes), min(b[1] for b in boxes),
-            max(b[2] for b in boxes), max(b[3] for b in boxes))
-
+    return min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)
 
 # -----------------------------------------------------------------------------
 # records and readers
@@ -65,8 +59,8 @@ class DataError(UserError):
     """A bad data file or record; the message names the file, the line and the field."""
 
 class PathError(DataError):
-    """An image path that is malformed or leaves its root (after resolving symlinks and '..').
-    The message names only the path as given, never the root: servers pass it on to clients."""
+    """An image path that is malformed or leaves its root (after resolving symlinks and '..'). The message names only
+    the path as given, never the root: servers pass it on to clients."""
     def __init__(self, message: str, outside: bool = False):
         super().__init__(message)
         self.outside = outside
@@ -74,19 +68,17 @@ class PathError(DataError):
 NAME_MAX = 255  # bytes in one path component (Linux's NAME_MAX)
 
 def path_inside(root, rel: str) -> Path:
-    """root / rel with symlinks and '..' resolved; PathError unless the result lies in root's own resolved
-    tree. What is checked is what is opened: a link inside the root pointing outside it is refused, a
-    root that is itself a link (or holds links within its resolved tree) works."""
+    """root / rel with symlinks and '..' resolved; PathError unless it lies in root's resolved tree. What is checked is
+    what is opened: a link in the root pointing outside is refused; a root that is (or holds) links within it works."""
     if not isinstance(rel, str) or not rel:
         raise PathError("empty image path")
     if "\x00" in rel:
         raise PathError(f"{rel[:60]!r}: NUL byte in the image path")
     try:
-        too_long = len(rel.encode()) > 4096 or any(len(part.encode()) > NAME_MAX for part in Path(rel).parts)
+        if len(rel.encode()) > 4096 or any(len(part.encode()) > NAME_MAX for part in Path(rel).parts):
+            raise PathError(f"{rel[:60]!r}...: image path or one of its names too long")
     except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800") names no file
         raise PathError(f"{rel[:60]!r}: the image path is not valid text") from None
-    if too_long:
-        raise PathError(f"{rel[:60]!r}...: image path or one of its names too long")
     base = Path(root).resolve()
     try:
         path = (base / rel).resolve()
@@ -122,8 +114,7 @@ def _answers(obj, key):
     return list(v)
 
 def boxes_field(value, key, inverted_ok=False):
-    """A list of [x1, y1, x2, y2]: right length, finite, not inverted (inverted_ok: the benchmark's ground
-    truth, which the official scorer counts as it is)."""
+    """A list of [x1, y1, x2, y2]: right length, finite, not inverted unless inverted_ok (benchmark ground truth)."""
     if not isinstance(value, list):
         raise BadField(key, "expected a list of [x1, y1, x2, y2]")
     out = []
@@ -140,30 +131,35 @@ def boxes_field(value, key, inverted_ok=False):
 
 BOX_CUT = " Please provide the bounding box"  # Visual-CoT's first turn: the question, then this (upstream cuts here)
 # where a box-step prompt's question ends: Visual-CoT's two instructions, and VisRL's (its pair files)
-FOCUS_CUTS = (BOX_CUT, " Please think step by step and provide the bounding box", " Please first provide the bounding box")
+FOCUS_CUTS = (BOX_CUT, " Please think step by step and provide the bounding box",
+              " Please first provide the bounding box")
+
+def _question(prompt: str) -> str:
+    """The question of a box-step prompt: the <image> tag and the focus instruction cut off."""
+    question = prompt.replace("<image>\n", "").replace("<image>", "")
+    for cut in FOCUS_CUTS:
+        question = question.split(cut)[0]
+    return question.strip()
 
 def _from_vcot_meta(obj, name):
     """Visual-CoT metadata/*.jsonl: question, answer, image, width, height, bboxs (+ dataset, split)."""
-    rel = field(obj, "image", str, "an image path")
-    extra = ()
-    dataset = obj.get("dataset")
-    if isinstance(dataset, str):  # the release keeps images under cot/<dataset>/, textcap's under textvqa
-        sub = "textvqa" if dataset == "textcap" else dataset
-        extra = (os.path.join("cot", sub, rel), os.path.join(sub, rel))
+    rel, dataset = field(obj, "image", str, "an image path"), obj.get("dataset")
+    # the release keeps images under cot/<dataset>/, textcap's under textvqa
+    sub = "textvqa" if dataset == "textcap" else dataset
+    extra = (os.path.join("cot", sub, rel), os.path.join(sub, rel)) if isinstance(dataset, str) else ()
     return dict(id=str(obj.get("question_id", name)), image=rel, extra=extra,
                 question=field(obj, "question", str, "a string"), answers=_answers(obj, "answer"),
-                boxes=boxes_field(field(obj, "bboxs", list, "a list of [x1, y1, x2, y2]"), "bboxs"),
-                box_key="bboxs",
+                boxes=boxes_field(field(obj, "bboxs", list, "a list of [x1, y1, x2, y2]"), "bboxs"), box_key="bboxs",
                 width=field(obj, "width", int, "an integer"), height=field(obj, "height", int, "an integer"),
                 dataset=dataset if isinstance(dataset, str) else "")
 
 CROP_NAME = re.compile(r"_(\d+)_(\d+)_(\d+)_(\d+)\.[A-Za-z0-9]+$")  # sft_format_round2.py: <name>_x1_y1_x2_y2.jpg
 
-def _from_vcot_conv(obj, name):
-    """Visual-CoT conversation .json item (image [path, 'path###[x1, y1, x2, y2]'], 4 turns: both steps), or an
-    item of upstream VisRL's SFT round files cut from it (LLaMA-Factory ShareGPT, 2 turns, `preprocess/`):
-    round 1, image [path] and the box text as the reply (the focus step alone); round 2, image [path, the crop
-    file sft_format_round2.py names <name>_x1_y1_x2_y2.jpg] and the answer (the answer step alone, on that box)."""
+def from_vcot_conversation(obj, name, inverted_ok=False):
+    """Visual-CoT's conversation form, its one parser (also for viscot.py): an item of the conversation .json (image
+    [path, 'path###[x1, y1, x2, y2]'], 4 turns: both steps), or of upstream VisRL's SFT round files (ShareGPT, 2 turns,
+    `preprocess/`): round 1, image [path] and the box text (focus step); round 2, image [path, crop file
+    <name>_x1_y1_x2_y2.jpg (sft_format_round2.py)] and the answer (answer step). inverted_ok: boxes read as they are."""
     images = field(obj, "image", list, "a list of image paths")
     turns = field(obj, "conversations", list, "a list of turns")
     if not images or not all(isinstance(s, str) for s in images):
@@ -171,28 +167,25 @@ def _from_vcot_conv(obj, name):
     if len(turns) not in (2, 4) or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
         raise BadField("conversations", "expected 4 turns {from, value} (Visual-CoT: question, box, <image>, answer) "
                                         "or 2 (an upstream SFT round: prompt, reply)")
-    question = turns[0]["value"].replace("<image>\n", "").replace("<image>", "")
-    for cut in FOCUS_CUTS:  # the question is what precedes the focus instruction
-        question = question.split(cut)[0]
-    record = dict(id=str(obj.get("question_id", name)), image=images[0], extra=(), question=question.strip(),
-                  answers=[turns[-1]["value"]], boxes=[], box_key="image", width=None, height=None,
-                  dataset=obj.get("dataset") if isinstance(obj.get("dataset"), str) else "")
+    record = dict(id=str(obj.get("question_id", name)), image=images[0], extra=(),
+                  question=_question(turns[0]["value"]), answers=[turns[-1]["value"]], boxes=[], box_key="image",
+                  width=None, height=None, dataset=obj.get("dataset") if isinstance(obj.get("dataset"), str) else "")
     if len(turns) == 2 and len(images) == 1:  # round 1: the box as written (square, 3 decimals)
         if "[" not in turns[1]["value"] or len(NUMBER.findall(turns[1]["value"])) < 4:
             raise BadField("conversations", f"round 1's reply {turns[1]['value'][:40]!r} is not a box")
         return {**record, "answers": [], "steps": ("focus",), "box_text": turns[1]["value"]}
     if len(images) < 2:
-        raise BadField("image", "expected a second image: 'path###[x1, y1, x2, y2]' or a crop file <name>_x1_y1_x2_y2.jpg")
-    crop_name = CROP_NAME.search(images[1])
+        raise BadField("image",
+                       "expected a second image: 'path###[x1, y1, x2, y2]' or a crop file <name>_x1_y1_x2_y2.jpg")
     if "###" in images[1]:  # the pixel box after '###' (the gpt box turn is the same box, rounded to 3 decimals)
         nums = [float(m.group()) for m in NUMBER.finditer(images[1].split("###", 1)[1])]
-    elif crop_name:
+    elif crop_name := CROP_NAME.search(images[1]):
         nums = [float(v) for v in crop_name.groups()]
     else:
         raise BadField("image", f"second image {images[1][:60]!r}: expected 'path###[x1, y1, x2, y2]' or a crop "
                                 "file <name>_x1_y1_x2_y2.jpg (sft_format_round2.py)")
     steps = ("focus", "answer") if len(turns) == 4 else ("answer",)
-    return {**record, "boxes": boxes_field([nums], "image"), "steps": steps}
+    return {**record, "boxes": boxes_field([nums], "image", inverted_ok), "steps": steps}
 
 def _from_ours(obj, name):
     """Our JSONL: id, image, question, answers, boxes (optional), width/height (optional)."""
@@ -204,8 +197,7 @@ def _from_ours(obj, name):
                 height=field(obj, "height", int, "an integer", required=False))
 
 def find_image(rel, candidates, root, key="image"):
-    """The first candidate path (rel, then the release's other layouts) that is a file inside root after
-    resolving links; a path that leaves the root is an error, not a lookup."""
+    """The first of rel and the release's other layouts that is a file inside root; leaving the root is an error."""
     for cand in (rel, *candidates):
         try:
             p = path_inside(root, cand)
@@ -265,36 +257,40 @@ def json_items(text):
             except json.JSONDecodeError as e:
                 yield line, f"invalid JSON: {e}"
 
-def _read(path, image_root, skip_bad, limit, build) -> list:
-    """Read a JSON list or JSONL file, building one item per object; errors collected with file:line."""
-    path = Path(path)
-    root = str(Path(image_root if image_root is not None else path.parent).resolve())
+def read_objects(path, build, errors: list[str], limit: int | None = None) -> list:
+    """build(obj, line, pos) for each JSON object of a JSON list or JSONL file (pos: its index among the file's items)
+    until limit are built; a bad item (build raises BadField) goes to errors as 'file:line: problem'."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read: {e}") from e
-    items, errors = [], []
-    for line, obj in json_items(text):
+    items = []
+    for pos, (line, obj) in enumerate(json_items(text)):
         if limit is not None and len(items) >= limit:
             break
-        source = f"{path}:{line}"
         if isinstance(obj, str):
-            errors.append(f"{source}: {obj}")
-            continue
-        if not isinstance(obj, dict):
-            errors.append(f"{source}: expected a JSON object, got {type(obj).__name__}")
-            continue
-        try:
-            items.append(build(obj, f"{path.stem}-{line}", root, source))
-        except BadField as e:
-            errors.append(f"{source}: {e}")
+            errors.append(f"{path}:{line}: {obj}")
+        elif not isinstance(obj, dict):
+            errors.append(f"{path}:{line}: expected a JSON object, got {type(obj).__name__}")
+        else:
+            try:
+                items.append(build(obj, line, pos))
+            except BadField as e:
+                errors.append(f"{path}:{line}: {e}")
+    return items
+
+def _read(path, image_root, skip_bad, limit, build) -> list:
+    """build(obj, name, root, source) for each object of a JSON list or JSONL file; bad items go to report_bad."""
+    path, errors = Path(path), []
+    root = str(Path(image_root if image_root is not None else path.parent).resolve())
+    items = read_objects(path, lambda obj, line, _: build(obj, f"{path.stem}-{line}", root, f"{path}:{line}"),
+                         errors, limit)
     report_bad(errors, skip_bad, path, len(items))
     return items
 
 def read_jsonl_rows(path: Path, repair: bool = False, numbered: bool = False) -> list:
-    """Rows of a JSONL file we append to. A cut-off last line (a killed run) is dropped, and with repair cut
-    from the file so that appending goes on cleanly; a bad line elsewhere is a DataError naming file:line.
-    numbered: (line number, row) pairs."""
+    """Rows (numbered: (line, row) pairs) of a JSONL file we append to. A cut-off last line (a killed run) is dropped,
+    with repair cut from the file too; a bad line elsewhere is a DataError naming file:line."""
     path = Path(path)
     if not path.exists():
         return []
@@ -328,7 +324,6 @@ def read_jsonl_rows(path: Path, repair: bool = False, numbered: bool = False) ->
                     f.truncate(len(raw) - len(tail))
     return rows if numbered else [row for _, row in rows]
 
-
 def report_bad(errors: list[str], skip_bad: bool, what, kept: int) -> None:
     """Raise one DataError listing bad items, or (skip_bad) warn on stderr and go on."""
     if errors and not skip_bad:
@@ -358,8 +353,7 @@ _KIND_HINTS = {
 
 def check_kind(obj: dict, expected: str, path) -> None:
     """A file of the wrong kind is named as such, not reported as a record missing every field."""
-    kind = file_kind(obj)
-    if kind != expected:
+    if (kind := file_kind(obj)) != expected:
         raise DataError(f"{path}: this is {_KIND_HINTS[kind]}; a {expected} file is wanted here")
 
 def read_records(path, image_root=None, skip_bad: bool = False, limit: int | None = None) -> list[Record]:
@@ -369,7 +363,7 @@ def read_records(path, image_root=None, skip_bad: bool = False, limit: int | Non
     def build(obj, name, root, source):
         if not kind:
             check_kind(obj, "records", path)
-            kind.append(_from_vcot_conv if "conversations" in obj else
+            kind.append(from_vcot_conversation if "conversations" in obj else
                         _from_ours if "answers" in obj or "boxes" in obj else _from_vcot_meta)
         return _record(kind[0](obj, name), root, source)
 
@@ -387,10 +381,13 @@ def cache_dir() -> Path:
     """Where built-in assets (tiny model, synthetic data) are written: $VISRL_CACHE or ~/.cache/visrl."""
     return Path(os.environ.get("VISRL_CACHE", Path.home() / ".cache" / "visrl"))
 
+def check_new_dir(out) -> None:
+    """Commands that write a whole directory (the built-in assets) refuse one that exists and is not empty."""
+    if Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
+        raise UserError(f"--out {out} exists and is not empty; choose another --out (or delete it first)")
 
 def open_rgb(path, source: str | None = None) -> Image.Image:
-    """An image file as RGB (every reader's one opener); a missing or unreadable file is a DataError naming
-    the record (source, its file:line) or else the file."""
+    """An image file as RGB; a missing or unreadable one is a DataError naming source (file:line) or else the file."""
     where = f"{source}: field 'image': {path}" if source else str(path)
     if not Path(path).is_file():
         raise DataError(f"{where}: no such image file")
@@ -399,7 +396,6 @@ def open_rgb(path, source: str | None = None) -> Image.Image:
             return im.convert("RGB")
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, struct.error ...) for bad files
         raise DataError(f"{where}: cannot read the image: {e}") from e
-
 
 def load_image(record: Record) -> Image.Image:
     """The record's image as RGB."""
@@ -411,21 +407,18 @@ def relative_image(image, base_dir) -> str:
     return os.path.relpath(img, base) if os.path.commonpath([img, base]) == base else img
 
 def write_records(path, records: list[Record]) -> None:
-    """Write our JSONL; image paths relative to the file's folder when inside it, else absolute
-    (read those back with an image_root that contains them)."""
+    """Write our JSONL; image paths relative to the file's folder when inside it, else absolute."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for r in records:
-            rel = relative_image(r.image, path.parent)
             boxes = [[int(v) if float(v).is_integer() else v for v in b] for b in r.boxes]  # 217, not 217.0
-            f.write(json.dumps({"id": r.id, "image": rel, "question": r.question, "answers": r.answers,
-                                "boxes": boxes, "width": r.width, "height": r.height}) + "\n")
+            f.write(json.dumps({"id": r.id, "image": relative_image(r.image, path.parent), "question": r.question,
+                                "answers": r.answers, "boxes": boxes, "width": r.width, "height": r.height}) + "\n")
 
 # -----------------------------------------------------------------------------
-# preference pairs: what generate.py writes and `visrl.py dpo` reads. One JSON object per line:
-# our record fields (id, image, question, answers, boxes?, width?, height?) plus the model's own
-# texts chosen_box, rejected_box, chosen_answer, rejected_answer and the box_form they are in.
+# preference pairs: what generate.py writes and `visrl.py dpo` reads. One JSON object per line: our record fields (id,
+# image, question, answers, boxes?, width?, height?) plus the model's own texts and the box_form they are in.
 
 PAIR_FIELDS = ("chosen_box", "rejected_box", "chosen_answer", "rejected_answer")
 
@@ -441,30 +434,23 @@ class Pair:
 
 UPSTREAM_PAIR_FIELDS = ("chosen_step", "rejected_step", "chosen", "rejected")  # box turns, then answer turns
 
-
 def _from_upstream_pair(obj, name):
-    """Upstream VisRL's pair item (LLaMA-Factory ShareGPT ranking, `data/dataset_info.json`): images [path],
-    conversations [the human prompt: <image>, question, VisRL instruction], chosen_step / rejected_step (the
-    box turns, square-normalised) and chosen / rejected (the answer turns), each {"from": "gpt", "value": ...}."""
+    """Upstream VisRL's pair item (ShareGPT ranking, `data/dataset_info.json`): images [path], conversations [prompt],
+    chosen_step / rejected_step (square box turns), chosen / rejected (answers), each {"from": "gpt", "value": ...}."""
     images = field(obj, "images", list, "a list [path]")
     if not images or not isinstance(images[0], str):
         raise BadField("images", "expected a list [path]")
     turns = field(obj, "conversations", list, "a list of turns")
     if not turns or not isinstance(turns[0], dict) or not isinstance(turns[0].get("value"), str):
         raise BadField("conversations", 'expected [{"from": "human", "value": prompt}]')
-    question = turns[0]["value"].replace("<image>\n", "").replace("<image>", "")
-    for cut in FOCUS_CUTS:
-        question = question.split(cut)[0]
     texts = []
     for key in UPSTREAM_PAIR_FIELDS:
         value = field(obj, key, dict, 'a turn {"from": "gpt", "value": ...}').get("value")
         if not isinstance(value, str) or not value.strip():
             raise BadField(key, "expected a non-empty string 'value'")
         texts.append(value)
-    record = dict(id=str(obj.get("id", name)), image=images[0], extra=(), question=question.strip(), answers=[],
-                  boxes=[], box_key="images", width=None, height=None)
-    return record, texts
-
+    return dict(id=str(obj.get("id", name)), image=images[0], extra=(), question=_question(turns[0]["value"]),
+                answers=[], boxes=[], box_key="images", width=None, height=None), texts
 
 def _pair(obj, name, root, source):
     if "chosen_step" in obj:  # upstream's file: boxes as Visual-CoT writes them (square, 3 decimals)
@@ -483,10 +469,9 @@ def _pair(obj, name, root, source):
     return Pair(record, *texts, box_form=form)
 
 def read_pairs(path, image_root=None, skip_bad: bool = False, limit: int | None = None) -> list[Pair]:
-    """Read preference pairs: ours (JSONL, generate.py's) or upstream VisRL's (a JSON list with chosen_step /
-    rejected_step); a missing or empty chosen/rejected text is an error with file:line.
-    Image paths are relative to image_root, else to the root each line records (generate.py writes it),
-    else to the file's folder."""
+    """Read preference pairs, ours (generate.py's JSONL) or upstream VisRL's (a JSON list with chosen_step); a missing
+    or empty text is an error. Image paths are relative to image_root, else to the root each line records, else to the
+    file's folder."""
     checked = []
 
     def build(obj, name, root, source):
@@ -503,8 +488,7 @@ def read_pairs(path, image_root=None, skip_bad: bool = False, limit: int | None 
 def pair_json(pair: Pair, base_dir) -> dict:
     """The JSON object of a pair; the image path relative to base_dir when inside it, base_dir recorded."""
     r = pair.record
-    return {"id": r.id, "image": relative_image(r.image, base_dir), "image_root": str(Path(base_dir).resolve()), "question": r.question, "answers": r.answers,
-            "boxes": [list(b) for b in r.boxes], "width": r.width, "height": r.height,
-            "chosen_box": pair.chosen_box, "rejected_box": pair.rejected_box,
-            "chosen_answer": pair.chosen_answer, "rejected_answer": pair.rejected_answer,
-            "box_form": pair.box_form}
+    return {"id": r.id, "image": relative_image(r.image, base_dir), "image_root": str(Path(base_dir).resolve()),
+            "question": r.question, "answers": r.answers, "boxes": [list(b) for b in r.boxes], "width": r.width,
+            "height": r.height, "chosen_box": pair.chosen_box, "rejected_box": pair.rejected_box,
+            "chosen_answer": pair.chosen_answer, "rejected_answer": pair.rejected_answer, "box_form": pair.box_form}

@@ -8,13 +8,13 @@ One DPO step, file by file:
                       -> pack_pairs       each pair as one row: shared prefix | chosen | rejected
   dpo.DPOObjective.forward                (the FSDP2 root)
     encode_images                         vision features once per image, shared by policy and reference
-    sequence_logps -> token_logps         the packed rows (packed_hidden: prefix mask, unpacked positions);
-                                          hidden states at response positions only -> fused chunked
-                                          logsumexp + gather (linear_logprobs) -> summed log-probs [2B]
+    sequence_logps -> token_logps         the packed rows (packed_hidden) -> hidden states at response positions only
+                                          -> fused chunked logsumexp + gather (linear_logprobs) -> summed log-probs [2B]
     reference_logps                       the precomputed table, or the same pass with adapters off
-    step_loss -> preference_loss          one loss call with a per-row beta; stage 2 weighs the box and
+    step_loss -> preference_loss          one loss call for every pair; stage 2 weighs the box and
                                           answer means by lambda_box / lambda_answer; + the NLL anchor
-  visrl.train                             backward, reduce, optimizer step, metrics, checkpoint
+  dpo.build                               visrl.train's stage: samples, reference, held-out pairs, objective
+  visrl.train                             backward, optimizer step, metrics, checkpoint
 """
 
 from __future__ import annotations
@@ -38,34 +38,12 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import chat
 import data
-import model as modeling
+import model
+import runs
 
 # --------------------------------------------------------------------------------------------
-# Losses. h = (logp_w - ref_w) - (logp_l - ref_l): the policy's log-ratio margin of the chosen (w)
-# over the rejected (l) response, log-probs summed over response tokens.
-
-
-def sigmoid_loss(h: torch.Tensor, beta: float) -> torch.Tensor:
-    """DPO (Rafailov et al. 2023, eq. 7): L = -log sigmoid(beta * h)."""
-    return -F.logsigmoid(beta * h)
-
-
-def ipo_loss(h: torch.Tensor, beta: float) -> torch.Tensor:
-    """IPO (Azar et al. 2023, eq. 17): L = (h - 1 / (2 beta))^2, with h over summed log-probs."""
-    return (h - 1 / (2 * beta)) ** 2
-
-
-def hinge_loss(h: torch.Tensor, beta: float) -> torch.Tensor:
-    """SLiC-HF hinge (Zhao et al. 2023): L = max(0, 1 - beta * h)."""
-    return torch.relu(1 - beta * h)
-
-
-def robust_loss(h: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
-    """Robust DPO (Chowdhury et al. 2024), labels flipped with prob. e:
-    L = ((1 - e) * -log sigmoid(beta h) + e * log sigmoid(-beta h)) / (1 - 2e)."""
-    e = label_smoothing
-    return ((1 - e) * -F.logsigmoid(beta * h) + e * F.logsigmoid(-beta * h)) / (1 - 2 * e)
-
+# Losses. h = (logp_w - ref_w) - (logp_l - ref_l): the policy's log-ratio margin of the chosen (w) over the rejected
+# (l) response, log-probs summed over response tokens.
 
 def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
                     ref_rejected: torch.Tensor, beta: float | torch.Tensor, kind: str = "sigmoid",
@@ -75,25 +53,25 @@ def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, 
     chosen_logratio = policy_chosen - ref_chosen
     rejected_logratio = policy_rejected - ref_rejected
     h = chosen_logratio - rejected_logratio
-    if kind == "sigmoid":
-        losses = sigmoid_loss(h, beta)
-    elif kind == "ipo":
-        losses = ipo_loss(h, beta)
-    elif kind == "hinge":
-        losses = hinge_loss(h, beta)
-    elif kind == "robust":
+    if kind == "sigmoid":  # DPO (Rafailov et al. 2023, eq. 7): L = -log sigmoid(beta * h)
+        losses = -F.logsigmoid(beta * h)
+    elif kind == "ipo":  # IPO (Azar et al. 2023, eq. 17): L = (h - 1 / (2 beta))^2, with h over summed log-probs
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif kind == "hinge":  # SLiC-HF hinge (Zhao et al. 2023): L = max(0, 1 - beta * h)
+        losses = torch.relu(1 - beta * h)
+    elif kind == "robust":  # Robust DPO (Chowdhury et al. 2024), labels flipped with prob. e = label_smoothing:
+        # L = ((1 - e) * -log sigmoid(beta h) + e * log sigmoid(-beta h)) / (1 - 2e)
         if not 0 <= label_smoothing < 0.5:
             raise data.UserError(f"robust loss needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
-        losses = robust_loss(h, beta, label_smoothing)
+        e = label_smoothing
+        losses = ((1 - e) * -F.logsigmoid(beta * h) + e * F.logsigmoid(-beta * h)) / (1 - 2 * e)
     else:
         raise ValueError(f"unknown loss {kind!r}: expected sigmoid, ipo, hinge or robust")
     return losses, beta * chosen_logratio.detach(), beta * rejected_logratio.detach()
 
-
 # --------------------------------------------------------------------------------------------
-# Fused log-probs: log softmax(h W^T)[target] for N response positions, in chunks of rows, never
-# holding [N, V] logits for backward (each chunk's logits are recomputed there).
-
+# Fused log-probs: log softmax(h W^T)[target] for N response positions, in chunks of rows, never holding [N, V] logits
+# for backward (each chunk's logits are recomputed there).
 
 class _LinearLogProbs(torch.autograd.Function):
     @staticmethod
@@ -129,17 +107,15 @@ class _LinearLogProbs(torch.autograd.Function):
                 grad_weight += grad_logits.T @ hidden[start:end].float()
         return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
 
+LOGP_CHUNK = 1024  # response tokens per chunk: [1024, vocab] fp32 logits at a time (0.6 GB for Qwen's 152k vocab)
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                    chunk_size: int = 1024) -> torch.Tensor:
+                    chunk_size: int = LOGP_CHUNK) -> torch.Tensor:
     """log softmax(hidden @ weight.T)[targets] per row, [N]; memory O(chunk_size x V), not O(N x V)."""
     return _LinearLogProbs.apply(hidden, weight, targets, chunk_size)
 
-
 # --------------------------------------------------------------------------------------------
-# Batching pairs (chat.collate): rows = chosen sequences then rejected sequences; each distinct image
-# (the full image, a crop window of it) is processed once and referenced by every row that shows it.
-
+# Batching pairs (chat.collate): chosen rows then rejected rows, each distinct image processed once.
 
 def collate_pairs(samples: list[chat.PairSample], image_processor, pad_id: int, image_token_id: int,
                   shared_prefix: bool = True) -> dict:
@@ -153,7 +129,6 @@ def collate_pairs(samples: list[chat.PairSample], image_processor, pad_id: int, 
         batch.update(pack_pairs(samples, batch, pad_id, image_token_id))
     return batch
 
-
 def shared_prefix_length(chosen: chat.Sample, rejected: chat.Sample, image_token_id: int) -> int:
     """Tokens before the first place chosen and rejected differ; never inside an image, and never past an image
     whose pixels or size differ (two crops of one size have equal tokens)."""
@@ -166,7 +141,6 @@ def shared_prefix_length(chosen: chat.Sample, rejected: chat.Sample, image_token
             return begin
     return shared
 
-
 def _image_spans(ids: list[int], image_token_id: int) -> list[tuple[int, int]]:
     """(start, end) of each image's run of <|image_pad|> tokens, in order."""
     spans, start = [], None
@@ -177,14 +151,11 @@ def _image_spans(ids: list[int], image_token_id: int) -> list[tuple[int, int]]:
             spans, start = spans + [(start, t)], None
     return spans
 
-
 def pack_pairs(samples: list[chat.PairSample], batch: dict, pad_id: int, image_token_id: int) -> dict:
-    """Pack each pair into one row: its shared prefix once, then the chosen suffix, then the rejected suffix.
-
-    The rejected suffix attends to the prefix and itself, never to the chosen suffix (packed_segment builds
-    that mask), and every token keeps the position it has in its own unpacked row (packed_source picks them),
-    so each response's log-probs equal the unpacked computation while the prefix (image, question: ~95% of a
-    pair's tokens) runs through the decoder once instead of twice."""
+    """Pack each pair into one row: shared prefix, chosen suffix, rejected suffix. The rejected suffix attends to the
+    prefix and itself, never to the chosen suffix (packed_segment builds that mask), and every token keeps its unpacked
+    row's position (packed_source picks them), so each response's log-probs equal the unpacked computation while the
+    prefix (image, question: ~95% of a pair's tokens) runs through the decoder once, not twice."""
     n, length = len(samples), batch["input_ids"].shape[1]
     unpacked_images, cursor = [], 0  # unique-image indices of each unpacked row's images, token order
     for row in [s.chosen for s in samples] + [s.rejected for s in samples]:
@@ -222,23 +193,16 @@ def pack_pairs(samples: list[chat.PairSample], batch: dict, pad_id: int, image_t
         "packed_response_index": torch.as_tensor(response_index, dtype=torch.long),  # [N] into [B * Lp]
     }
 
-
 def encode_images(net, batch: dict) -> list[torch.Tensor]:
     """Vision features of each unique image, [tokens_i, H] each; the tower is frozen, so no grad."""
     with torch.no_grad():
         features = net.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output
     return list(features)
 
-
-def can_share_prefix(net) -> bool:
-    """Whether the attention implementation takes the packed rows' custom 4D mask (sdpa, eager: yes)."""
-    return net.config._attn_implementation in ("sdpa", "eager")
-
-
 def sharing_prefix(cfg: "DPOConfig", net) -> bool:
-    """--shared-prefix where the model can take it (the run says once when it cannot, see visrl.train)."""
-    return cfg.shared_prefix and can_share_prefix(net)
-
+    """--reuse where the attention implementation takes the packed rows' custom 4D mask (sdpa, eager; build says
+    once when it cannot)."""
+    return cfg.reuse and net.config._attn_implementation in ("sdpa", "eager")
 
 def packed_hidden(net, batch: dict, features: list[torch.Tensor]) -> torch.Tensor:
     """Last hidden states of the packed rows [B, Lp, H]: each token at its unpacked row's (M-RoPE) position,
@@ -257,7 +221,8 @@ def packed_hidden(net, batch: dict, features: list[torch.Tensor]) -> torch.Tenso
         mask = allowed[:, None]  # [B, 1, Lp, Lp], True = attend
     else:  # eager adds the mask to the scores
         dtype = net.get_input_embeddings().weight.dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=ids.device).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=ids.device)
+        mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
     return net.model(
         input_ids=ids, attention_mask=mask, position_ids=positions, image_grid_thw=batch["packed_grid_thw"],
         mm_token_type_ids=(ids == net.config.image_token_id).int(),
@@ -265,11 +230,9 @@ def packed_hidden(net, batch: dict, features: list[torch.Tensor]) -> torch.Tenso
             pooler_output=[features[i] for i in batch["packed_image_index"]])},
     ).last_hidden_state
 
-
-def token_logps(net, batch: dict, features: list[torch.Tensor], chunk_size: int = 1024) -> torch.Tensor:
-    """Log-probs of every response token [N] (batch["response_targets"]), reusing precomputed image features:
-    hidden states at response positions only (of the packed rows when the batch has them) -> fused chunked
-    logsumexp + gather (no [N, V] logits kept)."""
+def token_logps(net, batch: dict, features: list[torch.Tensor], chunk_size: int = LOGP_CHUNK) -> torch.Tensor:
+    """Log-probs of every response token [N] (batch["response_targets"]), reusing precomputed image features: hidden
+    states at response positions only (of the packed rows if the batch has them) -> fused chunked logsumexp + gather."""
     if "packed_ids" in batch:
         hidden, index = packed_hidden(net, batch, features), batch["packed_response_index"]  # [B, Lp, H]
     else:
@@ -283,19 +246,15 @@ def token_logps(net, batch: dict, features: list[torch.Tensor], chunk_size: int 
     response_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)  # [N, H]
     return linear_logprobs(response_hidden, net.lm_head.weight, batch["response_targets"], chunk_size)
 
-
-def sequence_logps(net, batch: dict, features: list[torch.Tensor], chunk_size: int = 1024) -> torch.Tensor:
+def sequence_logps(net, batch: dict, features: list[torch.Tensor], chunk_size: int = LOGP_CHUNK) -> torch.Tensor:
     """Summed response log-probs of every row, [R] (R = 2B in a DPO batch: chosen rows, then rejected)."""
     logps = token_logps(net, batch, features, chunk_size)
     rows = batch["input_ids"].shape[0]
     return torch.zeros(rows, dtype=logps.dtype, device=logps.device).index_add_(0, batch["response_row"], logps)
 
-
 def response_lengths(batch: dict) -> torch.Tensor:
     """Response tokens per row, [2B] (for the length-normalised NLL term)."""
-    rows = batch["input_ids"].shape[0]
-    return torch.bincount(batch["response_row"], minlength=rows)
-
+    return torch.bincount(batch["response_row"], minlength=batch["input_ids"].shape[0])
 
 # --------------------------------------------------------------------------------------------
 # The objective of a DPO run: its settings, its samples, the reference, the step loss, the module.
@@ -304,49 +263,50 @@ DPO_KINDS = ("box", "answer")  # stage-2 step types; index = PairSample kind cod
 DPO_STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
              "logps/chosen", "logps/rejected", "nll/chosen")
 
-
 @dataclass
-class DPOConfig(modeling.TrainConfig):
+class DPOConfig(model.TrainConfig):
     """DPO stage 1 (focus: box pairs) or stage 2 (step-level: box pairs + answer pairs on the crop)."""
 
     data: str = field(kw_only=True)  # pair records (.jsonl written by generate.py; format in docs/guide.md)
     # The previous phase's adapter (SFT for stage 1, stage 1 for stage 2): merged into the base at
     # load, so the reference (adapters off) is exactly the model at the start of this stage.
-    adapter: Annotated[str | None, tyro.conf.arg(aliases=("--init-adapter",))] = None
-    out: str | None = None  # default runs/dpo1 or runs/dpo2, by --stage
-    stage: Literal[1, 2] = 1
-    epochs: float = 5.0
-    lr: float = 5e-6
+    adapter: Annotated[str | None, tyro.conf.arg(aliases=("--init-adapter",)),
+                       runs.default("none: the base model")] = None
+    out: Annotated[str | None, runs.default("runs/dpo1 or runs/dpo2, by --stage")] = None  # the run's directory
+    stage: Literal[1, 2] = 1  # 1: the box pairs; 2: the box and the answer pairs, weighted by the lambdas
+    epochs: float = 5.0  # passes over the pairs (upstream: 5)
+    lr: float = 5e-6  # peak learning rate of AdamW (upstream: 5e-6)
     batch_size: int = 3  # pairs per process per micro-step, upstream's (a stage-2 pair: a box and an answer sample)
-    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
-    beta: float = 0.1  # for the box step (stage 1 and stage 2)
-    beta_answer: float | None = None  # for the answer step in stage 2 (default: --beta)
-    label_smoothing: float = 0.0  # the robust loss's assumed label-flip rate
-    nll_weight: float = 0.0  # adds nll_weight * length-normalised NLL of the chosen responses
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"  # the preference loss (upstream: sigmoid, DPO's)
+    beta: float = 0.1  # how far the policy may move from the reference (upstream: 0.1)
+    label_smoothing: float = 0.0  # the robust loss's assumed rate of flipped labels
+    nll_weight: float = 0.0  # adds nll_weight x the chosen responses' length-normalised NLL (upstream: 0)
     # stage 1: each pair's chosen answer on its chosen crop joins the batch with the NLL term alone (no preference
     # term), so the box-step update leaves the answer step where the previous phase put it (not upstream's;
-    # needs --nll-weight > 0; the demo uses it: BENCHMARKS.md, "The strong SFT model")
+    # needs --nll-weight > 0)
     answer_anchor: bool = False
-    lambda_box: float = 0.5  # stage 2: L = lambda_box * L_box + lambda_answer * L_answer
-    lambda_answer: float = 0.5
-    rejected_crop: Literal["chosen", "own"] = "chosen"  # stage 2: crop the rejected answer sees (upstream: chosen)
-    # all reference log-probs in one pass before training (exact: the reference runs without dropout either
-    # way), kept in <out>/reference_logps.safetensors for --resume; --no-precompute-ref: a reference pass per step
-    precompute_ref: bool = True
-    # each pair's shared prefix (image, question) through the decoder once per pass, both responses attending
-    # to it (exact; --no-shared-prefix: two full rows per pair)
-    shared_prefix: bool = True
-    logp_chunk: int = 1024  # response tokens per chunk of the fused log-prob kernel
+    lambda_box: float = 0.5  # stage 2: the box pairs' weight in L = lambda_box * L_box + lambda_answer * L_answer
+    lambda_answer: float = 0.5  # stage 2: the answer pairs' weight (upstream: both 0.5)
+    rejected_crop: Literal["chosen", "own"] = "chosen"  # stage 2: the crop the rejected answer sees (upstream: chosen)
+    # reuse what is exact to reuse: each pair's shared prefix (image, question) through the decoder once, both
+    # responses attending to it, and the reference's log-probs in one pass before training, kept in
+    # <out>/reference_logps.safetensors for --resume. --no-reuse: two full rows per pair and a reference pass
+    # per step, the plain computation they equal (to check them)
+    reuse: bool = True
 
     def __post_init__(self):
         if self.out is None:  # stages 1 and 2 never share a default --out: stage 2 reads stage 1's adapter
             self.out = f"runs/dpo{self.stage}"
 
+    def check(self) -> None:
+        if self.answer_anchor and (self.stage != 1 or self.nll_weight <= 0):
+            raise data.UserError("dpo --answer-anchor: for --stage 1 with --nll-weight > 0 (it trains the chosen "
+                                 f"answers' NLL alone), got --stage {self.stage} --nll-weight {self.nll_weight}")
 
-def build_dpo_samples(cfg: DPOConfig, pairs: list[data.Pair], processor, world: modeling.Dist) -> list[list[chat.PairSample]]:
-    """Each pair's samples (1 in stage 1, 2 in stage 2 or with --answer-anchor), checked before training; bad pairs
-    reported."""
-    cfg = modeling.resolve_convention(cfg)
+def build_dpo_samples(cfg: DPOConfig, pairs: list[data.Pair], processor,
+                      world: model.Dist) -> list[list[chat.PairSample]]:
+    """Each pair's samples (1 in stage 1, 2 in stage 2 or with --answer-anchor), checked (bad pairs reported)."""
+    cfg = runs.resolve_convention(cfg)
     sample_stage = 2 if cfg.answer_anchor else cfg.stage  # the anchor: stage 2's answer samples, preference weight 0
     grouped, errors, too_long, same_box = [], [], 0, 0
     for pair in pairs:
@@ -361,10 +321,7 @@ def build_dpo_samples(cfg: DPOConfig, pairs: list[data.Pair], processor, world: 
             errors.append(str(e))
             continue
         same_box += sample_stage == 2 and samples[0].kind != "box"  # its box step was dropped
-        longest = max(max(len(s.chosen.input_ids), len(s.rejected.input_ids)) for s in samples)
-        if longest > cfg.max_len:
-            if cfg.error_on_long:
-                raise data.UserError(f"{pair.record.source}: a sequence of {longest} tokens > --max-len {cfg.max_len}")
+        if max(max(len(s.chosen.input_ids), len(s.rejected.input_ids)) for s in samples) > cfg.max_len:
             too_long += 1
             continue
         grouped.append(samples)
@@ -377,12 +334,9 @@ def build_dpo_samples(cfg: DPOConfig, pairs: list[data.Pair], processor, world: 
               f"({how})", file=sys.stderr)
     if not grouped:
         raise data.UserError("dpo: no usable pairs")
-    index = 0
-    for samples in grouped:
-        for sample in samples:
-            sample.index, index = index, index + 1
+    for index, sample in enumerate(s for samples in grouped for s in samples):
+        sample.index = index
     return grouped
-
 
 def reference_logps(net, batch: dict, features, cfg: DPOConfig, ref_table: torch.Tensor | None) -> torch.Tensor:
     """Reference log-probs of every row, [2B]: from the precomputed table, or the same weights with
@@ -390,36 +344,31 @@ def reference_logps(net, batch: dict, features, cfg: DPOConfig, ref_table: torch
     if ref_table is not None:
         rows = ref_table[batch["sample_index"]]  # [B, 2] (chosen, rejected)
         return torch.cat([rows[:, 0], rows[:, 1]])
-    with torch.no_grad(), modeling.adapters_disabled(net):
-        return sequence_logps(net, batch, features, cfg.logp_chunk)
+    with torch.no_grad(), model.adapters_disabled(net):
+        return sequence_logps(net, batch, features)
 
-
-def precompute_reference(net, grouped, processor, cfg: DPOConfig, world: modeling.Dist) -> torch.Tensor:
+def precompute_reference(net, grouped, processor, cfg: DPOConfig, world: model.Dist) -> torch.Tensor:
     """[n_samples, 2] reference log-probs (chosen, rejected) in one pass, split over ranks, summed."""
-    n_samples = sum(len(g) for g in grouped)
-    table = torch.zeros(n_samples, 2, dtype=torch.float32, device=world.device)
+    table = torch.zeros(sum(len(g) for g in grouped), 2, dtype=torch.float32, device=world.device)
     mine = list(range(world.rank, len(grouped), world.world_size))
     was_training = net.training
     net.eval()  # no dropout in the reference
     for start in tqdm(range(0, len(mine), cfg.batch_size), desc="reference", disable=not world.is_main):
         samples = [s for i in mine[start:start + cfg.batch_size] for s in grouped[i]]
-        batch = modeling.to_device(collate_pairs(samples, processor.image_processor, processor.tokenizer.pad_token_id,
+        batch = model.to_device(collate_pairs(samples, processor.image_processor, processor.tokenizer.pad_token_id,
                                                  net.config.image_token_id, sharing_prefix(cfg, net)), world.device)
-        with modeling.autocast_for(world.device):
+        with model.autocast_for(world.device):
             logps = reference_logps(net, batch, encode_images(net, batch), cfg, None)
         n = len(samples)
         table[batch["sample_index"]] = torch.stack([logps[:n], logps[n:]], dim=1).float()
     net.train(was_training)
-    return modeling.all_reduce_sum(table, world)
-
+    return model.all_reduce_sum(table, world)
 
 REFERENCE_FILE = "reference_logps.safetensors"  # the precomputed table, beside the run it belongs to
 
-
-def reference_key(grouped, lora: modeling.LoRAConfig, dtype: str) -> str:
-    """What a reference table depends on, hashed: every sample's tokens and images, the base and parent
-    adapter's content, the dtype, the convention (the pixel cap changes pixels, not tokens). A resumed run reuses
-    its table only under an equal key."""
+def reference_key(grouped, lora: model.LoRAConfig, dtype: str) -> str:
+    """A reference table's key: the hash of each sample's tokens and images, the base and parent adapter's content, the
+    dtype, the convention (its pixel cap changes pixels, not tokens); --resume reuses only a table of an equal key."""
     digest = hashlib.sha256(json.dumps([lora.base_sha256, lora.parent_sha256, dtype, lora.convention],
                                        sort_keys=True).encode())
     for sample in (s for g in grouped for s in g):
@@ -427,18 +376,15 @@ def reference_key(grouped, lora: modeling.LoRAConfig, dtype: str) -> str:
             digest.update(json.dumps([side.input_ids, side.labels, side.images, side.record.image]).encode())
     return digest.hexdigest()
 
-
 def load_reference(out: Path, key: str, device) -> torch.Tensor | None:
     """The run's cached reference table, if its key matches; else None (it is then computed again)."""
-    path = Path(out) / REFERENCE_FILE
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(Path(out) / REFERENCE_FILE), framework="pt") as f:
             if (f.metadata() or {}).get("key") == key:
                 return f.get_tensor("logps").to(device)
     except (OSError, ValueError, RuntimeError, SafetensorError):  # absent or unreadable: compute it again
         pass
     return None
-
 
 def save_reference(out: Path, table: torch.Tensor, key: str) -> None:
     """Write the table atomically (a kill mid-write leaves no half file to be trusted)."""
@@ -446,26 +392,19 @@ def save_reference(out: Path, table: torch.Tensor, key: str) -> None:
     save_file({"logps": table.detach().cpu().contiguous()}, str(path) + ".tmp", metadata={"key": key})
     os.replace(str(path) + ".tmp", path)
 
-
 def step_loss(cfg: DPOConfig, policy: torch.Tensor, reference: torch.Tensor, batch: dict,
-                  kind_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """This micro-batch's share of the step objective, and its per-kind sums of DPO_STATS [2, 8].
-
-    Stage 1: the mean pair loss. Stage 2: lambda_box * mean box loss + lambda_answer * mean answer
-    loss, means over the whole optimizer step (kind_counts: samples per kind, all micro-batches, ranks).
-    Plus nll_weight x the mean NLL of every chosen response (with --answer-anchor, stage 1's answer rows
-    add only this).
-    """
-    n = batch["kind"].shape[0]
+              kind_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This micro-batch's share of the step objective, and its per-kind sums of DPO_STATS [2, 8]. Stage 1: the mean pair
+    loss. Stage 2: lambda_box * mean box loss + lambda_answer * mean answer loss, means over the optimizer step
+    (kind_counts: samples per kind, all micro-batches, ranks). Plus nll_weight x the chosen responses' mean NLL (with
+    --answer-anchor, stage 1's answer rows add only this)."""
     kind = batch["kind"]  # [B] 0 box, 1 answer
-    # one loss call, beta per row: the box step's beta, and in stage 2 the answer step's for answer rows
-    beta_answer = cfg.beta if cfg.beta_answer is None else cfg.beta_answer
-    beta = torch.tensor([cfg.beta, beta_answer], device=policy.device, dtype=policy.dtype)[kind]  # [B]
+    n = kind.shape[0]
     losses, chosen_rewards, rejected_rewards = preference_loss(
-        policy[:n], policy[n:], reference[:n], reference[n:], beta=beta, kind=cfg.loss,
+        policy[:n], policy[n:], reference[:n], reference[n:], beta=cfg.beta, kind=cfg.loss,
         label_smoothing=cfg.label_smoothing)
-    lambdas = torch.tensor([cfg.lambda_box, cfg.lambda_answer] if cfg.stage == 2 else [1.0, 0.0],  # stage 1:
-                           device=policy.device)  # box rows only; anchor answer rows have no preference term
+    # stage 1: box rows only; the anchor's answer rows have no preference term
+    lambdas = torch.tensor([cfg.lambda_box, cfg.lambda_answer] if cfg.stage == 2 else [1.0, 0.0], device=policy.device)
     weights = lambdas[kind] / kind_counts.clamp(min=1)[kind]  # [B]
     loss = (weights * losses).sum()
     nll = -policy[:n] / response_lengths(batch)[:n].clamp(min=1)  # [B] length-normalised NLL of the chosen
@@ -476,7 +415,6 @@ def step_loss(cfg: DPOConfig, policy: torch.Tensor, reference: torch.Tensor, bat
     one_hot = F.one_hot(kind, num_classes=2).to(values.dtype)  # [B, 2]
     return loss, one_hot.T @ values.detach()  # [2, 8] per-kind sums
 
-
 class DPOObjective(nn.Module):
     """One DPO micro-batch as a module (the FSDP2 root): features once, policy, reference, loss."""
 
@@ -486,7 +424,7 @@ class DPOObjective(nn.Module):
 
     def forward(self, batch: dict, kind_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = encode_images(self.net, batch)  # once per unique image: policy and reference share them
-        policy = sequence_logps(self.net, batch, features, self.cfg.logp_chunk)
+        policy = sequence_logps(self.net, batch, features)
         reference = reference_logps(self.net, batch, features, self.cfg, self.ref_table)
         return step_loss(self.cfg, policy, reference, batch, kind_counts)
 
@@ -508,3 +446,32 @@ class DPOObjective(nn.Module):
         row["nll_term"] = self.cfg.nll_weight * stats[:, -1].sum().item() / kind_counts.sum().clamp(min=1).item()
         row["dpo_term"] = loss - row["nll_term"]
         return row
+
+def build(cfg: DPOConfig, net, processor, lora: model.LoRAConfig, world: model.Dist) -> model.Stage:
+    """DPO's stage for visrl.train: the pairs' samples, the reference's log-probs (computed before the model is
+    sharded, or read back on --resume), a tenth of the pairs held out, the objective."""
+    if cfg.stage == 2 and not cfg.adapter and world.is_main:
+        print("warning: dpo --stage 2 without --init-adapter: the policy and the reference start from the base "
+              "model, not from the stage-1 model", file=sys.stderr)
+    pairs = data.read_pairs(cfg.data, image_root=cfg.image_root, skip_bad=cfg.skip_bad_records, limit=cfg.limit)
+    items = build_dpo_samples(cfg, pairs, processor, world)
+    shared = sharing_prefix(cfg, net)
+    if cfg.reuse and not shared and world.is_main:
+        print(f"dpo: attention {net.config._attn_implementation!r} takes no custom mask: each pair runs as two "
+              "full rows", file=sys.stderr)
+    ref_table, ref_key, ref_new = None, reference_key(items, lora, cfg.dtype), False
+    if cfg.reuse:  # a plain forward pass before training; a resumed run reads its own table back
+        ref_table = load_reference(Path(cfg.out), ref_key, world.device) if cfg.resume else None
+        if ref_new := ref_table is None:
+            ref_table = precompute_reference(net, items, processor, cfg, world)
+    val = runs.held_out(len(items), cfg.val_fraction, cfg.seed)  # after the reference pass, which keys every pair
+    train = [g for i, g in enumerate(items) if i not in val]
+    held = [g for i, g in enumerate(items) if i in val]
+    reference = (f"reference = {cfg.adapter or cfg.model} (" + ("adapters off, per step" if not cfg.reuse else
+                 "precomputed" if ref_new else f"read back from {REFERENCE_FILE}") + ")")
+    return model.Stage(
+        f"dpo stage {cfg.stage}", train, held,
+        lambda groups: collate_pairs([s for g in groups for s in g], processor.image_processor,
+                                     processor.tokenizer.pad_token_id, net.config.image_token_id, shared),
+        DPOObjective(net, cfg, ref_table), f"{len(train)} pairs" + (f" (+ {len(held)} held out)" if held else ""),
+        reference, on_start=(lambda: save_reference(Path(cfg.out), ref_table, ref_key)) if ref_new else None)

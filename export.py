@@ -3,23 +3,21 @@
     python visrl.py export --adapter runs/dpo2/adapter --out exported            # merged checkpoint
     python visrl.py export --adapter runs/dpo2/adapter --out lora --format peft   # one PEFT LoRA
 
-`merged`: a standard Hugging Face checkpoint directory (sharded safetensors, the base's config and
-tokenizer/processor files) that `AutoModelForImageTextToText.from_pretrained` and vLLM load exactly
-as they load the base model, without visrl. `peft`: adapter_config.json + adapter_model.safetensors
-in PEFT's LoRA layout, for the raw base model. Both are written into a temporary directory beside
---out and renamed into place, so an interrupted export never leaves a complete-looking --out.
+`merged`: a standard Hugging Face checkpoint directory (sharded safetensors, the base's config and tokenizer/processor
+files) that `AutoModelForImageTextToText.from_pretrained` and vLLM load as they load the base model, without visrl.
+`peft`: adapter_config.json + adapter_model.safetensors in PEFT's LoRA layout, for the raw base model. Both are written
+to a temporary directory beside --out, then renamed: an interrupted export never leaves a complete-looking --out.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn as nn
@@ -27,8 +25,7 @@ from safetensors.torch import load_file, save_file
 
 import data
 import runs
-import model as modeling
-
+import model
 
 @dataclass
 class ExportConfig:
@@ -36,51 +33,45 @@ class ExportConfig:
 
     adapter: str  # trained adapter directory (adapter_config.json + adapter.safetensors)
     out: str = "runs/export"  # directory to write (must be absent or empty unless --overwrite)
-    model: str | None = None  # base checkpoint directory or `tiny`; default: the adapter config's base_model
+    # the base checkpoint directory or `tiny`
+    model: Annotated[str | None, runs.default("the base_model the adapter config names")] = None
     format: Literal["merged", "peft"] = "merged"  # merged weights, or a PEFT LoRA adapter for the raw base
     max_shard_size: str = "5GB"  # merged: weights are split into safetensors shards above this size
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: merged = the base config's dtype, peft = float32
     overwrite: bool = False  # replace a non-empty --out
 
-
 # Files of a checkpoint directory that hold weights (written anew) rather than config/tokenizer/processor.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 # Our image-only processors (model.py) -> the stock class they subclass, which stock transformers knows.
-VISRL_PROCESSORS = {cls.__name__: cls.__bases__[0].__name__ for _, _, cls in modeling.ARCHS.values()}
+VISRL_PROCESSORS = {cls.__name__: cls.__bases__[0].__name__ for _, _, cls in model.ARCHS.values()}
 PROCESSOR_KEYS = ("do_convert_rgb", "do_normalize", "do_rescale", "do_resize", "image_mean", "image_std",
                   "merge_size", "patch_size", "temporal_patch_size", "resample", "rescale_factor", "size")
 
-
-def stacked_lora(chain: list[tuple[Path, modeling.LoRAConfig]]) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
-    """The chain as ONE LoRA with scaling 1: {module: (A_cat [R, in], B_cat [out, R])}, R = sum r_i.
-
-    Adapter i was trained on the base with adapters 1..i-1 merged, so the final weight is
-    W0 + sum_i s_i B_i A_i (s_i = alpha_i / r_i) = W0 + B_cat A_cat, with A_cat the A_i stacked as
-    rows and B_cat the s_i B_i stacked as columns, in chain order. A module that some adapter does
-    not target gets zero rows/columns for it (a zero block adds exactly nothing), so every module
-    has the same rank R and the config needs no rank_pattern/alpha_pattern.
-    """
+def stacked_lora(chain: list[tuple[Path, model.LoRAConfig]]) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]],
+                                                                      int]:
+    """The chain as ONE LoRA with scaling 1: {module: (A_cat [R, in], B_cat [out, R])}, R = sum r_i. Adapter i was
+    trained on the base with adapters 1..i-1 merged, so the final weight is W0 + sum_i s_i B_i A_i (s_i = alpha_i / r_i)
+    = W0 + B_cat A_cat: the A_i stacked as rows, the s_i B_i as columns, in chain order. A module some adapter does not
+    target gets zero rows/columns for it (a zero block adds exactly nothing): every module has the same rank R, and the
+    config needs no rank_pattern/alpha_pattern."""
     states = [load_file(str(path / "adapter.safetensors")) for path, _ in chain]
     modules = sorted({k[: -len(".lora_A.weight")] for s in states for k in s if k.endswith(".lora_A.weight")})
     stacked = {}
     for name in modules:
         a_key, b_key = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
         fan_in, fan_out = next((s[a_key].shape[1], s[b_key].shape[0]) for s in states if a_key in s)
-        a_parts, b_parts = [], []
+        parts = []  # (A_i, s_i B_i) per adapter
         for (path, cfg), state in zip(chain, states):
-            if a_key in state:
-                a, b = state[a_key].float(), state[b_key].float()
-                if a.shape != (cfg.rank, fan_in) or b.shape != (fan_out, cfg.rank):
-                    raise data.UserError(f"{path}: {name} has A {tuple(a.shape)}, B {tuple(b.shape)}; "
-                                         f"expected rank {cfg.rank} on a {fan_out}x{fan_in} linear")
-                a_parts.append(a)
-                b_parts.append(b * (cfg.alpha / cfg.rank))  # fold each adapter's scaling into its B
-            else:
-                a_parts.append(torch.zeros(cfg.rank, fan_in))
-                b_parts.append(torch.zeros(fan_out, cfg.rank))
-        stacked[name] = (torch.cat(a_parts, 0), torch.cat(b_parts, 1))
+            if a_key not in state:
+                parts.append((torch.zeros(cfg.rank, fan_in), torch.zeros(fan_out, cfg.rank)))
+                continue
+            a, b = state[a_key].float(), state[b_key].float()
+            if a.shape != (cfg.rank, fan_in) or b.shape != (fan_out, cfg.rank):
+                raise data.UserError(f"{path}: {name} has A {tuple(a.shape)}, B {tuple(b.shape)}; "
+                                     f"expected rank {cfg.rank} on a {fan_out}x{fan_in} linear")
+            parts.append((a, b * (cfg.alpha / cfg.rank)))  # each adapter's scaling folded into its B
+        stacked[name] = (torch.cat([a for a, _ in parts], 0), torch.cat([b for _, b in parts], 1))
     return stacked, sum(cfg.rank for _, cfg in chain)
-
 
 def base_dtype(base: Path) -> str:
     """The dtype the base checkpoint's config names (`dtype`, or the older `torch_dtype`); float32 if none."""
@@ -88,77 +79,63 @@ def base_dtype(base: Path) -> str:
     name = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
     return name if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype) else "float32"
 
-
 def copy_base_files(base: Path, out: Path, dtype: str) -> list[str]:
-    """Copy the base's config, tokenizer and processor files into `out`; returns the files changed.
-
-    Copied verbatim, so the export loads wherever the base loads (the weights keep the base's key
-    layout too), with two changes: config.json's dtype, and a `processor_class` naming one of our
-    image-only classes (a checkpoint written by visrl, e.g. `tiny`) becomes the stock class, plus a
-    stock video processor entry: stock AutoProcessor would otherwise not know the class (it silently
-    returns a bare tokenizer) or find no video processor config (it needs one, e.g. under vLLM).
-    """
+    """Copy the base's config, tokenizer and processor files into `out` verbatim, so the export loads wherever the base
+    loads; returns the files changed: config.json's dtype, and a `processor_class` naming one of our image-only classes
+    (in a checkpoint visrl wrote, e.g. `tiny`), made the stock class plus a stock video processor entry, without which
+    stock AutoProcessor silently returns a bare tokenizer or finds no video processor config (vLLM needs one)."""
     changed = []
     for src in sorted(base.iterdir()):
-        if not src.is_file() or src.name.startswith(".") or src.name.endswith(WEIGHT_SUFFIXES) \
-                or src.name.endswith(".index.json"):
+        if not src.is_file() or src.name.startswith(".") or src.name.endswith(WEIGHT_SUFFIXES + (".index.json",)):
             continue
         shutil.copyfile(src, out / src.name)
         if src.suffix != ".json":
             continue
-        original = json.loads(src.read_text())
-        content = copy.deepcopy(original)
+        content = json.loads(src.read_text())
         if src.name == "config.json":
             for section in [content] + [v for v in content.values() if isinstance(v, dict)]:
-                for key in ("dtype", "torch_dtype"):
-                    if key in section:
-                        section[key] = dtype
+                section.update({key: dtype for key in ("dtype", "torch_dtype") if key in section})
             if "dtype" not in content and "torch_dtype" not in content:
                 content["dtype"] = dtype
         elif isinstance(content, dict) and content.get("processor_class") in VISRL_PROCESSORS:
             content["processor_class"] = VISRL_PROCESSORS[content["processor_class"]]
-            video_config = any((base / n).is_file() for n in ("video_preprocessor_config.json", "preprocessor_config.json"))
+            video_config = any((base / n).is_file() for n in ("video_preprocessor_config.json",
+                                                               "preprocessor_config.json"))
             if "image_processor" in content and "video_processor" not in content and not video_config:
                 image = content["image_processor"]
                 content["video_processor"] = {"video_processor_type": "Qwen2VLVideoProcessor",
                                               **{k: image[k] for k in PROCESSOR_KEYS if k in image}}
-        if content == original:
-            continue
-        (out / src.name).write_text(json.dumps(content, indent=2) + "\n")
-        changed.append(src.name)
+        if content != json.loads(src.read_text()):
+            (out / src.name).write_text(json.dumps(content, indent=2) + "\n")
+            changed.append(src.name)
     return changed
-
 
 def write_merged(base: Path, adapter: Path, out: Path, dtype: str, max_shard_size: str) -> dict:
     """Base + adapter chain merged in float32, cast once to `dtype`, saved as a Hugging Face checkpoint."""
-    # float32 so the chain's merges do not round in bf16 at each level; one rounding at the end
-    net, _ = modeling.load_model(str(base), dtype=torch.float32)
-    modeling.load_adapter(net, adapter)  # rebuilds base + every parent (merged) + this adapter
-    modeling.merge_lora(net)
-    assert not modeling.lora_modules(net)
+    net, _ = model.load_model(str(base), dtype=torch.float32)  # not bf16: the chain's merges round once, at the end
+    model.load_adapter(net, adapter)  # rebuilds base + every parent (merged) + this adapter
+    model.merge_lora(net)
+    assert not model.lora_modules(net)
     net.to(getattr(torch, dtype))
     net.save_pretrained(out, max_shard_size=max_shard_size)  # safetensors, the original key layout, index if sharded
     return {"files_changed": copy_base_files(base, out, dtype)}
 
-
-def write_peft(base: Path, chain: list[tuple[Path, modeling.LoRAConfig]], out: Path, dtype: str) -> dict:
+def write_peft(base: Path, chain: list[tuple[Path, model.LoRAConfig]], out: Path, dtype: str) -> dict:
     """The chain as one PEFT LoRA (see `stacked_lora`) for the raw base: adapter_config.json + weights."""
     stacked, rank = stacked_lora(chain)
-    # The base's module tree, on the meta device (no weights read): checks every factor fits its
-    # nn.Linear, and finds same-named linears the adapter must not touch (Qwen2.5-VL's vision MLP
-    # has gate/up/down_proj too; PEFT matches target_modules by leaf name).
-    config_cls, model_cls, _ = modeling.ARCHS[json.loads((base / "config.json").read_text())["model_type"]]
+    # The base's module tree on the meta device (no weights read): every factor must fit its nn.Linear, and same-named
+    # linears the adapter must not touch are excluded (PEFT matches leaf names; Qwen2.5-VL's vision MLP has them too).
+    config_cls, model_cls, _ = model.ARCHS[json.loads((base / "config.json").read_text())["model_type"]]
     with torch.device("meta"):
-        linears = {n: m for n, m in model_cls(config_cls.from_pretrained(base)).named_modules() if isinstance(m, nn.Linear)}
+        net = model_cls(config_cls.from_pretrained(base))
+    linears = {n: m for n, m in net.named_modules() if isinstance(m, nn.Linear)}
     for name, (a, b) in stacked.items():
         if name not in linears or (linears[name].out_features, linears[name].in_features) != (b.shape[0], a.shape[1]):
             raise data.UserError(f"adapter module {name} ({b.shape[0]}x{a.shape[1]}) is not a linear of {base}")
     leaves = sorted({n.rsplit(".", 1)[-1] for n in stacked})
     exclude = sorted(n for n in linears if n.rsplit(".", 1)[-1] in leaves and n not in stacked)
-    weights = {}
-    for name, (a, b) in stacked.items():
-        weights[f"base_model.model.{name}.lora_A.weight"] = a.to(getattr(torch, dtype)).contiguous()
-        weights[f"base_model.model.{name}.lora_B.weight"] = b.to(getattr(torch, dtype)).contiguous()
+    weights = {f"base_model.model.{name}.lora_{ab}.weight": factor.to(getattr(torch, dtype)).contiguous()
+               for name, factors in stacked.items() for ab, factor in zip("AB", factors)}
     save_file(weights, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {  # PEFT's LoraConfig fields; scaling = lora_alpha / r = 1 (each s_i is folded into B)
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base), "revision": None,
@@ -166,18 +143,9 @@ def write_peft(base: Path, chain: list[tuple[Path, modeling.LoRAConfig]], out: P
         "exclude_modules": exclude or None, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
         "use_dora": False, "lora_bias": False, "modules_to_save": None, "init_lora_weights": True,
         "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
-        "auto_mapping": None, "inference_mode": True,
-    }
+        "auto_mapping": None, "inference_mode": True}
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return {"rank": rank, "modules": len(stacked)}
-
-
-def _check_out(out: Path, overwrite: bool, inputs: list[Path]) -> None:
-    """Refuse an --out that would lose data: non-empty without --overwrite, or overlapping an input."""
-    existing = sorted(out.iterdir()) if out.is_dir() else []
-    runs.check_out(out, [p.name for p in existing], inputs=[("input", path) for path in inputs],
-                   overwrite=overwrite, resumable=False)
-
 
 def _commit(tmp: Path, out: Path) -> None:
     """Move the finished temporary directory to `out` (a rename: --out is either old or complete)."""
@@ -198,29 +166,28 @@ def _commit(tmp: Path, out: Path) -> None:
     else:
         os.replace(tmp, out)  # rename onto an absent or empty directory
 
-
 def export_command(cfg: ExportConfig) -> Path:
     """Run `visrl.py export`: check the inputs, write into a temporary directory, rename it to --out."""
-    chain = modeling.adapter_chain(cfg.adapter)
-    model = cfg.model or chain[-1][1].base_model
-    if not model:
+    chain = model.adapter_chain(cfg.adapter)
+    base_name = cfg.model or chain[-1][1].base_model
+    if not base_name:
         raise data.UserError(f"{cfg.adapter}/adapter_config.json records no base_model; pass --model")
-    base = modeling.resolve_model_path(model).resolve()
+    base = model.resolve_model_path(base_name).resolve()
     out = Path(cfg.out).resolve()  # a real name and parent even for `--out .`
-    _check_out(out, cfg.overwrite, [base] + [path for path, _ in chain])
+    existing = [p.name for p in sorted(out.iterdir())] if out.is_dir() else []  # any file: --overwrite or refused
+    runs.check_out(out, existing, inputs=[("input", base)] + [("input", path) for path, _ in chain],
+                   overwrite=cfg.overwrite, resumable=False)
     dtype = (base_dtype(base) if cfg.format == "merged" else "float32") if cfg.dtype == "auto" else cfg.dtype
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # same filesystem: rename is atomic
     try:
-        if cfg.format == "merged":
-            details = write_merged(base, Path(cfg.adapter), tmp, dtype, cfg.max_shard_size)
-        else:
-            details = write_peft(base, chain, tmp, dtype)
+        details = (write_merged(base, Path(cfg.adapter), tmp, dtype, cfg.max_shard_size) if cfg.format == "merged"
+                   else write_peft(base, chain, tmp, dtype))
         provenance = {"format": cfg.format, "dtype": dtype, "base_model": str(base), **details,
                       "adapters": [{"path": str(path.resolve()), **asdict(c)} for path, c in chain]}
         (tmp / "visrl_export.json").write_text(json.dumps(provenance, indent=2) + "\n")
         if chain[-1][1].convention:  # prompts, crop, pixel cap, box form: evaluate/serve on the export keep them
-            (tmp / modeling.CONVENTION_FILE).write_text(json.dumps(chain[-1][1].convention, indent=2) + "\n")
+            (tmp / runs.CONVENTION_FILE).write_text(json.dumps(chain[-1][1].convention, indent=2) + "\n")
         _commit(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,35 +1,30 @@
 """Model side of visrl: loading Qwen2-VL / Qwen2.5-VL, hand-written LoRA, generation, processes and sharding.
 
-A checkpoint directory (real or tiny) is read by `load_model`; `--model tiny` is built on first use by
-synth.build_tiny (random weights, so that everything runs offline). LoRA wraps `nn.Linear`s of the language model in place,
-keeping the base parameter names, so base weights save and load under their Hugging Face names.
+`--model tiny` is built on first use by synth.build_tiny (random weights: everything runs offline). LoRA wraps
+the language model's `nn.Linear`s in place, keeping the base parameter names: weights keep their Hugging Face names.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
 import math
 import os
+import signal
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable, Iterator, Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers import (
-    AutoProcessor,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLProcessor,
-    Qwen2VLConfig,
-    Qwen2VLForConditionalGeneration,
-    Qwen2VLProcessor,
-)
+from transformers import (AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                          Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor)
 from transformers.utils import logging as hf_logging
 
 import chat
@@ -40,10 +35,7 @@ import synth
 hf_logging.disable_progress_bar()  # per-shard bars on a tiny checkpoint are noise; our own tqdm shows progress
 
 # --------------------------------------------------------------------------------------------
-# Image-only processors. The stock processors want a video processor, which needs torchvision;
-# these pass video_processor=None. Registered with AutoProcessor so that `from_pretrained` on a
-# directory saved by them returns the same class.
-
+# Image-only processors (the stock video processor needs torchvision), registered so AutoProcessor loads them back.
 
 class Qwen2_5_VLImageProcessor(Qwen2_5_VLProcessor):
     """Qwen2.5-VL processor without the video processor (no torchvision needed)."""
@@ -51,31 +43,25 @@ class Qwen2_5_VLImageProcessor(Qwen2_5_VLProcessor):
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor, tokenizer, video_processor=None, chat_template=chat_template)
 
-
 class Qwen2VLImageProcessor(Qwen2VLProcessor):
     """Qwen2-VL processor without the video processor (no torchvision needed)."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor, tokenizer, video_processor=None, chat_template=chat_template)
 
-
 AutoProcessor.register(Qwen2_5_VLConfig, Qwen2_5_VLImageProcessor, exist_ok=True)
 AutoProcessor.register(Qwen2VLConfig, Qwen2VLImageProcessor, exist_ok=True)
 
 # model_type in config.json -> (config class, model class, processor class)
-ARCHS = {
-    "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLImageProcessor),
-    "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor),
-}
+ARCHS = {"qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLImageProcessor),
+         "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor)}
 
 def make_tiny(out_dir: str | Path, cfg: synth.TinyConfig = synth.TinyConfig()) -> Path:
     """Write the tiny checkpoint directory (synth.build_tiny with this module's classes for its arch)."""
     _, model_cls, processor_cls = ARCHS[synth.TINY_ARCHS[cfg.arch]]
     return synth.build_tiny(out_dir, cfg, model_cls, processor_cls)
 
-
 TINY_NAMES = ("tiny", "tiny-qwen2.5-vl", "tiny-qwen2-vl")  # the built-in model's names for --model
-
 
 def resolve_model_path(model: str) -> Path:
     """`tiny` / `tiny-qwen2-vl` -> the cached tiny checkpoint (built on first use); else the path."""
@@ -93,59 +79,68 @@ def resolve_model_path(model: str) -> Path:
                              "pass a checkpoint directory, `tiny` or `tiny-qwen2-vl`")
     return path
 
+@dataclass
+class TinyArgs:
+    """Write the built-in tiny checkpoint directory (random weights, BPE trained on the spot)."""
 
-def read_json(path: Path, what: str) -> dict:
-    """A JSON object from a file we read as input; any failure is a UserError naming the file."""
-    try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise data.UserError(f"{path}: cannot read the {what}: {e}") from e
-    if not isinstance(value, dict):
-        raise data.UserError(f"{path}: the {what} is not a JSON object")
-    return value
+    out: str = "tiny-model"  # the directory to write (absent or empty)
+    arch: Literal["qwen2.5-vl", "qwen2-vl"] = "qwen2.5-vl"  # the architecture it has
+    seed: int = 0  # its random weights
 
+def tiny_command(args: TinyArgs) -> Path:
+    """`visrl.py tiny`: the tiny checkpoint in a directory of its own (the cache keeps its own copy)."""
+    data.check_new_dir(args.out)
+    path = make_tiny(args.out, synth.TinyConfig(arch=args.arch, seed=args.seed))
+    print(f"tiny {args.arch} checkpoint written to {path}")
+    return path
 
 # what a corrupt or mismatched checkpoint makes transformers / safetensors raise
 CHECKPOINT_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
 
-
-def load_model(model: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               max_pixels: int = chat.UPSTREAM_MAX_PIXELS):
-    """Load (model, processor) from a Qwen2-VL / Qwen2.5-VL checkpoint directory or `tiny`; the processor's
-    images are first capped at max_pixels (chat.fit_image; 0: no cap)."""
+def _checkpoint(model: str) -> tuple[Path, type, type]:
+    """(directory, model class, processor class) of a checkpoint directory or `tiny`."""
     path = resolve_model_path(model)
-    model_type = read_json(path / "config.json", "checkpoint config").get("model_type")
+    model_type = runs.read_json(path / "config.json", "checkpoint config").get("model_type")
     if model_type not in ARCHS:
         raise data.UserError(f"{path}/config.json: model_type {model_type!r} is not one of {sorted(ARCHS)}")
-    _, model_cls, processor_cls = ARCHS[model_type]
+    return path, ARCHS[model_type][1], ARCHS[model_type][2]
+
+def load_processor(model: str, max_pixels: int = runs.UPSTREAM_MAX_PIXELS):
+    """The checkpoint's processor (tokenizer, image processor); images capped at max_pixels first (0: no cap)."""
+    path, _, processor_cls = _checkpoint(model)
+    try:
+        processor = processor_cls.from_pretrained(path)
+    except CHECKPOINT_ERRORS as e:
+        raise data.UserError(f"{path}: unusable checkpoint ({type(e).__name__}: {str(e)[:300]})") from e
+    processor.image_processor.visrl_max_pixels = max_pixels  # read by chat.fit_image and chat.image_grid
+    return processor
+
+def load_model(model: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               max_pixels: int = runs.UPSTREAM_MAX_PIXELS):
+    """(model, processor) of a Qwen2-VL / Qwen2.5-VL checkpoint directory or `tiny` (load_processor)."""
+    path, model_cls, _ = _checkpoint(model)
+    processor = load_processor(model, max_pixels)
     try:
         net = model_cls.from_pretrained(path, dtype=dtype)
-        processor = processor_cls.from_pretrained(path)
     except torch.OutOfMemoryError:
         raise  # not the checkpoint's fault
     except CHECKPOINT_ERRORS as e:
         raise data.UserError(f"{path}: unusable checkpoint ({type(e).__name__}: {str(e)[:300]})") from e
-    net = net.to(device)
     net.name_or_path = str(path)
-    processor.image_processor.visrl_max_pixels = max_pixels  # read by chat.fit_image and chat.image_grid
-    return net, processor
-
+    return net.to(device), processor
 
 def load(model: str, adapter: str | None = None, device: str = "auto", dtype: str = "auto",
-         max_pixels: int = chat.UPSTREAM_MAX_PIXELS):
+         max_pixels: int = runs.UPSTREAM_MAX_PIXELS):
     """(net, processor) for inference: the checkpoint with its adapter chain merged, in eval mode."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     net, processor = load_model(model, dtype=resolve_dtype(dtype, device), device=device, max_pixels=max_pixels)
     if adapter:
         load_adapter(net, adapter)
         merge_lora(net)  # plain linears: faster inference, same outputs
-    net.eval()
-    return net, processor
-
+    return net.eval(), processor
 
 # --------------------------------------------------------------------------------------------
 # LoRA, by hand: y = W x + (alpha / r) * B A dropout(x), with B = 0 at the start.
-
 
 class LoRALinear(nn.Linear):
     """An nn.Linear with a low-rank adapter; keeps `weight`/`bias` so base keys are unchanged."""
@@ -154,9 +149,8 @@ class LoRALinear(nn.Linear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
-        dev = base.weight.device
-        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=dev, dtype=torch.float32)
-        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=dev, dtype=torch.float32)
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=base.weight.device, dtype=torch.float32)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=base.weight.device, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as PEFT and the LoRA paper's code
         nn.init.zeros_(self.lora_B.weight)
         self.scaling = alpha / rank
@@ -170,34 +164,49 @@ class LoRALinear(nn.Linear):
         delta = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
         return out + (self.scaling * delta).to(out.dtype)
 
-
 @dataclass
 class TrainConfig(runs.RunConfig):
     """What SFT and DPO share besides the run: optimizer, batches, the LoRA to train, checkpoints."""
 
-    epochs: float = 3.0
-    max_steps: int = -1  # optimizer steps; overrides epochs when > 0
-    lr: float = 1e-4
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    batch_size: int = 2  # per process per micro-step (upstream SFT: 2)
+    epochs: float = 3.0  # passes over the training items (upstream SFT: 3)
+    max_steps: int = -1  # optimizer steps; overrides --epochs when > 0
+    lr: float = 1e-4  # peak learning rate of AdamW (upstream SFT: 1e-4)
+    warmup_ratio: float = 0.1  # linear warm-up over this share of the steps, then cosine to 0 (upstream: 0.1)
+    batch_size: int = 2  # items per process per micro-step (upstream SFT: 2)
     grad_accum: int = 8  # micro-steps per optimizer step (upstream: 8)
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "all"  # `all` linear layers of the language model, or e.g. `q_proj,v_proj`
-    max_len: int = 2048  # longer samples are dropped whole (never cut through image tokens)
-    error_on_long: bool = False  # raise instead of dropping over-long samples
-    grad_checkpointing: bool = False
-    log_every: int = 1
+    lora_rank: int = 8  # rank of the adapter on every targeted linear (upstream: 8)
+    lora_alpha: float = 16.0  # the adapter's scale is alpha / rank (upstream: 16)
+    lora_targets: str = "all"  # `all` linear layers of the language model (upstream), or e.g. `q_proj,v_proj`
+    max_len: int = 2048  # longer samples are dropped whole and counted, never cut through image tokens (upstream: 2048)
+    grad_checkpointing: bool = False  # recompute each decoder layer's activations in backward: less memory, slower
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end or on SIGTERM/SIGINT)
-    keep_checkpoints: int = 2
     resume: bool = False  # continue the run in --out from its newest complete checkpoint
     val_fraction: float = 0.1  # held out (whole records / pairs, chosen by --seed) for the eval loss; upstream val_size
     eval_every: int = 0  # optimizer steps between eval losses in metrics.jsonl (0: once, at the end)
-    fsdp: bool = True  # under torchrun: shard with FSDP2 (--no-fsdp: replicate, all-reduce gradients)
 
+    # bookkeeping, and how long it runs (to extend a finished run)
+    rerun_may_change = runs.RunConfig.rerun_may_change + ("resume", "save_every", "max_steps", "epochs", "eval_every")
+
+    def check(self) -> None:
+        """Refuse settings that contradict each other, before any work (each stage's config adds its own)."""
+
+@dataclass
+class Stage:
+    """What the one training loop (visrl.train) needs from an objective, built by visrl.build_sft or dpo.build: the
+    objective is an nn.Module (FSDP2's root unit) with forward(batch, counts) -> (loss, stats), where counts are
+    step_counts(micro-batches) summed over ranks (the step's normaliser) and stats are summed for the log;
+    item_counts(items) is the normaliser of the held-out items; log_fields(stats, counts, loss) the row's fields."""
+
+    name: str  # in the progress bar and messages: "sft", "dpo stage 2"
+    items: list  # what batches draw from: SFT samples, or DPO pairs (each a list of PairSamples)
+    val_items: list  # held out: their loss goes into metrics.jsonl
+    collate: Callable[[list], dict]  # items -> one batch
+    objective: nn.Module
+    summary: str  # what was built, one line: "64 records -> 171 samples (+ 21 held out)"
+    about_model: str  # the model side of the run's summary line (trainable parameters, the reference)
+    # this rank's micro-batches of item indices from an optimizer step on (None: every item, shuffled per epoch)
+    batches: Callable[[int], Iterator[list[int]]] | None = None
+    on_start: Callable[[], None] | None = None  # run by rank 0 once --out is ready (e.g. write the reference table)
 
 @dataclass
 class LoRAConfig:
@@ -214,47 +223,35 @@ class LoRAConfig:
     base_sha256: str = ""  # the base checkpoint's config and tokenizer files: another base model is an error
     convention: dict | None = None  # prompts, crop, max_pixels, box_form it was trained with (resolve_convention)
 
-
 def language_model(model: nn.Module) -> nn.Module:
     """The text decoder (the part LoRA adapts; the vision tower and merger stay frozen)."""
     return model.model.language_model
-
 
 def lora_target_names(model: nn.Module, targets: str = "all") -> list[str]:
     """Full module names of the nn.Linears LoRA wraps."""
     wanted = None if targets == "all" else {t.strip() for t in targets.split(",") if t.strip()}
     prefix = next(n for n, m in model.named_modules() if m is language_model(model))
-    names = []
-    for name, module in language_model(model).named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in ("lora_A", "lora_B"):  # an adapter's own factors are not targets
-            continue
-        if isinstance(module, nn.Linear) and (wanted is None or leaf in wanted):
-            names.append(f"{prefix}.{name}")
+    leaves = ((name, name.rsplit(".", 1)[-1], m) for name, m in language_model(model).named_modules())
+    names = [f"{prefix}.{name}" for name, leaf, m in leaves  # an adapter's own lora_A / lora_B are not targets
+             if isinstance(m, nn.Linear) and leaf not in ("lora_A", "lora_B") and (wanted is None or leaf in wanted)]
     if not names:
         raise data.UserError(f"LoRA targets {targets!r} match no linear layer of the language model")
     return names
 
-
 def add_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     """Freeze the model and wrap the target linears with fresh adapters; returns the wrapped names."""
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     names = lora_target_names(model, cfg.targets)
     for name in names:
-        parent_name, child = name.rsplit(".", 1)
-        parent = model.get_submodule(parent_name)
-        base = getattr(parent, child)
+        base = model.get_submodule(name)
         if isinstance(base, LoRALinear):
             raise ValueError(f"{name} already has an adapter; merge it first")
-        setattr(parent, child, LoRALinear(base, cfg.rank, cfg.alpha, cfg.dropout))
+        model.set_submodule(name, LoRALinear(base, cfg.rank, cfg.alpha, cfg.dropout))
     return names
-
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     """Every adapted linear, by module name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
-
 
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module):
@@ -268,28 +265,20 @@ def adapters_disabled(model: nn.Module):
         for m in modules:
             m.adapter_enabled = True
 
-
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> None:
     """Fold every adapter into its base weight (W += alpha/r * B A) and unwrap to plain nn.Linear."""
     for name, m in lora_modules(model).items():
-        delta = m.scaling * (m.lora_B.weight.float() @ m.lora_A.weight.float())
         merged = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
                            device=m.weight.device, dtype=m.weight.dtype)
-        merged.weight.copy_(m.weight.float() + delta)
+        merged.weight.copy_(m.weight.float() + m.scaling * (m.lora_B.weight.float() @ m.lora_A.weight.float()))
         if m.bias is not None:
             merged.bias.copy_(m.bias)
-        merged.weight.requires_grad_(False)
-        if merged.bias is not None:
-            merged.bias.requires_grad_(False)
-        parent_name, child = name.rsplit(".", 1)
-        setattr(model.get_submodule(parent_name), child, merged)
-
+        model.set_submodule(name, merged.requires_grad_(False))
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the adapter weights, keyed `<module>.lora_A.weight` / `<module>.lora_B.weight`."""
     return {k: v.detach() for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
-
 
 def save_adapter(model: nn.Module, out_dir: str | Path, cfg: LoRAConfig,
                  state: dict[str, torch.Tensor] | None = None) -> Path:
@@ -306,58 +295,21 @@ def save_adapter(model: nn.Module, out_dir: str | Path, cfg: LoRAConfig,
     (out_dir / "adapter_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     return out_dir
 
-
 def read_adapter_config(adapter_dir: str | Path) -> LoRAConfig:
     """The LoRAConfig saved beside an adapter."""
     path = Path(adapter_dir) / "adapter_config.json"
     if not path.is_file():
         raise data.UserError(f"{path}: missing; {adapter_dir} is not an adapter directory")
-    fields = read_json(path, "adapter config")
     try:
-        return LoRAConfig(**fields)
+        return LoRAConfig(**runs.read_json(path, "adapter config"))
     except TypeError as e:
         raise data.UserError(f"{path}: not an adapter config written by visrl ({e})") from e
 
-
-CONVENTION_FILE = "visrl_convention.json"  # an exported model's convention (export.py writes it)
-
-
-def recorded_convention(model: str, adapter: str | None) -> tuple[dict, str]:
-    """The convention the adapter (else an exported model) was trained with, and where it was read; {} if none."""
-    if adapter:
-        return read_adapter_config(adapter).convention or {}, f"the adapter {adapter}"
-    path = Path(model) / CONVENTION_FILE  # the built-in tiny models have none
-    return (read_json(path, "convention") if path.is_file() else {}), f"the model {model}"
-
-
-def resolve_convention(cfg):
-    """cfg with its convention (runs.ConventionArgs) resolved: as given, else as the adapter or exported model
-    recorded it, else upstream VisRL's. A given value that contradicts the record is an error unless
-    --mix-conventions: a chain sft -> generate -> dpo -> eval uses one prompt set, crop, pixel cap, box form."""
-    recorded, where = recorded_convention(cfg.model, cfg.adapter)
-    values = {}
-    for name, default in chat.UPSTREAM_CONVENTION.items():
-        given, had = getattr(cfg, name), recorded.get(name)
-        if given is not None and had is not None and given != had and not cfg.mix_conventions:
-            flag = "--" + name.replace("_", "-")
-            raise data.UserError(f"{flag} {given}: {where} was trained with {flag} {had}; a chain keeps one "
-                                 f"convention (leave {flag} out, or add --mix-conventions to mean it)")
-        values[name] = given if given is not None else had if had is not None else default
-    return replace(cfg, **values)
-
-
-def convention_of(cfg) -> dict:
-    """The resolved convention as recorded in an adapter config or an export."""
-    return {name: getattr(cfg, name) for name in chat.UPSTREAM_CONVENTION}
-
-
 BASE_FINGERPRINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")  # not the image processor's
 
-
 def base_fingerprint(checkpoint: str | Path) -> str:
-    """sha256 of a checkpoint's config and tokenizer files and a sample of its weights (each shard's size and
-    the MiB in its middle: cheap for 15 GB): an adapter records it, so loading it onto another base (a
-    rebuilt tiny model, another fine-tune of the same architecture) is caught."""
+    """sha256 of a checkpoint's config and tokenizer files and of each shard's size and middle MiB (cheap for 15 GB):
+    an adapter records it, so loading it onto another base (a rebuilt tiny model, another fine-tune) is caught."""
     digest = hashlib.sha256()
     for name in BASE_FINGERPRINT_FILES:
         path = Path(checkpoint) / name
@@ -369,7 +321,6 @@ def base_fingerprint(checkpoint: str | Path) -> str:
             digest.update(f"{shard.name}:{size}".encode() + f.read(1 << 20))
     return digest.hexdigest()
 
-
 def adapter_fingerprint(adapter: str | Path) -> str:
     """sha256 of an adapter's weights and config: what a child adapter records of its parent."""
     digest = hashlib.sha256()
@@ -378,7 +329,6 @@ def adapter_fingerprint(adapter: str | Path) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
-
 
 def adapter_chain(adapter: str | Path) -> list[tuple[Path, LoRAConfig]]:
     """The adapter and its `parent_adapter`s, root first (the order `load_adapter` applies them); a parent
@@ -401,16 +351,14 @@ def adapter_chain(adapter: str | Path) -> list[tuple[Path, LoRAConfig]]:
         if not path.exists() and cfg.parent_relative and (child / cfg.parent_relative).exists():
             path = child / cfg.parent_relative  # the runs folder moved; the content hash still vouches for it
 
-
 def input_dirs(model: str | None, adapter: str | None) -> list[tuple[str, Path]]:
-    """The directories a command reads weights from, for the --out checks: the checkpoint (not the built-in
-    tiny one, which lives in the cache) and the adapter with every parent."""
+    """The directories a command reads weights from, for the --out checks: the checkpoint (not the built-in tiny
+    one, which lives in the cache) and the adapter with every parent."""
     dirs = [] if model is None or model in TINY_NAMES else [("--model", resolve_model_path(model))]
     if adapter:
         chain = adapter_chain(adapter)[::-1]  # this adapter first
         dirs += [("--adapter" if i == 0 else "parent adapter", path) for i, (path, _) in enumerate(chain)]
     return dirs
-
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAConfig:
     """Rebuild the adapter's stack on the model: each parent loaded and merged, root first, then this adapter
@@ -440,16 +388,12 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAConfig:
             merge_lora(model)
     return chain[-1][1]
 
-
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters with requires_grad (the adapters, unless the caller unfroze more)."""
     return [p for p in model.parameters() if p.requires_grad]
 
-
-
 # --------------------------------------------------------------------------------------------
 # Generation with the in-process model: many prompts per batch, left padding, KV cache.
-
 
 @dataclass
 class Sampling:
@@ -460,11 +404,20 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0
 
+class Reply(str):
+    """A reply's text, and beside it what an OpenAI-style server reports: prompt and completion tokens, and why it
+    ended ("stop": a stop token, counted among the completion tokens; "length": the token limit)."""
+
+    def __new__(cls, text: str, prompt_tokens: int, completion_tokens: int, finish_reason: str):
+        reply = super().__new__(cls, text)
+        reply.prompt_tokens, reply.completion_tokens = prompt_tokens, completion_tokens
+        reply.finish_reason = finish_reason
+        return reply
 
 @torch.no_grad()
 def sample(net: nn.Module, processor, prompts: list, sampling: Sampling = Sampling(),
-             batch_size: int = 8, seed: int | None = None) -> list[str]:
-    """Reply text for each (messages, images) prompt, rendered by chat.render_chat; batched, left-padded."""
+           batch_size: int = 8, seed: int | None = None) -> list[Reply]:
+    """The Reply for each (messages, images) prompt, rendered by chat.render_chat; batched, left-padded."""
     tokenizer, image_processor = processor.tokenizer, processor.image_processor
     pad_id, image_token_id = tokenizer.pad_token_id, net.config.image_token_id
     stop_ids = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
@@ -478,12 +431,9 @@ def sample(net: nn.Module, processor, prompts: list, sampling: Sampling = Sampli
         chunk = prompts[start:start + batch_size]
         rows = [chat.encode(tokenizer, image_processor, messages, [im.size for im in images])[0]
                 for messages, images in chunk]
-        length = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, row in enumerate(rows):  # left padding: every prompt ends where generation starts
-            input_ids[i, length - len(row):] = torch.as_tensor(row)
-            attention_mask[i, length - len(row):] = 1
+        length = max(len(r) for r in rows)  # left padding: every prompt ends where generation starts
+        input_ids = torch.tensor([[pad_id] * (length - len(r)) + r for r in rows])  # [B, length]
+        attention_mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
         images = [im for _, ims in chunk for im in ims]
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
                   "mm_token_type_ids": (input_ids == image_token_id).int()}
@@ -492,19 +442,18 @@ def sample(net: nn.Module, processor, prompts: list, sampling: Sampling = Sampli
             inputs.update(pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"])
         inputs = {k: v.to(device) for k, v in inputs.items()}
         sample = sampling.temperature > 0
-        out = net.generate(
-            **inputs, max_new_tokens=sampling.max_new_tokens, do_sample=sample,
-            temperature=sampling.temperature if sample else None, top_p=sampling.top_p if sample else None,
-            top_k=sampling.top_k if sample else None, pad_token_id=pad_id, eos_token_id=stop_ids, use_cache=True,
-        )  # [B, length + new]
-        replies += tokenizer.batch_decode(out[:, length:], skip_special_tokens=True)
+        new = net.generate(**inputs, max_new_tokens=sampling.max_new_tokens, do_sample=sample, pad_token_id=pad_id,
+                           eos_token_id=stop_ids, use_cache=True, temperature=sampling.temperature if sample else None,
+                           top_p=sampling.top_p if sample else None, top_k=sampling.top_k if sample else None)
+        new = new[:, length:]  # [B, new tokens]
+        for row, text, tokens in zip(rows, tokenizer.batch_decode(new, skip_special_tokens=True), new.tolist()):
+            end = next((k + 1 for k, t in enumerate(tokens) if t in stop_ids), None)  # the stop token counts
+            replies.append(Reply(text, len(row), end or len(tokens), "stop" if end else "length"))
     net.train(was_training)
     return replies
 
-
 # --------------------------------------------------------------------------------------------
 # Processes, devices and FSDP2 sharding for torchrun runs.
-
 
 @dataclass
 class Dist:
@@ -518,7 +467,6 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
-
 def setup_distributed(device: str = "auto") -> Dist:
     """Join torchrun's process group if launched by torchrun (nccl on CUDA, gloo on CPU)."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
@@ -526,11 +474,11 @@ def setup_distributed(device: str = "auto") -> Dist:
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
+        runs.die_with_parent(signal.SIGKILL)  # torchrun's ranks run in a session of their own: see there
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Dist(rank, world_size, dev)
-
+        atexit.register(dist.destroy_process_group)  # a group torn down by interpreter exit can abort the rank
+    return Dist(rank, world_size, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
 
 def all_reduce_sum(value: torch.Tensor, world: Dist) -> torch.Tensor:
     """value summed over ranks, in place (unchanged in a single process)."""
@@ -538,16 +486,13 @@ def all_reduce_sum(value: torch.Tensor, world: Dist) -> torch.Tensor:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
 
-
 def to_device(batch: dict, device: torch.device) -> dict:
     """A batch's tensors moved to device (non-tensor fields kept)."""
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-
 def autocast_for(device: torch.device):
     """bf16 autocast on CUDA; a no-op on CPU (fp32 there)."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """`auto` = bf16 weights on CUDA (adapters stay fp32), fp32 on CPU."""
@@ -555,27 +500,22 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
-
-
 def shard(root: nn.Module, net: nn.Module, mixed_precision: bool) -> None:
-    """FSDP2 (`fully_shard`): each decoder layer, the vision tower as one unit, then `root` (the
-    module whose forward computes the training objective, holding the rest: embeddings, final
-    norm, lm_head). Frozen base and trainable LoRA weights share units. Gradients are summed over
-    ranks, not averaged: losses are already normalised by global counts."""
+    """FSDP2 (`fully_shard`): each decoder layer, the vision tower as one unit, then `root` (the module whose forward
+    computes the training objective, holding the rest: embeddings, final norm, lm_head). Frozen base and trainable
+    LoRA weights share units. Gradients are summed over ranks, not averaged: losses are normalised by global counts."""
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if mixed_precision else MixedPrecisionPolicy())
     for layer in language_model(net).layers:
         fully_shard(layer, mp_policy=policy)
-    # its own unit: generate() and the DPO feature pass call the tower outside the root's forward
-    fully_shard(net.model.visual, mp_policy=policy)
+    fully_shard(net.model.visual, mp_policy=policy)  # own unit: called outside root's forward (generate, DPO features)
     fully_shard(root, mp_policy=policy)
     for module in root.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no pre-scaled sum
-
 
 @contextlib.contextmanager
 def unsharded(root: nn.Module):

@@ -1,21 +1,6 @@
-"""The built-in assets every command can run on offline: the synthetic intention-driven VQA set (`--data
-synth`) and, at the end of this file, the tiny checkpoint (`--model tiny`).
-
-A 1344 px square page holds 3-5 square frames centred in cells of a 4 x 4 grid of 336 px, among grey
-clutter: the question's frame has a coloured border, the others (distractors) grey ones. Each frame is
-filled with a different pattern (stripes, checks, dots, grid; a 12 px period) of black and a light
-colour (the question frame's says where its cell is; the distractors' is grey). The question names the
-frame by its colour and asks for its pattern. The tiny model sees the whole page at 112 x 112
-(1/12 scale): the frames show, but every pattern averages to a flat colour (the same for every
-pattern in a cell). The Visual-CoT crop around the frame (~288 px) is seen at ~0.39 scale, where the
-pattern's 4-5 px period is plain. So the answer needs the crop, and the crop needs the right box: a
-wrong frame's crop reads another pattern. Written in Visual-CoT's metadata format with PNG images, so
-`data.read_records` reads it like any other set.
-
-Why the distractors are grey (version 3): with 3-5 frames of different named colours, picking the frame
-whose colour the question names (a colour word matched to a vision token) is not learnt by the random
-tiny model in thousands of full-parameter steps (measured: README, "What the tiny model learns");
-finding the one coloured frame among grey ones is learnt in a few hundred LoRA steps.
+"""The built-in assets every command can run on offline: the synthetic intention-driven VQA set (`--data synth`)
+and, at the end of this file, the tiny checkpoint (`--model tiny`). What a page shows, and why the answer needs the
+crop and the crop the right box: docs/guide.md, "The built-in tiny model and synthetic set".
 """
 
 import hashlib
@@ -50,37 +35,26 @@ _QUESTIONS = ("What pattern is inside the {} frame?", "Which pattern fills the {
 SYNTH_PATTERNS = ("horizontal", "vertical", "diagonal", "checkered", "dotted", "grid")
 _PERIOD = 12
 
-
 def _tint(col: int, row: int) -> tuple[int, int, int]:
-    """The light colour of a frame's pattern, saying where its cell is: red falls along x, blue along y.
-    Vision tokens carry no absolute position (Qwen's ViT and LM use rotary positions only), so without
-    it a model must learn to turn "which token" into coordinates; with it, the frame's pixels say it."""
+    """The light colour of a frame's pattern, saying where its cell is: red falls along x, blue along y. Vision tokens
+    carry no absolute position (Qwen's ViT and LM use rotary positions only), so the frame's pixels say it instead."""
     return (255 - 80 * col, 160, 255 - 80 * row)
 
-
 def _pattern(name: str, size: int, du: int, dv: int, light=(255, 255, 255)) -> np.ndarray:
-    """A black-and-`light` pattern, half dark on average, so that every pattern averages to the same flat
-    colour when downscaled."""
+    """A black-and-`light` pattern, half dark on average: downscaled, every pattern is the same flat colour."""
     v, u = np.mgrid[0:size, 0:size]
     u, v = (u + du) % _PERIOD, (v + dv) % _PERIOD
     half = _PERIOD / 2
     dark = {"horizontal": v < half, "vertical": u < half, "diagonal": ((u + v) % _PERIOD) < half,
-            "checkered": (u < half) ^ (v < half),
-            "dotted": (u - half + 0.5) ** 2 + (v - half + 0.5) ** 2 < 0.16 * _PERIOD ** 2,
-            "grid": (u < 3.5) | (v < 3.5)}[name]
+            "checkered": (u < half) ^ (v < half), "grid": (u < 3.5) | (v < 3.5),
+            "dotted": (u - half + 0.5) ** 2 + (v - half + 0.5) ** 2 < 0.16 * _PERIOD ** 2}[name]
     return np.where(dark[..., None], np.zeros(3, np.uint8), np.array(light, np.uint8))
 
-
-# Sizes. The page is a grid of CELL px cells so that, in the tiny model's 1/12 scale view, a cell is
-# one 28 px merged vision token; a frame sits at the centre of its cell (no jitter: the box text of
-# a cell is always the same string, so after SFT the loss left on a box is the cell choice alone).
-# Why patterns, not digits (the first version): in a few hundred LoRA steps the tiny model learns
-# what covers the whole crop (it reads a pattern after ~150 steps) but not a glyph's shape spread over
-# a few vision tokens (a 7-segment digit stayed at chance after 400 full-parameter steps).
+# The page is a grid of CELL px cells so that, in the tiny model's 1/12 scale view, a cell is one 28 px merged
+# vision token; a frame sits at the centre of its cell, so the box text of a cell is always the same string.
 SIDE, CELL = 1344, 336
 _FRAME_SIDE, _JITTER, BORDER, _N_FRAMES = 288, 0, 28, (3, 5)
 DISTRACTOR_BORDER, DISTRACTOR_LIGHT = (140, 140, 140), (200, 200, 200)
-
 
 def _synth_image(rng: random.Random):
     """One synthetic page and its frames [(color name, pattern, (x1, y1, x2, y2))], target first."""
@@ -106,25 +80,24 @@ def _synth_image(rng: random.Random):
     n = rng.randint(*_N_FRAMES)
     colors = rng.sample(sorted(SYNTH_COLORS), n)
     target = rng.randrange(len(SYNTH_PATTERNS))
-    kinds = [target] + rng.sample([d for d in range(len(SYNTH_PATTERNS)) if d != target], n - 1)  # a wrong crop reads wrong
+    # a wrong crop reads wrong: no distractor shares the target's pattern
+    kinds = [target] + rng.sample([d for d in range(len(SYNTH_PATTERNS)) if d != target], n - 1)
     cells = rng.sample(range((w // CELL) * (h // CELL)), n)
     frames = []  # (colour name, pattern, box); a distractor's colour name is what it would have been
     for color, kind, cell in zip(colors, kinds, cells):
         side = _FRAME_SIDE + rng.randint(-_JITTER, _JITTER)
-        cx, cy = (cell % (w // CELL)) * CELL, (cell // (w // CELL)) * CELL  # centred in its cell, jittered
-        x = cx + (CELL - side) // 2 + rng.randint(-_JITTER, _JITTER)
-        y = cy + (CELL - side) // 2 + rng.randint(-_JITTER, _JITTER)
+        row, col = divmod(cell, w // CELL)
+        x = col * CELL + (CELL - side) // 2 + rng.randint(-_JITTER, _JITTER)  # centred in its cell, jittered
+        y = row * CELL + (CELL - side) // 2 + rng.randint(-_JITTER, _JITTER)
         is_question = not frames  # the first frame drawn is the question's
         # PIL's rectangle includes its end pixel, so the frame covers exactly [x1, x2) x [y1, y2)
         draw.rectangle((x, y, x + side - 1, y + side - 1), fill=(255, 255, 255),
                        outline=SYNTH_COLORS[color] if is_question else DISTRACTOR_BORDER, width=BORDER)
-        inner = side - 2 * BORDER
-        light = _tint(cell % (w // CELL), cell // (w // CELL)) if is_question else DISTRACTOR_LIGHT
-        tile = Image.fromarray(_pattern(SYNTH_PATTERNS[kind], inner, rng.randrange(_PERIOD), rng.randrange(_PERIOD), light))
-        img.paste(tile, (x + BORDER, y + BORDER))
+        light = _tint(col, row) if is_question else DISTRACTOR_LIGHT
+        tile = _pattern(SYNTH_PATTERNS[kind], side - 2 * BORDER, rng.randrange(_PERIOD), rng.randrange(_PERIOD), light)
+        img.paste(Image.fromarray(tile), (x + BORDER, y + BORDER))
         frames.append((color, SYNTH_PATTERNS[kind], (x, y, x + side, y + side)))
     return img, frames
-
 
 def _synth_one(out: Path, split: str, i: int, seed: int) -> str:
     """Draw and save one synthetic image; its metadata line (JSON)."""
@@ -137,7 +110,6 @@ def _synth_one(out: Path, split: str, i: int, seed: int) -> str:
                        "image": rel, "question": rng.choice(_QUESTIONS).format(color), "answer": pattern,
                        "bboxs": [list(box)], "width": img.width, "height": img.height})
 
-
 def cache_key(seed: int, n_train: int, n_val: int, n_test: int) -> str:
     """What determines a synthetic set, hashed: this module's code (SYNTH_VERSION with it), the sizes, the seed
     and the versions of the libraries that draw and encode the images. Any change gives a new cache directory."""
@@ -145,9 +117,7 @@ def cache_key(seed: int, n_train: int, n_val: int, n_test: int) -> str:
              PIL.__version__, np.__version__]
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:12]
 
-
-def make_synth(out_dir, n_train: int = 2000, n_val: int = 200, n_test: int = 200,
-               seed: int = 0) -> dict[str, Path]:
+def make_synth(out_dir, n_train: int = 2000, n_val: int = 200, n_test: int = 200, seed: int = 0) -> dict[str, Path]:
     """Write the synthetic set (PNGs + train/val/test.jsonl in Visual-CoT's metadata format)."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -159,7 +129,6 @@ def make_synth(out_dir, n_train: int = 2000, n_val: int = 200, n_test: int = 200
             paths[split] = out / f"{split}.jsonl"
             paths[split].write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return paths
-
 
 def resolve_data(path: str, split: str = "train", seed: int = 0) -> Path:
     """`synth` -> the cached synthetic set (built on first use); a directory -> its `<split>.jsonl`."""
@@ -173,42 +142,32 @@ def resolve_data(path: str, split: str = "train", seed: int = 0) -> Path:
     p = Path(path)
     return p / f"{split}.jsonl" if p.is_dir() else p
 
-
 # --------------------------------------------------------------------------------------------
 # The tiny checkpoint: Qwen's special tokens and chat template, a byte-level BPE trained on the spot,
 # random weights. model.make_tiny / `--model tiny` call build_tiny with the classes of the arch.
 
 QWEN_SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
-    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-    "<|repo_name|>", "<|file_sep|>",
-]
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
 
 # The chat template shipped with Qwen2-VL-7B-Instruct / Qwen2.5-VL-7B-Instruct.
 QWEN_VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
-    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}"
     "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
-    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
-    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: "
+    "{% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 # Qwen2's pre-tokenizer: digits split one by one, which keeps box coordinates learnable.
-QWEN_PRETOKENIZE_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
+QWEN_PRETOKENIZE_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                          r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 @dataclass
 class TinyConfig:
@@ -225,43 +184,32 @@ class TinyConfig:
     vision_depth: int = 2
     vision_heads: int = 2
     min_pixels: int = 56 * 56
-    # Every square image over 113 px is seen at 112 x 112: the whole 1344 px synthetic page at 1/12 scale,
-    # a ~288 px crop at ~0.39. Not 112 * 112: at exactly that cap, smart_resize's floor(side / beta / 28)
-    # lands on 3.999... for some sides (246, 251, ..., 288, 295 px) and shrinks them to 84 px, so a
-    # crop's scale would jump with a pixel of its size (a trained reader then fails on the model's own crops).
+    # every square image over 113 px is seen at 112 x 112; at exactly 112 * 112, smart_resize's floor shrinks
+    # some sides (246, 251, ..., 288, 295 px) to 84 px, so a crop's scale would jump with a pixel of its size
     max_pixels: int = 113 * 113
-    # A frozen random lm_head at the usual std 0.02 caps logits near +-2.5 after the final RMSNorm,
-    # so no adapter could make a confident prediction; real checkpoints have far larger output norms.
+    # a frozen random lm_head at the usual std 0.02 caps logits near +-2.5 after the final norm: no adapter
+    # could make a confident prediction (real checkpoints have far larger output norms)
     lm_head_std: float = 0.3
     seed: int = 0
 
-
 def _tokenizer_corpus() -> list[str]:
-    """Text the tiny BPE is trained on: the prompt table, the synthetic set's questions and answers (colours,
-    patterns), boxes, judge replies."""
+    """Text the tiny BPE is trained on: the prompt table, the synthetic questions and answers, boxes, judge replies."""
     rng = random.Random(0)
     lines = [chat.SYSTEM_PROMPT, chat.FOCUS_INSTRUCTION, chat.VISRL_INSTRUCTION, chat.VCOT_ANSWER_TEXT]
-    colours = "red green blue yellow magenta cyan".split()
-    patterns = "horizontal vertical diagonal checkered dotted grid".split()
-    questions = ("What pattern is inside the {} frame?", "Which pattern fills the {} square?",
-                 "What is the pattern in the {} box?", "Name the pattern the {} frame contains.")
     for _ in range(2000):
         box = sorted(round(rng.random(), 3) for _ in range(4))
         lines.append(f"[{box[0]:.3f}, {box[1]:.3f}, {box[2]:.3f}, {box[3]:.3f}]")
-        lines.append(rng.choice(questions).format(rng.choice(colours)) + " " + rng.choice(patterns))
+        lines.append(rng.choice(_QUESTIONS).format(rng.choice(list(SYNTH_COLORS))) + " " + rng.choice(SYNTH_PATTERNS))
     lines += ["The answer is yes. No. A photo of a cat on a table. score: 1.0 {\"score\": 0.5}"] * 20
     return lines
 
-
 def tiny_cache_key(cfg: "TinyConfig") -> str:
-    """What determines the tiny checkpoint, hashed: its config, the tokenizer corpus, the code that builds it
-    and the library versions whose initialisers draw its random weights. A change in any gives a new cache
-    directory, so a fresh machine and an old one build the same model."""
+    """What determines the tiny checkpoint, hashed (its config, tokenizer corpus, building code and the versions of the
+    libraries that draw its random weights), so that a fresh machine and an old one build the same model."""
     parts = [json.dumps(asdict(cfg), sort_keys=True), "\n".join(_tokenizer_corpus()), QWEN_VL_CHAT_TEMPLATE,
              json.dumps(QWEN_SPECIAL_TOKENS), QWEN_PRETOKENIZE_REGEX, torch.__version__, transformers.__version__]
     parts += [inspect.getsource(fn) for fn in (build_tokenizer, tiny_model_config, build_tiny)]
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:12]
-
 
 def build_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     """Train a small byte-level BPE holding every Qwen special token, with Qwen's pre-tokenizer."""
@@ -270,69 +218,49 @@ def build_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=QWEN_SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=QWEN_SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        unk_token=None, bos_token=None, additional_special_tokens=QWEN_SPECIAL_TOKENS[1:],
-        chat_template=QWEN_VL_CHAT_TEMPLATE, model_max_length=32768,
-        clean_up_tokenization_spaces=False, split_special_tokens=False,
-    )
-
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None, bos_token=None,
+        additional_special_tokens=QWEN_SPECIAL_TOKENS[1:], chat_template=QWEN_VL_CHAT_TEMPLATE, model_max_length=32768,
+        clean_up_tokenization_spaces=False, split_special_tokens=False)
 
 def tiny_model_config(cfg: TinyConfig, tokenizer) -> Qwen2_5_VLConfig | Qwen2VLConfig:
     """A Qwen-VL config with the tiny sizes and the tokenizer's special-token ids."""
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     vocab = (len(tokenizer) + 63) // 64 * 64  # padded like real checkpoints' embedding tables
-    head_dim = cfg.hidden_size // cfg.num_heads
-    unit = head_dim // 16  # mrope splits head_dim/2 rotary pairs over (t, h, w): [16, 24, 24] at 128
+    unit = cfg.hidden_size // cfg.num_heads // 16  # mrope: head_dim/2 rotary pairs in (t, h, w), [16, 24, 24] at 128
     text = dict(
         vocab_size=vocab, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=4096, rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                         "mrope_section": [2 * unit, 3 * unit, 3 * unit]},
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-    )
-    tokens = dict(
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-    )
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=4096, rms_norm_eps=1e-6, rope_parameters={
+            "rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2 * unit, 3 * unit, 3 * unit]},
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     if cfg.arch == "qwen2.5-vl":
-        vision = dict(
-            depth=cfg.vision_depth, hidden_size=cfg.vision_hidden, intermediate_size=2 * cfg.vision_hidden,
-            num_heads=cfg.vision_heads, out_hidden_size=cfg.hidden_size, patch_size=14,
-            spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-            fullatt_block_indexes=[cfg.vision_depth - 1],
-        )
+        vision = dict(depth=cfg.vision_depth, hidden_size=cfg.vision_hidden, intermediate_size=2 * cfg.vision_hidden,
+                      num_heads=cfg.vision_heads, out_hidden_size=cfg.hidden_size, patch_size=14, spatial_merge_size=2,
+                      temporal_patch_size=2, window_size=112, fullatt_block_indexes=[cfg.vision_depth - 1])
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
     if cfg.arch == "qwen2-vl":
-        vision = dict(
-            depth=cfg.vision_depth, embed_dim=cfg.vision_hidden, hidden_size=cfg.hidden_size,
-            num_heads=cfg.vision_heads, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
-            temporal_patch_size=2,
-        )
+        vision = dict(depth=cfg.vision_depth, embed_dim=cfg.vision_hidden, hidden_size=cfg.hidden_size, mlp_ratio=2,
+                      num_heads=cfg.vision_heads, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
         return Qwen2VLConfig(text_config=text, vision_config=vision, **tokens)
     raise ValueError(f"unknown tiny arch {cfg.arch!r}; expected one of {sorted(TINY_ARCHS)}")
 
-
 TINY_ARCHS = {"qwen2.5-vl": "qwen2_5_vl", "qwen2-vl": "qwen2_vl"}  # --arch -> model_type
-
 
 def build_tiny(out_dir: str | Path, cfg: TinyConfig, model_cls, processor_cls) -> Path:
     """Write the tiny checkpoint directory (model, tokenizer, processor); atomic, so ranks may race."""
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer(cfg.vocab_size)
-    config = tiny_model_config(cfg, tokenizer)
     with torch.random.fork_rng(devices=[]):  # building on first use must not shift the caller's random stream
         torch.manual_seed(cfg.seed)
-        model = model_cls(config)
+        model = model_cls(tiny_model_config(cfg, tokenizer))
         nn.init.normal_(model.lm_head.weight, std=cfg.lm_head_std)
     image_processor = Qwen2VLImageProcessorPil(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     processor = processor_cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_VL_CHAT_TEMPLATE)
@@ -346,3 +274,20 @@ def build_tiny(out_dir: str | Path, cfg: TinyConfig, model_cls, processor_cls) -
     except OSError:  # another process renamed its copy first; theirs is identical
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+@dataclass
+class SynthArgs:
+    """Write the synthetic intention-driven VQA set (Visual-CoT metadata format, PNG images)."""
+
+    out: str = "synth-data"  # the directory to write (absent or empty)
+    n_train: int = 2000  # records in train.jsonl
+    n_val: int = 200  # records in val.jsonl
+    n_test: int = 200  # records in test.jsonl
+    seed: int = 0  # what the pages show
+
+def synth_command(args: SynthArgs) -> dict:
+    """`visrl.py synth`: the set in a directory of its own (`--data synth` keeps its own copy in the cache)."""
+    data.check_new_dir(args.out)
+    paths = make_synth(args.out, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=args.seed)
+    print(f"synthetic set written to {args.out}: " + ", ".join(str(p) for p in paths.values()))
+    return paths

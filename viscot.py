@@ -1,18 +1,14 @@
 """The Visual-CoT benchmark protocol: what is scored, and how, exactly as upstream does it.
 
-Top to bottom: detection Acc@0.5 exactly as the official scorer computes it; the Visual-CoT judge (its
-prompt and reply parsing); the benchmark readers, which turn a release directory (benchmark/<name>.json,
-benchmark_det/<name>.jsonl), a RefCOCO-style REC file or our own records into Items; offline answer scores
-(exact match, ANLS, containment) and the per-set report with its means. evaluate.py runs the model on the
-Items and scores the predictions with the functions here. See "Evaluation" in
-../shared/RECIPE.md for the protocol.
+Top to bottom: detection Acc@0.5 as the official scorer computes it; the Visual-CoT judge; the readers that turn a
+release directory (benchmark/<name>.json, benchmark_det/<name>.jsonl), a RefCOCO-style REC file or our records into
+Items; the per-set report with its means. evaluate.py runs the model on the Items; docs/recipe.md gives the protocol.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import string
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +25,6 @@ import synth
 # parse the reply with its string operations, scale by max(w, h), move the ground-truth pixel box into
 # the padded square, IoU on float32 tensors (torchvision's box_iou: no +1), correct iff IoU > 0.5.
 
-
 def official_box_values(text: str) -> list[float] | None:
     """The official parse: drop ' .', '[' and ']', split on ', ', float() the first four; None if that fails."""
     parts = str(text).replace(" .", "").replace("[", "").replace("]", "").split(", ")
@@ -38,16 +33,11 @@ def official_box_values(text: str) -> list[float] | None:
     except (ValueError, IndexError):
         return None
 
-
 def square_gt_box(box, width: int, height: int) -> list[float]:
     """A ground-truth pixel box moved into Visual-CoT's centred square: + (long - short) // 2 on the short axis."""
     x1, y1, x2, y2 = box
-    if width > height:
-        y1, y2 = y1 + (width - height) // 2, y2 + (width - height) // 2
-    elif height > width:
-        x1, x2 = x1 + (height - width) // 2, x2 + (height - width) // 2
-    return [x1, y1, x2, y2]
-
+    dx, dy = max(height - width, 0) // 2, max(width - height, 0) // 2
+    return [x1 + dx, y1 + dy, x2 + dx, y2 + dy]
 
 def iou_float32(a, b) -> float:
     """IoU as torchvision's box_iou computes it on float32: no +1, no validity checks (NaN stays NaN)."""
@@ -59,7 +49,6 @@ def iou_float32(a, b) -> float:
         inter = wh[0] * wh[1]
         return float(inter / (area_a + area_b - inter))
 
-
 def box_correct(text: str, gt_box, width: int, height: int, parser: str = "official") -> bool:
     """Acc@0.5 of one box reply against a ground-truth pixel box (width, height as the benchmark file gives them)."""
     if parser == "official":
@@ -70,9 +59,7 @@ def box_correct(text: str, gt_box, width: int, height: int, parser: str = "offic
         raise ValueError(f"unknown box parser {parser!r}, expected 'official' or 'lenient'")
     if values is None:
         return False  # unparsable: wrong, and it stays in the denominator
-    side = max(width, height)
-    return iou_float32([v * side for v in values], square_gt_box(gt_box, width, height)) > 0.5
-
+    return iou_float32([v * max(width, height) for v in values], square_gt_box(gt_box, width, height)) > 0.5
 
 def detection_scores(text: str, gt_box, width: int, height: int) -> dict:
     """Both parsers' verdicts on one box reply, and whether each could parse it."""
@@ -81,7 +68,6 @@ def detection_scores(text: str, gt_box, width: int, height: int) -> dict:
             "official_parsed": official_box_values(text) is not None,
             "lenient_parsed": chat.parse_box(text) is not None}
 
-
 # --------------------------------------------------------------------------------------------
 # The Visual-CoT judge (llava/eval/eval_cot_score.py). Its system prompt is a triple-quoted string:
 # the text with a newline before and after; the user template likewise. Both kept byte for byte.
@@ -89,35 +75,27 @@ def detection_scores(text: str, gt_box, width: int, height: int) -> dict:
 JUDGE_SYSTEM = ("\nYou are responsible for proofreading the answers, you need to give a score to the model's answer "
                 "by referring to the standard answer, based on the given question. The full score is 1 point and the "
                 "minimum score is 0 points. Please output the score in the form \"score: <score>\". The evaluation "
-                "criteria require that the closer the model's answer is to the standard answer, the higher the score.\n")
+                "criteria require that the closer the model's answer is to the standard answer, the higher the "
+                "score.\n")
 JUDGE_USER = "\nquestion: %s\nstandard answer: %s\nmodel's answer: %s\n"
 _JUDGE_SCORE = re.compile(r"score: ([\d\.]+)")
 _LEADING_NUMBER = re.compile(r"\d+(?:\.\d*)?|\.\d+")
 
-
 JUDGE_MODEL = "gpt-3.5-turbo-1106"  # the model the official Visual-CoT judge script asks for
-
 
 def judge_messages(question: str, reference: str, prediction: str) -> list[dict]:
     """The judge's chat: the official system prompt and user text."""
     return [{"role": "system", "content": JUDGE_SYSTEM},
             {"role": "user", "content": JUDGE_USER % (question, reference, prediction)}]
 
-
 def parse_judge_score(reply: str | None) -> float:
     """Official reply parsing: lower-case; no 'score' -> 0; not exactly one 'score: x' -> 0; clipped to [0, 1]."""
-    if reply is None:  # a failed call
-        return 0.0
-    text = reply.lower()
-    if "score" not in text:
-        return 0.0
-    found = _JUDGE_SCORE.findall(text)
-    if len(found) != 1:
+    found = [] if reply is None else _JUDGE_SCORE.findall(reply.lower())  # None: a failed call
+    if len(found) != 1:  # none (which covers upstream's no-'score' check) or several
         return 0.0
     # upstream float()s the match and crashes on 'score: 0.5.'; we take its leading number instead
     number = _LEADING_NUMBER.match(found[0])
     return min(max(float(number.group()), 0.0), 1.0) if number else 0.0
-
 
 # --------------------------------------------------------------------------------------------
 # What is evaluated: one Item per question (or referring expression), from any of the readers below.
@@ -127,11 +105,9 @@ SCORED_SETS = {"docvqa": 888, "dude": 603, "sroie": 686, "infographicsvqa": 360,
                "flickr30k": 1546, "gqa": 978, "openimages": 945, "vsr": 404, "cub": 492}
 UNSCORED_SETS = ("visual7w", "emotic")  # in the release, not in the published tables
 
-
 @dataclass
 class Item:
     """One evaluation question about one image, and what it is scored against."""
-
     set: str                      # benchmark set name ('docvqa', 'synth', 'REC_refcoco_unc_val', ...)
     id: str                       # unique within its set
     image: str                    # absolute path
@@ -151,73 +127,29 @@ class Item:
         b = self.gt_box
         return b is not None and (b[2] < b[0] or b[3] < b[1])
 
-
-def _json_objects(path: Path):
-    """(line, object or error text) of a JSON list or JSONL file (data.py's reader, which tracks lines)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise data.DataError(f"{path}: cannot read: {e}") from e
-    return data.json_items(text)
-
-
 def _parse_file(path: Path, parse, errors: list[str]) -> list[dict]:
-    """parse(obj, source) for every object of a file, plus its position `pos` in the file; bad ones go to
-    `errors` as 'file:line: problem'."""
-    out = []
-    for pos, (line, obj) in enumerate(_json_objects(path)):
-        source = f"{path}:{line}"
-        if isinstance(obj, str):
-            errors.append(f"{source}: {obj}")
-        elif not isinstance(obj, dict):
-            errors.append(f"{source}: expected a JSON object, got {type(obj).__name__}")
-        else:
-            try:
-                out.append({**parse(obj, source), "pos": pos})
-            except data.BadField as e:
-                errors.append(f"{source}: {e}")
-    return out
-
+    """parse(obj, source) of each object of a file, plus its position `pos`; bad ones go to errors (file:line)."""
+    return data.read_objects(path, lambda obj, line, pos: {**parse(obj, f"{path}:{line}"), "pos": pos}, errors)
 
 def _qid(obj: dict, key: str = "question_id"):
     return None if obj.get(key) is None else str(data.field(obj, key, (int, str), "an integer or a string"))
 
-
-_NUMBERS = re.compile(r"-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?")
-
-
 def _conv_fields(obj: dict, source: str) -> dict:
-    """benchmark/<name>.json item: image [path, 'path###[x1, y1, x2, y2]'], 4 turns (question, box, <image>, answer)."""
-    images = data.field(obj, "image", list, "a list [path, 'path###[x1, y1, x2, y2]']")
-    if len(images) < 2 or not all(isinstance(s, str) for s in images) or "###" not in images[1]:
-        raise data.BadField("image", "expected a list [path, 'path###[x1, y1, x2, y2]']")
-    numbers = [float(n) for n in _NUMBERS.findall(images[1].split("###", 1)[1])]
-    if len(numbers) != 4:
-        raise data.BadField("image", f"expected four numbers after '###', got {images[1].split('###', 1)[1][:60]!r}")
-    turns = data.field(obj, "conversations", list, "a list of turns")
-    if len(turns) < 4 or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
+    """A benchmark/<name>.json item (data.from_vcot_conversation), its first turn kept as the judge sees it."""
+    conv = data.from_vcot_conversation(obj, source, inverted_ok=True)
+    if conv["steps"] != ("focus", "answer"):
         raise data.BadField("conversations", "expected 4 turns {from, value}: question, box, <image>, answer")
-    first = turns[0]["value"]
-    question = first.replace("<image>\n", "").replace("<image>", "")
-    for cut in data.FOCUS_CUTS:
-        question = question.split(cut)[0]
-    return dict(qid=_qid(obj), image=images[0], box=numbers, question=question.strip(), answer=turns[-1]["value"],
-                judge_question=first.split(data.BOX_CUT)[0] if data.BOX_CUT.strip() in first else first,
-                source=source)
-
+    first = obj["conversations"][0]["value"]
+    return dict(qid=_qid(obj), image=conv["image"], box=list(conv["boxes"][0]), question=conv["question"],
+                answer=conv["answers"][0], source=source,
+                judge_question=first.split(data.BOX_CUT)[0] if data.BOX_CUT.strip() in first else first)
 
 def _det_fields(obj: dict, source: str) -> dict:
     """benchmark_det/<name>.jsonl (or a RefCOCO-style REC file) line: img_path, expression, bbox, height, width."""
     return dict(qid=_qid(obj), sent_id=_qid(obj, "sent_id"), image=data.field(obj, "img_path", str, "an image path"),
-                expression=data.field(obj, "expression", str, "a string"), box=list(data.boxes_field([data.field(obj, "bbox", list, "a list")], "bbox", inverted_ok=True)[0]),
-                width=data.field(obj, "width", int, "an integer"), height=data.field(obj, "height", int, "an integer"),
-                source=source)
-
-
-def _image_path(rel: str, root: str, key: str) -> str:
-    """Absolute image path inside root: as given, under cot/ (the release's layout), or by file name (REC files)."""
-    return data.find_image(rel, (os.path.join("cot", rel), os.path.basename(rel)), root, key)
-
+                expression=data.field(obj, "expression", str, "a string"), source=source,
+                box=list(data.boxes_field([data.field(obj, "bbox", list, "a list")], "bbox", inverted_ok=True)[0]),
+                width=data.field(obj, "width", int, "an integer"), height=data.field(obj, "height", int, "an integer"))
 
 def _unique_ids(items: list[Item]) -> list[Item]:
     """Resume keys on (set, id): a repeated id gets its file line appended."""
@@ -228,16 +160,12 @@ def _unique_ids(items: list[Item]) -> list[Item]:
         seen.add((item.set, item.id))
     return items
 
-
 def read_benchmark_set(conv_path: Path | None, det_path: Path | None, name: str, image_root,
                        limit: int | None = None, skip_bad: bool = False) -> list[Item]:
-    """One Visual-CoT set from benchmark/<name>.json and/or benchmark_det/<name>.jsonl (paired by question_id).
-
-    Only a .json: the box after '###', the size from the image. Only a .jsonl: box-only items ('det' with
-    question_id, else 'rec': a RefCOCO-style file). Inverted ground-truth boxes are read and flagged, never rejected.
-    """
-    root = os.path.abspath(image_root)
-    errors = []
+    """One Visual-CoT set from benchmark/<name>.json and/or benchmark_det/<name>.jsonl (paired by question_id). Only a
+    .json: the box after '###', the size from the image. Only a .jsonl: box-only items ('det' with question_id, else
+    'rec': a RefCOCO-style file). Inverted ground-truth boxes are read and flagged, never rejected."""
+    root, errors = os.path.abspath(image_root), []
     convs = _parse_file(conv_path, _conv_fields, errors) if conv_path else None
     dets = _parse_file(det_path, _det_fields, errors) if det_path else None
     if convs is not None and dets is not None:
@@ -261,39 +189,32 @@ def read_benchmark_set(conv_path: Path | None, det_path: Path | None, name: str,
                        for ds in by_id.values() for d in ds]
     else:
         rows = [(c, None) for c in convs] if convs is not None else [(None, d) for d in dets]
-    if limit is not None:
-        rows = rows[:limit]
     items = []
-    for c, d in rows:
+    for c, d in rows[:limit]:
         main = c or d
+        line = main["source"].rsplit(":", 1)[-1]
         try:
             key = "image" if c else "img_path"
-            path = _image_path(main["image"], root, key)
-            if d:
-                width, height = d["width"], d["height"]
-            else:
-                width, height = data.image_size(path, key, verify=False)
-            if c:
-                item = Item(name, c["qid"] or main["source"].rsplit(":", 1)[-1], path, c["question"], [c["answer"]],
-                            d["box"] if d else c["box"], width, height, "vqa",
-                            expression=d["expression"] if d else "", judge_question=c["judge_question"], source=c["source"])
-            else:
-                qid = d["qid"] or d["sent_id"] or d["source"].rsplit(":", 1)[-1]
-                item = Item(name, qid, path, d["expression"], [], d["box"], width, height,
-                            "det" if d["qid"] is not None else "rec", source=d["source"])
-            items.append(item)
+            rel = main["image"]  # found as given, under cot/ (the release's layout), or by file name (REC files)
+            path = data.find_image(rel, (os.path.join("cot", rel), os.path.basename(rel)), root, key)
+            width, height = (d["width"], d["height"]) if d else data.image_size(path, key, verify=False)
         except data.BadField as e:
             errors.append(f"{main['source']}: {e}")
+            continue
+        if c:
+            items.append(Item(name, c["qid"] or line, path, c["question"], [c["answer"]], d["box"] if d else c["box"],
+                              width, height, "vqa", expression=d["expression"] if d else "",
+                              judge_question=c["judge_question"], source=c["source"]))
+        else:
+            items.append(Item(name, d["qid"] or d["sent_id"] or line, path, d["expression"], [], d["box"], width,
+                              height, "det" if d["qid"] is not None else "rec", source=d["source"]))
     data.report_bad(errors, skip_bad, f"set {name!r}", len(items))
     return _unique_ids(items)
 
-
 def read_benchmark(root, sets=(), image_root=None, limit: int | None = None, skip_bad: bool = False) -> list[Item]:
     """A directory laid out like the Visual-CoT release (benchmark/, benchmark_det/); sets default to the 11 scored."""
-    root = Path(root)
-    sets = tuple(sets) or tuple(SCORED_SETS)
-    missing, items = [], []
-    for name in sets:
+    root, missing, items = Path(root), [], []
+    for name in tuple(sets) or SCORED_SETS:
         conv, det = root / "benchmark" / f"{name}.json", root / "benchmark_det" / f"{name}.jsonl"
         if not conv.exists() and not det.exists():
             missing.append(name)
@@ -305,14 +226,13 @@ def read_benchmark(root, sets=(), image_root=None, limit: int | None = None, ski
                              f"{', '.join(missing)}; pass --sets to evaluate a subset")
     return items
 
-
 def items_from_records(path: Path, image_root=None, limit: int | None = None, skip_bad: bool = False,
                        name: str | None = None) -> list[Item]:
     """Our records or Visual-CoT metadata (data.read_records); the set is each line's 'dataset', else `name`."""
     path = Path(path)
     if name is None:  # 'synth-v1-seed0/test' says more than 'test'
         name = f"{path.parent.name}/{path.stem}" if path.stem in ("train", "val", "test") else path.stem
-    datasets = {line: obj.get("dataset") for line, obj in _json_objects(path) if isinstance(obj, dict)}
+    datasets = dict(data.read_objects(path, lambda obj, line, _: (line, obj.get("dataset")), []))
     one_set = len(set(datasets.values())) <= 1
     records = data.read_records(path, image_root=image_root, skip_bad=skip_bad, limit=limit if one_set else None)
     items, counts = [], defaultdict(int)
@@ -326,120 +246,46 @@ def items_from_records(path: Path, image_root=None, limit: int | None = None, sk
                           r.width, r.height, "vqa", judge_question=r.question, source=r.source))
     return _unique_ids(items)
 
-
 def read_items(data_arg: str, sets=(), image_root=None, limit: int | None = None, skip_bad: bool = False,
                seed: int = 0) -> list[Item]:
     """--data: a Visual-CoT release directory, a directory with test.jsonl, one file, or `synth` (its test split)."""
-    if data_arg == "synth":
-        path = synth.resolve_data("synth", "test", seed)
-        items = items_from_records(path, image_root, limit, skip_bad)
+    path = synth.resolve_data("synth", "test", seed) if data_arg == "synth" else Path(data_arg)
+    if path.is_dir() and ((path / "benchmark").is_dir() or (path / "benchmark_det").is_dir()):
+        return read_benchmark(path, sets, image_root, limit, skip_bad)
+    if path.is_dir():
+        if not (path / "test.jsonl").exists():
+            raise data.DataError(f"{path}: neither a Visual-CoT release (benchmark/, benchmark_det/) "
+                                 f"nor a directory with test.jsonl")
+        path = path / "test.jsonl"
+    if not path.is_file():
+        raise data.DataError(f"{path}: no such file or directory")
+    first = next(iter(data.read_objects(path, lambda obj, *_: obj, [], limit=1)), {})  # the first JSON object
+    # image paths of a file inside benchmark/ or benchmark_det/ are relative to the release root
+    release = path.parent.parent if path.parent.name in ("benchmark", "benchmark_det") else path.parent
+    conv, det = release / "benchmark" / f"{path.stem}.json", release / "benchmark_det" / f"{path.stem}.jsonl"
+    root = image_root or release
+    if "conversations" in first:  # a benchmark .json; its benchmark_det twin joins if present
+        items = read_benchmark_set(path, det if det.exists() else None, path.stem, root, limit, skip_bad)
+    elif "img_path" in first and "expression" in first:  # a benchmark_det .jsonl; likewise its benchmark twin
+        items = read_benchmark_set(conv if conv.exists() else None, path, path.stem, root, limit, skip_bad)
     else:
-        path = Path(data_arg)
-        if path.is_dir() and ((path / "benchmark").is_dir() or (path / "benchmark_det").is_dir()):
-            return read_benchmark(path, sets, image_root, limit, skip_bad)
-        if path.is_dir():
-            if not (path / "test.jsonl").exists():
-                raise data.DataError(f"{path}: neither a Visual-CoT release (benchmark/, benchmark_det/) "
-                                     f"nor a directory with test.jsonl")
-            path = path / "test.jsonl"
-        if not path.is_file():
-            raise data.DataError(f"{path}: no such file or directory")
-        first = next((obj for _, obj in _json_objects(path) if isinstance(obj, dict)), {})
-        # image paths of a file inside benchmark/ or benchmark_det/ are relative to the release root
-        release = path.parent.parent if path.parent.name in ("benchmark", "benchmark_det") else path.parent
-        if "conversations" in first:  # a benchmark .json; its benchmark_det twin joins if present
-            det = release / "benchmark_det" / f"{path.stem}.jsonl"
-            items = read_benchmark_set(path, det if det.exists() else None, path.stem, image_root or release,
-                                       limit, skip_bad)
-        elif "img_path" in first and "expression" in first:
-            conv = release / "benchmark" / f"{path.stem}.json"
-            items = read_benchmark_set(conv if conv.exists() else None, path, path.stem, image_root or release,
-                                       limit, skip_bad)
-        else:
-            items = items_from_records(path, image_root, limit, skip_bad)
+        items = items_from_records(path, image_root, limit, skip_bad)
     if sets:
         items = [it for it in items if it.set in sets]
         if not items:
             raise data.DataError(f"{data_arg}: no items in set(s) {', '.join(sets)}")
     return items
 
-
 def load_item_image(item: Item) -> Image.Image:
     """The item's image as RGB."""
     return data.open_rgb(item.image, item.source)
 
-
-# --------------------------------------------------------------------------------------------
-# Offline answer scores. A reference may be one string or a list of acceptable strings; the score
-# is the best over the list.
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = str.maketrans("", "", string.punctuation)
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, drop punctuation and articles, collapse whitespace (SQuAD/VQA-style)."""
-    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCT))
-    return " ".join(text.split())
-
-
-def _as_list(reference: str | list[str]) -> list[str]:
-    return [reference] if isinstance(reference, str) else list(reference)
-
-
-def exact_match(prediction: str, reference: str | list[str]) -> float:
-    """1.0 if the normalised prediction equals a normalised reference, else 0.0."""
-    pred = normalize_answer(prediction)
-    return float(any(pred == normalize_answer(r) for r in _as_list(reference)))
-
-
-def containment(prediction: str, reference: str | list[str]) -> float:
-    """1.0 if a normalised reference appears as whole words inside the normalised prediction."""
-    pred = f" {normalize_answer(prediction)} "
-    return float(any(normalize_answer(r) and f" {normalize_answer(r)} " in pred for r in _as_list(reference)))
-
-
-def levenshtein(a: str, b: str) -> int:
-    """Edit distance (insertions, deletions, substitutions all cost 1)."""
-    if len(a) < len(b):
-        a, b = b, a
-    previous = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        current = [i]
-        for j, cb in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
-        previous = current
-    return previous[-1]
-
-
-def anls(prediction: str, reference: str | list[str], threshold: float = 0.5) -> float:
-    """ANLS (Biten et al. 2019, DocVQA): max over references of 1 - NL if NL < threshold else 0,
-    NL = edit distance / max length, on lower-cased, whitespace-stripped strings."""
-    pred = " ".join(prediction.lower().split())
-    best = 0.0
-    for ref in _as_list(reference):
-        ref = " ".join(ref.lower().split())
-        if not pred and not ref:
-            return 1.0
-        nl = levenshtein(pred, ref) / max(len(pred), len(ref))
-        best = max(best, 1.0 - nl if nl < threshold else 0.0)
-    return best
-
-
-def answer_scores(prediction: str, reference: str | list[str]) -> dict[str, float]:
-    """All offline scores of one answer: exact match, ANLS, containment."""
-    return {"exact_match": exact_match(prediction, reference), "anls": anls(prediction, reference),
-            "containment": containment(prediction, reference)}
-
-
 # --------------------------------------------------------------------------------------------
 # Scoring and reports: per-set detection and answer scores, the means, the markdown table.
-
 
 def _mean(values) -> float | None:
     values = list(values)
     return sum(values) / len(values) if values else None
-
 
 def summarize(rows: list[dict], judge: dict | None = None, parser: str = "official") -> dict:
     """Per-set detection and answer scores and the means over sets (official and plain, labelled)."""
@@ -451,28 +297,29 @@ def summarize(rows: list[dict], judge: dict | None = None, parser: str = "offici
         entry = {"items": len(group)}
         boxed = [r for r in group if r.get("box_text") is not None and r.get("gt_box") is not None]
         if boxed:
-            verdicts = [detection_scores(r["box_text"], r["gt_box"], r["width"], r["height"]) for r in boxed]
-            correct = sum(v[parser] for v in verdicts)
+            # a model that writes another box form than the benchmark's: its box in square text (evaluate.py)
+            verdicts = [detection_scores(r.get("square_box_text", r["box_text"]), r["gt_box"], r["width"], r["height"])
+                        for r in boxed]
+            total, correct = len(boxed), sum(v[parser] for v in verdicts)
             degenerate = sum(1 for r in boxed if r.get("degenerate"))
             entry["detection"] = {
-                "n": len(boxed), "correct": correct, "acc": 100.0 * correct / len(boxed), "parser": parser,
-                "acc_official": 100.0 * sum(v["official"] for v in verdicts) / len(boxed),
-                "acc_lenient": 100.0 * sum(v["lenient"] for v in verdicts) / len(boxed),
+                "n": total, "correct": correct, "acc": 100.0 * correct / total, "parser": parser,
+                "acc_official": 100.0 * sum(v["official"] for v in verdicts) / total,
+                "acc_lenient": 100.0 * sum(v["lenient"] for v in verdicts) / total,
                 "parsers_disagree": sum(v["official"] != v["lenient"] for v in verdicts),
                 "unparsed_official": sum(not v["official_parsed"] for v in verdicts),
-                "unparsed_lenient": sum(not v["lenient_parsed"] for v in verdicts),
-                "degenerate_gt": degenerate}
+                "unparsed_lenient": sum(not v["lenient_parsed"] for v in verdicts), "degenerate_gt": degenerate}
             if degenerate:
-                notes.append(f"{name}: {degenerate} item(s) have inverted ground-truth boxes; as in the official scorer "
-                             f"they stay in the denominator and can never score (ceiling {len(boxed) - degenerate}/{len(boxed)}).")
+                notes.append(f"{name}: {degenerate} item(s) have inverted ground-truth boxes; as in the official "
+                             "scorer they stay in the denominator and can never score "
+                             f"(ceiling {total - degenerate}/{total}).")
         answered = [r for r in group if r.get("answers") and r.get("answer") is not None]
         if answered:
-            scores = [answer_scores(r["answer"], r["answers"]) for r in answered]
+            scores = [chat.answer_scores(r["answer"], r["answers"]) for r in answered]
             entry["answer"] = {"n": len(answered), **{k: _mean(s[k] for s in scores) for k in scores[0]}}
             if judge is not None:  # a row the judge never saw counts 0, like a failed call upstream
                 entry["answer"]["judge"] = _mean(judge.get((r["set"], r["id"]), 0.0) for r in answered)
-        expected = SCORED_SETS.get(name)
-        if expected and len(group) != expected:
+        if (expected := SCORED_SETS.get(name)) and len(group) != expected:
             notes.append(f"{name}: {len(group)} items evaluated; the release has {expected}.")
         sets[name] = entry
     # visual7w and emotic are in the release but not in the published tables: kept out of the means
@@ -481,9 +328,9 @@ def summarize(rows: list[dict], judge: dict | None = None, parser: str = "offici
         notes.append(f"{', '.join(n for n in sets if n not in averaged)}: not a scored set; left out of the means.")
     accs = {n: e["detection"]["acc"] for n, e in averaged.items() if "detection" in e}
     kept = {n: a for n, a in accs.items() if a != 0}
-    means = {"detection": {
-        "official_mean": _mean(kept.values()), "official_sets": sorted(kept), "dropped_zero_sets": sorted(set(accs) - set(kept)),
-        "plain_mean": _mean(accs.values()), "plain_sets": sorted(accs)}} if accs else {}
+    means = {"detection": {"official_mean": _mean(kept.values()), "official_sets": sorted(kept),
+                           "dropped_zero_sets": sorted(set(accs) - set(kept)), "plain_mean": _mean(accs.values()),
+                           "plain_sets": sorted(accs)}} if accs else {}
     answered_sets = {n: e["answer"] for n, e in averaged.items() if "answer" in e}
     if answered_sets:
         metrics = [k for k in next(iter(answered_sets.values())) if k != "n"]
@@ -495,34 +342,31 @@ def summarize(rows: list[dict], judge: dict | None = None, parser: str = "offici
                                                        if s in answered_sets) / len(SCORED_SETS)
     return {"sets": sets, "means": means, "notes": notes}
 
-
 def _fmt(value, digits=1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
-
 
 def results_markdown(results: dict) -> str:
     """The results as a markdown table (Acc x100, answer scores 0..1) with the means and notes under it."""
     info = results.get("run", {})
     lines = [f"# Evaluation: {info.get('what', '')}", "",
-             f"box: `{info.get('box', '')}`; focus prompt: `{info.get('prompt', '')}`; "
-             f"Acc@0.5 with the {info.get('parser', 'official')} parser (Visual-CoT protocol, x100); answer scores 0..1.", "",
+             f"box: `{info.get('box', '')}`; focus prompt: `{info.get('prompt', '')}`; Acc@0.5 with the "
+             f"{info.get('parser', 'official')} parser (Visual-CoT protocol, x100); answer scores 0..1.", "",
              "| set | items | Acc@0.5 | Acc@0.5 official parser | Acc@0.5 lenient parser | parsers disagree | "
              "unparsable (official) | exact match | ANLS | containment | judge |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    answer_keys = ("exact_match", "anls", "containment", "judge")
     for name, e in results["sets"].items():
         d, a = e.get("detection", {}), e.get("answer", {})
         lines.append(f"| {name} | {e['items']} | {_fmt(d.get('acc'))} | {_fmt(d.get('acc_official'))} | "
-                     f"{_fmt(d.get('acc_lenient'))} | {d.get('parsers_disagree', '-')} | {d.get('unparsed_official', '-')} | "
-                     f"{_fmt(a.get('exact_match'), 3)} | {_fmt(a.get('anls'), 3)} | {_fmt(a.get('containment'), 3)} | "
-                     f"{_fmt(a.get('judge'), 3)} |")
+                     f"{_fmt(d.get('acc_lenient'))} | {d.get('parsers_disagree', '-')} | "
+                     f"{d.get('unparsed_official', '-')} | {' | '.join(_fmt(a.get(k), 3) for k in answer_keys)} |")
     det, ans = results["means"].get("detection", {}), results["means"].get("answer", {})
     dropped = det.get("dropped_zero_sets")
     lines.append(f"| **mean, official** (drops sets at exactly 0{': ' + ', '.join(dropped) if dropped else ''}) | | "
                  f"{_fmt(det.get('official_mean'))} | | | | | | | | |")
     n_sets = len(det.get("plain_sets", ans.get("sets", [])))
-    lines.append(f"| **mean, plain** (all {n_sets} set{'s' if n_sets != 1 else ''}) | | "
-                 f"{_fmt(det.get('plain_mean'))} | | | | | {_fmt(ans.get('exact_match'), 3)} | {_fmt(ans.get('anls'), 3)} | "
-                 f"{_fmt(ans.get('containment'), 3)} | {_fmt(ans.get('judge'), 3)} |")
+    lines.append(f"| **mean, plain** (all {n_sets} set{'s' if n_sets != 1 else ''}) | | {_fmt(det.get('plain_mean'))} "
+                 f"| | | | | {' | '.join(_fmt(ans.get(k), 3) for k in answer_keys)} |")
     if "judge_official_11" in ans:
         lines += ["", f"Judge, official overall (mean over the 11 scored sets, a set not evaluated counts 0): "
                       f"{ans['judge_official_11']:.3f}"]

@@ -16,6 +16,7 @@ import tyro
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+import chat  # noqa: E402
 import data  # noqa: E402
 import synth  # noqa: E402
 import viscot  # noqa: E402
@@ -35,7 +36,7 @@ def accuracy_given_box_and_form(predictions: Path) -> float:
     kept = [r for r in data.read_jsonl_rows(predictions)
             if r["box"] is not None and viscot.iou_float32(r["box"], r["gt_box"]) > 0.5
             and (r["answer"] or "").strip().lower() in synth.SYNTH_PATTERNS]
-    return 100 * sum(viscot.exact_match(r["answer"], r["answers"]) == 1.0 for r in kept) / max(len(kept), 1)
+    return 100 * sum(chat.exact_match(r["answer"], r["answers"]) == 1.0 for r in kept) / max(len(kept), 1)
 
 
 def main(args: Args) -> None:

@@ -22,9 +22,9 @@ import tyro
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import chat  # noqa: E402
 import data  # noqa: E402
 import demo  # noqa: E402
-import viscot  # noqa: E402
 
 
 @dataclass
@@ -38,7 +38,7 @@ class Args:
 
 def main(args: Args) -> None:
     base = Path(args.run) / f"seed{args.seed}"
-    ran = json.loads((base / "phases.json").read_text())["config"]
+    ran = {k: v for k, v in json.loads((base / "config.json").read_text()).items() if k != "command"}
     run_cfg = demo.DemoConfig(**{"dpo_answer_anchor": False, **ran})  # the settings it ran with (older runs: no anchor)
     for spec in args.settings:
         flags = dict(kv.split("=") for kv in spec.split(","))  # dpo flags as typed: lr=5e-5, s1.nll-weight=0
@@ -65,7 +65,7 @@ def main(args: Args) -> None:
 def answer_flips(before: Path, after: Path) -> dict:
     """Questions whose answer went right -> wrong and wrong -> right between two evaluations."""
     def right(path):
-        return {r["id"]: viscot.exact_match(r["answer"] or "", r["answers"]) == 1.0 for r in data.read_jsonl_rows(path)}
+        return {r["id"]: chat.exact_match(r["answer"] or "", r["answers"]) == 1.0 for r in data.read_jsonl_rows(path)}
     old, new = right(before), right(after)
     return {"lost": sum(old[k] and not new[k] for k in old), "gained": sum(new[k] and not old[k] for k in old)}
 

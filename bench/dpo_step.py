@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import chat  # noqa: E402
 import data  # noqa: E402
 import dpo  # noqa: E402
-import model as modeling  # noqa: E402
+import model  # noqa: E402
 import synth  # noqa: E402
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil  # noqa: E402
 
@@ -53,18 +53,18 @@ SIZES = {
 def build(size: str, device: torch.device):
     """A random model of the given size, the tiny tokenizer, and an image processor for it."""
     overrides, vocab, side, max_pixels = SIZES[size]
-    tiny_path = modeling.resolve_model_path("tiny")
-    _, processor = modeling.load_model(str(tiny_path))
+    tiny_path = model.resolve_model_path("tiny")
+    _, processor = model.load_model(str(tiny_path))
     cfg = synth.TinyConfig(**overrides)
     config = synth.tiny_model_config(cfg, processor.tokenizer)
     if vocab:
         config.text_config.vocab_size = vocab
-    _, model_cls, _ = modeling.ARCHS["qwen2_5_vl"]
+    _, model_cls, _ = model.ARCHS["qwen2_5_vl"]
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     net = model_cls(config).to(device=device, dtype=dtype)
-    modeling.add_lora(net, modeling.LoRAConfig(rank=8, alpha=16))
-    for m in modeling.lora_modules(net).values():
+    model.add_lora(net, model.LoRAConfig(rank=8, alpha=16))
+    for m in model.lora_modules(net).values():
         torch.nn.init.normal_(m.lora_B.weight, std=0.01)
     processor.image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=max_pixels)
     return net, processor, side
@@ -118,7 +118,7 @@ def run_variant(size: str, variant: str, n_pairs: int, steps: int, device: torch
                                       shared_prefix=variant != "rows")
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             if variant == "packed-pre":  # the table `dpo` computes once before training
-                with torch.no_grad(), modeling.adapters_disabled(net):
+                with torch.no_grad(), model.adapters_disabled(net):
                     table = dpo.sequence_logps(net, batch, dpo.encode_images(net, batch)).detach()
         else:
             rows = []
@@ -141,11 +141,11 @@ def run_variant(size: str, variant: str, n_pairs: int, steps: int, device: torch
                     if variant == "packed-pre":
                         reference = table
                     else:
-                        with torch.no_grad(), modeling.adapters_disabled(net):
+                        with torch.no_grad(), model.adapters_disabled(net):
                             reference = dpo.sequence_logps(net, batch, features)
                 else:
                     policy = naive_logps(net, rows, pad_id, image_token_id)
-                    with torch.no_grad(), modeling.adapters_disabled(net):
+                    with torch.no_grad(), model.adapters_disabled(net):
                         reference = naive_logps(net, rows, pad_id, image_token_id)
                 n = len(samples)
                 losses, _, _ = dpo.preference_loss(policy[:n], policy[n:], reference[:n], reference[n:], 0.1)

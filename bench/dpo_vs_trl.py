@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -87,15 +88,15 @@ def write_inputs(config: str, n_pairs: int, root: Path) -> tuple[Path, Path]:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     import data
-    import model as modeling
+    import model
     import synth
 
     overrides, vocab, side, max_pixels = CONFIGS[config]
-    _, processor = modeling.load_model("tiny")
+    _, processor = model.load_model("tiny")
     tiny = synth.TinyConfig(**overrides)
     model_config = synth.tiny_model_config(tiny, processor.tokenizer)
     model_config.text_config.vocab_size = vocab
-    _, model_cls, processor_cls = modeling.ARCHS["qwen2_5_vl"]
+    _, model_cls, processor_cls = model.ARCHS["qwen2_5_vl"]
     torch.manual_seed(0)
     net = model_cls(model_config)
     torch.nn.init.normal_(net.lm_head.weight, std=tiny.lm_head_std)
@@ -188,7 +189,7 @@ def run_visrl(checkpoint: Path, pairs: Path, n_pairs: int, steps: int, device: s
     import chat
     import data
     import dpo
-    import model as modeling
+    import model
     import visrl
 
     memory, reference_s = MemoryWindow(device), []
@@ -208,13 +209,13 @@ def run_visrl(checkpoint: Path, pairs: Path, n_pairs: int, steps: int, device: s
     dpo.precompute_reference, visrl.make_optimizer = timed_precompute, optimizer_then_measure
     with tempfile.TemporaryDirectory() as out:
         cfg = dpo.DPOConfig(data=str(pairs), stage=1, model=str(checkpoint), out=out, batch_size=n_pairs, lr=5e-6,
-                            beta=0.1, max_steps=steps, lora_rank=8, lora_alpha=16.0, seed=0, device=device,
+                            beta=0.1, max_steps=steps, lora_rank=8, lora_alpha=16.0, seed=0,
                             dtype="bfloat16" if device == "cuda" else "float32")
         visrl.train(cfg)
         rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     elapsed = [0.0] + [r["elapsed_s"] for r in rows]
     times = [b - a for a, b in zip(elapsed, elapsed[1:])]
-    _, processor = modeling.load_model(str(checkpoint))
+    _, processor = model.load_model(str(checkpoint))
     pair = data.read_pairs(pairs)[0]
     sample = chat.dpo_samples(pair, processor.tokenizer, processor.image_processor, 1)[0]
     tokens = len(sample.chosen.input_ids) + len(sample.rejected.input_ids)
@@ -236,7 +237,8 @@ def worker(side: str, args) -> dict:
     cmd = [str(args.trl_python if side == "trl" else sys.executable), __file__, "--worker", side,
            "--checkpoint", str(args.checkpoint), "--pairs-file", str(args.pairs_file), "--pairs", str(args.pairs),
            "--steps", str(args.steps), "--device", args.device]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else None  # visrl takes a GPU it sees
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode:
         sys.exit(f"{side} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

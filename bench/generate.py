@@ -1,6 +1,6 @@
 """Benchmark: generate.py's candidates per second, batched vs one question at a time, one run each.
 
-    python bench/generate.py [--questions 8] [--attempts 3] [--max-new-tokens 32] [--device cpu|cuda]
+    python bench/generate.py [--questions 8] [--attempts 3] [--max-new-tokens 32]   (CUDA_VISIBLE_DEVICES= for the CPU)
 
 Same tiny model, same synthetic questions, same settings (rule scorer, upstream sampling); only how
 prompts reach model.sample differs:
@@ -55,7 +55,6 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=8)
     parser.add_argument("--attempts", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     per_question = 2 * args.attempts
     variants = [("one prompt at a time", 1, 1), ("one question per call", 1, per_question),
@@ -65,9 +64,9 @@ def main() -> None:
         synth.make_synth(tmp / "synth", n_train=args.questions, n_val=1, n_test=1, seed=0)
         records = data.read_records(tmp / "synth" / "train.jsonl")
         base = generate.GenerateConfig(data=str(tmp / "synth" / "train.jsonl"), attempts=args.attempts,
-                                       max_new_tokens=args.max_new_tokens, device=args.device)
+                                       max_new_tokens=args.max_new_tokens)
         sampler = ValidBoxes(generate.LocalSampler(base), records)
-        device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{torch.get_num_threads()}"
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}"
         rows = []
         for name, chunk, batch in variants:
             sampler.inner.batch_size = batch

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import chat  # noqa: E402
 import data  # noqa: E402
 import dpo  # noqa: E402
-import model as modeling  # noqa: E402
+import model  # noqa: E402
 import synth  # noqa: E402
 import visrl  # noqa: E402
 
@@ -64,10 +64,10 @@ def main() -> None:
 
     cfg = visrl.SFTConfig(seed=args.seed, batch_size=8, lr=2e-3, lora_rank=16, lora_alpha=32.0,
                           crop_alone_samples=True, focus_first_steps=args.focus_first_steps)
-    net, processor = modeling.load_model("tiny")
+    net, processor = model.load_model("tiny")
     visrl.seed_everything(args.seed)  # after loading: the adapter's initialisation follows the seed
-    modeling.add_lora(net, modeling.LoRAConfig(cfg.lora_rank, cfg.lora_alpha))
-    world = modeling.Dist()
+    model.add_lora(net, model.LoRAConfig(cfg.lora_rank, cfg.lora_alpha))
+    world = model.Dist()
     records = data.read_records(synth.resolve_data("synth", "train", args.seed), limit=args.records)
     samples = visrl.build_sft_samples(cfg, records, processor, world)
     if args.focus_only:
@@ -79,7 +79,7 @@ def main() -> None:
                                         net.config.image_token_id, pixel_cache)
 
     params = [p for p in net.parameters() if p.requires_grad]
-    optimizer, scheduler = visrl.make_optimizer(params, cfg.lr, cfg.weight_decay, args.steps, cfg.warmup_ratio)
+    optimizer, scheduler = visrl.make_optimizer(params, cfg.lr, args.steps, cfg.warmup_ratio)
     stream = visrl.sft_index_stream(cfg, samples, world, 0)
     print(f"{len(samples)} samples from {len(records)} records; {args.steps} steps, "
           f"focus first {args.focus_first_steps}{', focus only' if args.focus_only else ''}", flush=True)
@@ -87,7 +87,7 @@ def main() -> None:
         batch = collate([samples[i] for i in next(stream)])
         loss = visrl.sft_loss(net, batch, torch.tensor(float(len(batch["response_targets"]))))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, visrl.GRAD_CLIP)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -108,15 +109,27 @@ def test_stage_commands_parse_back_to_the_configs_the_demo_means():
     import generate
     import visrl
 
-    sft = demo.stage_args("sft", dict(data="d.jsonl", lr=0.002, crop_alone_samples=True, fsdp=False))
+    sft = demo.stage_args("sft", dict(data="d.jsonl", lr=0.002, crop_alone_samples=True, grad_checkpointing=False))
     assert sft[:2] == [demo.VISRL, "sft"]
     assert tyro.cli(visrl.SFTConfig, args=sft[2:]) == visrl.SFTConfig(data="d.jsonl", lr=0.002, crop_alone_samples=True,
-                                                                      fsdp=False)
+                                                                      grad_checkpointing=False)
     dpo_args = demo.flag_args(dict(data="p.jsonl", stage=2, lr=5e-4, adapter="a", resume=True))
     assert tyro.cli(dpo.DPOConfig, args=dpo_args) == dpo.DPOConfig(data="p.jsonl", stage=2, lr=5e-4, adapter="a",
                                                                        resume=True)
     gen = dict(data="q.jsonl", attempts=2, out="o", temperature=1.0)
     assert tyro.cli(generate.GenerateConfig, args=demo.flag_args(gen)) == generate.GenerateConfig(**gen)
+
+
+def _stage_that_checkpoints_on_sigterm(tmp_path):
+    """A stand-in stage script: it says when it is ready, and on SIGTERM writes 'checkpoint' and exits 0."""
+    marker, ready = tmp_path / "stopped", tmp_path / "ready"
+    stage = tmp_path / "stage.py"
+    stage.write_text(
+        "import pathlib, signal, sys, time\n"
+        f"signal.signal(signal.SIGTERM, lambda *_: (pathlib.Path({str(marker)!r}).write_text('checkpoint'), sys.exit(0)))\n"
+        f"pathlib.Path({str(ready)!r}).write_text('')\n"
+        "time.sleep(60)\n")
+    return stage, marker, ready
 
 
 def test_a_stage_gets_the_signal_and_the_demo_waits_for_it(tmp_path):
@@ -126,13 +139,7 @@ def test_a_stage_gets_the_signal_and_the_demo_waits_for_it(tmp_path):
     import signal
     import threading
 
-    marker, ready = tmp_path / "stopped", tmp_path / "ready"
-    stage = tmp_path / "stage.py"
-    stage.write_text(
-        "import pathlib, signal, sys, time\n"
-        f"signal.signal(signal.SIGTERM, lambda *_: (pathlib.Path({str(marker)!r}).write_text('checkpoint'), sys.exit(0)))\n"
-        f"pathlib.Path({str(ready)!r}).write_text('')\n"
-        "time.sleep(60)\n")
+    stage, marker, ready = _stage_that_checkpoints_on_sigterm(tmp_path)
 
     def terminate_when_ready():
         while not ready.exists():
@@ -144,3 +151,24 @@ def test_a_stage_gets_the_signal_and_the_demo_waits_for_it(tmp_path):
     demo.run_stage([str(stage), "sft"])  # returns: the stage exited 0 after its handler ran
     assert marker.read_text() == "checkpoint"
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # the demo's own again
+
+
+def test_a_stage_is_told_to_stop_when_the_demo_is_killed(tmp_path):
+    # SIGKILL to the demo (no handler runs): the kernel sends its running stage SIGTERM, so the stage checkpoints
+    # and exits instead of writing its run on with nobody to read it
+    import subprocess
+    import sys
+    import time
+
+    stage, marker, ready = _stage_that_checkpoints_on_sigterm(tmp_path)
+    root = str(Path(demo.__file__).parent)
+    parent = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {root!r}); import demo; "
+                               f"demo.run_stage([{str(stage)!r}, 'sft'])"])
+    deadline = time.time() + 120
+    while not ready.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    parent.kill()
+    parent.wait()
+    while not marker.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert marker.read_text() == "checkpoint"

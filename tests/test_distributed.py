@@ -1,6 +1,7 @@
 """Several processes and interrupted runs: torchrun on CPU/gloo, checkpoints, resume, signals."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -12,7 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import runs
 import visrl
+from conftest import assert_one_line_error
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -125,8 +128,7 @@ def test_two_rank_fsdp_dpo_matches_one_rank(pairs_file, tmp_path):
     _run([sys.executable] + common + ["--out", str(tmp_path / "one"), "--batch-size", "2"])
     _run(TORCHRUN + common + ["--out", str(tmp_path / "two"), "--batch-size", "1"])  # FSDP2 by default
     # and two full rows per pair with a reference pass per step: packing and the precomputed table change nothing
-    _run([sys.executable] + common + ["--out", str(tmp_path / "rows"), "--batch-size", "2", "--no-shared-prefix",
-                                      "--no-precompute-ref"])
+    _run([sys.executable] + common + ["--out", str(tmp_path / "rows"), "--batch-size", "2", "--no-reuse"])
     for a, b, c in zip(_rows(tmp_path / "one"), _rows(tmp_path / "two"), _rows(tmp_path / "rows")):
         for key in ("loss", "box/loss", "answer/loss", "answer/rewards/margins"):
             assert b[key] == pytest.approx(a[key], abs=1e-5), key
@@ -185,3 +187,61 @@ def test_an_expected_error_under_torchrun_is_said_once(tmp_path):
     # torchrun's launcher adds its own failure summary (a traceback of torch.distributed.run); none from visrl
     assert not any(name in result.stderr for name in ('visrl.py", line', 'data.py", line', 'dpo.py", line'))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_second_process_on_a_run_being_written_is_refused_and_the_lock_dies_with_its_holder(synth_dir, tmp_path):
+    """`sft --resume --out R` while another process still writes R stops with one line naming the holder, before
+    writing anything; once the holder is SIGKILLed (no cleanup runs), --resume continues the run."""
+    base = [sys.executable, "visrl.py", "sft", "--grad-accum", "1", "--data"]
+    out = tmp_path / "run"
+    first = subprocess.Popen(base + _sft_cmd(synth_dir, out, "--max-steps", "5000", "--save-every", "2"), cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: (out / "checkpoints" / "step_00000002" / "meta.json").exists(), first)
+        second = subprocess.run(base + _sft_cmd(synth_dir, out, "--max-steps", "5000", "--save-every", "2", "--resume"),
+                                cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert first.poll() is None, "the first run ended before the second was refused"
+    finally:
+        first.kill()
+        first.wait()
+    assert_one_line_error(second.returncode, second.stderr, f"--out {out} is being written by `sft` (pid {first.pid})")
+    resume_at = json.loads((visrl.latest_checkpoint(out) / "meta.json").read_text())["step"]
+    _run(base + _sft_cmd(synth_dir, out, "--max-steps", str(resume_at + 2), "--save-every", "2", "--resume"))
+    assert [r["step"] for r in _rows(out)] == list(range(1, resume_at + 3))
+
+
+def _processes_naming(text: str) -> list[int]:
+    """Live processes whose command line holds text (zombies, which a container's init may never reap, excluded)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            alive = proc.name.isdigit() and (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+            if alive and text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                found.append(int(proc.name))
+        except OSError:  # it ended meanwhile
+            pass
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_ranks_die_with_their_launcher(synth_dir, tmp_path):
+    """SIGKILL to torchrun and its process group: torchrun starts its ranks in a session of their own, so the
+    group's signal misses them; their parent-death signal ends them, the run stops being written, its lock is free."""
+    out = tmp_path / "run"
+    launcher = subprocess.Popen(TORCHRUN + ["visrl.py", "sft", "--grad-accum", "1", "--batch-size", "2", "--data"]
+                                + _sft_cmd(synth_dir, out, "--max-steps", "5000"), cwd=ROOT, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, launcher)
+    ranks = [pid for pid in _processes_naming("visrl.py sft --grad-accum 1 --batch-size 2 --data") if pid != launcher.pid]
+    assert len(ranks) == 2, ranks
+    os.killpg(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    deadline = time.time() + 60
+    while set(ranks) & set(_processes_naming(str(out))) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not set(ranks) & set(_processes_naming(str(out))), "ranks outlived their launcher"
+    written = metrics.stat().st_size
+    time.sleep(2)
+    assert metrics.stat().st_size == written
+    runs.RunLock(out, "sft").take().release()  # nobody holds the lock any more

@@ -90,7 +90,7 @@ def test_unknown_loss_and_bad_smoothing_are_errors():
 
 
 def test_stage2_objective_is_the_weighted_sum_of_its_parts():
-    cfg = dpo.DPOConfig(data="x", stage=2, beta=0.1, beta_answer=0.3, lambda_box=0.25, lambda_answer=0.75)
+    cfg = dpo.DPOConfig(data="x", stage=2, beta=0.3, lambda_box=0.25, lambda_answer=0.75)
     g = torch.Generator().manual_seed(0)
     policy, reference = torch.randn(8, generator=g), torch.randn(8, generator=g)
     batch = {"kind": torch.tensor([0, 1, 0, 1]), "response_row": torch.arange(8),
@@ -99,7 +99,7 @@ def test_stage2_objective_is_the_weighted_sum_of_its_parts():
     loss, stats = dpo.step_loss(cfg, policy, reference, batch, counts)
     n = 4
     h = (policy[:n] - reference[:n]) - (policy[n:] - reference[n:])
-    box = [-math.log(_sig(0.1 * h[i].item())) for i in (0, 2)]
+    box = [-math.log(_sig(0.3 * h[i].item())) for i in (0, 2)]
     answer = [-math.log(_sig(0.3 * h[i].item())) for i in (1, 3)]
     expected = 0.25 * sum(box) / 2 + 0.75 * sum(answer) / 2
     assert loss.item() == pytest.approx(expected, rel=1e-6)
@@ -287,7 +287,7 @@ def _rows(out):
 def test_first_step_loss_is_ln2_and_stage2_loss_is_the_weighted_sum(pairs_file, tmp_path):
     # the reference per step (the same pass as the policy's), so the first step's equality is exact
     visrl.train(dpo.DPOConfig(grad_accum=1, data=str(pairs_file), stage=2, out=str(tmp_path / "s2"), max_steps=2,
-                              lambda_box=0.3, lambda_answer=0.7, lr=1e-3, precompute_ref=False))
+                              lambda_box=0.3, lambda_answer=0.7, lr=1e-3, reuse=False))
     rows = _rows(tmp_path / "s2")
     first = rows[0]
     # zero-initialised adapter: policy == reference, so every pair loss is -log sigmoid(0) = ln 2
@@ -315,7 +315,7 @@ def test_the_nll_term_is_logged_apart_from_the_preference_term(pairs_file, tmp_p
 
 def test_a_stage_1_run_with_the_answer_anchor_trains_the_box_pairs_and_the_chosen_answers_nll(pairs_file, tmp_path):
     visrl.train(dpo.DPOConfig(grad_accum=1, data=str(pairs_file), stage=1, out=str(tmp_path / "s1"), max_steps=1,
-                              nll_weight=2.0, answer_anchor=True, precompute_ref=False))
+                              nll_weight=2.0, answer_anchor=True, reuse=False))
     (row,) = _rows(tmp_path / "s1")
     # at the reference the box pairs' loss is ln 2 and the answer rows add none (2 ln 2 if they did)
     assert row["box/loss"] == pytest.approx(math.log(2), abs=1e-6)
@@ -349,7 +349,7 @@ def test_short_run_raises_the_reward_margin(pairs_file, tmp_path):
 
 def test_precompute_ref_trains_the_same_and_a_resumed_run_reads_its_table(pairs_file, tmp_path, capsys, monkeypatch):
     common = dict(data=str(pairs_file), stage=2, max_steps=3, lr=1e-3, limit=8)
-    visrl.train(dpo.DPOConfig(grad_accum=1, out=str(tmp_path / "live"), precompute_ref=False, **common))
+    visrl.train(dpo.DPOConfig(grad_accum=1, out=str(tmp_path / "live"), reuse=False, **common))
     visrl.train(dpo.DPOConfig(grad_accum=1, out=str(tmp_path / "pre"), **common))  # the default
     for live, pre in zip(_rows(tmp_path / "live"), _rows(tmp_path / "pre")):
         assert pre["loss"] == pytest.approx(live["loss"], abs=1e-5)

@@ -15,6 +15,7 @@ from PIL import Image
 
 import chat
 import data
+import endpoint
 import evaluate as ev
 import viscot
 from conftest import write_rec_file
@@ -247,13 +248,13 @@ def test_endpoint_rec_run_scores_boxes_only(server, tmp_path):
 def test_endpoint_failure_stops_the_run_and_keeps_what_is_done(server, synth_dir, tmp_path):
     server.respond = lambda body: (500, None)
     cfg = _config(tmp_path, synth_dir / "test.jsonl", limit=2, endpoint=f"http://127.0.0.1:{server.server_port}")
-    with pytest.raises(ev.EndpointError, match="HTTP 500"):
+    with pytest.raises(endpoint.EndpointError, match="HTTP 500"):
         ev.evaluate(cfg)
     assert (tmp_path / "predictions.jsonl").read_text() == ""
 
 
 # --------------------------------------------------------------------------------------------
-# Bad prediction rows and a busy endpoint.
+# Bad prediction rows.
 
 
 def _prediction(**fields):
@@ -282,40 +283,6 @@ def test_prediction_rows_are_checked_field_by_field(tmp_path):
         ev.evaluate(_config(tmp_path / "out", tmp_path, predictions=str(tmp_path / "missing.jsonl")))
 
 
-def test_a_busy_endpoint_is_retried_after_its_retry_after(monkeypatch):
-    calls = []
-
-    class Busy(BaseHTTPRequestHandler):
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            calls.append(self.path)
-            busy = len(calls) <= 2
-            body = json.dumps({"error": {"message": "queue full"}} if busy else
-                              {"choices": [{"message": {"content": "ok"}}]}).encode()
-            self.send_response(503 if busy else 200)
-            if busy:
-                self.send_header("Retry-After", "0")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Busy)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
-        assert ev.chat_completion(url, [{"role": "user", "content": "hi"}]) == "ok" and len(calls) == 3
-        calls.clear()
-        monkeypatch.setattr(ev, "BUSY_RETRIES", 1)  # still busy after the last retry: the call fails
-        with pytest.raises(ev.EndpointError, match="HTTP 503"):
-            ev.chat_completion(url, [{"role": "user", "content": "hi"}])
-    finally:
-        server.shutdown()
-    assert ev.retry_after("3", 0) == 3 and ev.retry_after(None, 2) == 4 and ev.retry_after("soon", 9) == 30
-
-
 def test_a_picture_draws_each_mark_distinctly_and_only_what_is_there(tmp_path):
     Image.new("RGB", (400, 300), (128, 128, 128)).save(tmp_path / "grey.png")
     row = {"image": str(tmp_path / "grey.png"), "question": "Q?", "answers": ["a"], "answer": "a",
@@ -335,3 +302,38 @@ def test_a_picture_draws_each_mark_distinctly_and_only_what_is_there(tmp_path):
     swatch = (6, round(300 * scale) + 4 + 6)
     assert Image.open(both).convert("RGB").getpixel(swatch) == ev.TRUTH
     assert Image.open(no_truth).convert("RGB").getpixel(swatch) == ev.PREDICTION
+
+
+@pytest.mark.parametrize("form", ["axis", "pixel"])
+def test_a_box_form_is_read_in_its_own_form_and_scored_in_the_benchmarks(form, release, tiny_path):
+    """A model that writes its boxes in another form than the benchmark's square one: each reply is read in that
+    form, cropped there, and the official scorer gets the same box in square text, at every digit."""
+    import model
+
+    processor = model.load_processor(str(tiny_path)).image_processor
+    items = viscot.read_items(str(release), ["docvqa"])
+    by_size = {(it.width, it.height): it for it in items}
+
+    def reply(prompts):  # the box step: each item's true box, written in `form`; the answer step: "x"
+        return [chat.write_box(by_size[ims[0].size].gt_box, *ims[0].size, form, processor) if len(ims) == 1 else "x"
+                for _, ims in prompts]
+
+    rows = ev.predict_batch(items, reply, box_form=form, image_processor=processor)
+    square = ev.predict_batch(items, lambda prompts: [chat.box_to_text(by_size[ims[0].size].gt_box, *ims[0].size)
+                                                      if len(ims) == 1 else "x" for _, ims in prompts])
+    view = chat.model_view_size(300, 200, processor)
+    for row, item in zip(rows, items):
+        assert row["box_form"] == form and row["box_text"] == chat.write_box(item.gt_box, item.width, item.height, form,
+                                                                             processor)
+        if item.degenerate:  # an inverted true box does not parse in any form, and scores nowhere
+            assert row["box"] is None and row["square_box_text"] is None
+            continue
+        assert row["box"] == pytest.approx(item.gt_box, abs=max(item.width, item.height) / (view[0] if form == "pixel"
+                                                                                        else 1000))
+        assert row["crop"] == list(chat.crop_window(tuple(row["box"]), item.width, item.height))  # cropped there
+        assert viscot.official_box_values(row["square_box_text"]) is not None
+    if form == "pixel":  # pixels of the view the model sees (112 px wide here), not of the 300 px page
+        assert max(chat.parse_box(rows[0]["box_text"])) <= max(view)
+    ours, theirs = viscot.summarize(rows)["sets"]["docvqa"], viscot.summarize(square)["sets"]["docvqa"]
+    assert ours["detection"]["correct"] == theirs["detection"]["correct"] == 2  # all but the inverted box
+    assert ours["detection"]["unparsed_official"] == 1

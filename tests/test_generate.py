@@ -17,6 +17,7 @@ from PIL import Image
 import chat
 import data
 import dpo
+import endpoint
 import generate
 
 # --------------------------------------------------------------------------------------------
@@ -370,7 +371,7 @@ def test_generated_pairs_train_with_dpo(synth_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_sampler(tiny_path):
-    return generate.LocalSampler(generate.GenerateConfig(model=str(tiny_path), batch_size=4, device="cpu"))
+    return generate.LocalSampler(generate.GenerateConfig(model=str(tiny_path), batch_size=4))
 
 
 class Killing:
@@ -496,8 +497,6 @@ def test_judge_scorer_over_http(synth_dir, tmp_path):
 
 
 def test_unreachable_judge_stops_the_run_and_keeps_nothing_half_done(synth_dir, tmp_path):
-    import evaluate
-
     path, records = _records(synth_dir, tmp_path, 2)
     server, thread, _ = _serve(lambda body: "")
     url = f"http://127.0.0.1:{server.server_address[1]}"
@@ -505,7 +504,7 @@ def test_unreachable_judge_stops_the_run_and_keeps_nothing_half_done(synth_dir, 
     server.server_close()
     thread.join(timeout=5)
     cfg = _cfg(path, synth_dir, tmp_path / "out", scorer="judge", judge_endpoint=url, retries=0, timeout=5)
-    with pytest.raises(evaluate.EndpointError):
+    with pytest.raises(endpoint.EndpointError):
         generate.generate(cfg, Scripted(records))
     assert (tmp_path / "out" / "candidates.jsonl").read_text() == ""
     with pytest.raises(ValueError, match="--judge-endpoint"):

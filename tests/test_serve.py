@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 
 import chat
 import data
+import endpoint
 import evaluate
 import model
 import serve
@@ -216,7 +217,7 @@ def test_health_and_models(server):
 def test_reply_is_model_generate_output_with_openai_shape(server, reference):
     url, _ = server
     image = _picture()
-    reply = _chat(url, _request(evaluate.image_data_url(image)))
+    reply = _chat(url, _request(endpoint.image_data_url(image)))
     assert reply["object"] == "chat.completion" and reply["id"].startswith("chatcmpl-") and reply["model"] == "visrl"
     (choice,) = reply["choices"]
     assert choice["index"] == 0 and choice["message"]["role"] == "assistant"
@@ -237,7 +238,7 @@ def test_reply_is_model_generate_output_with_openai_shape(server, reference):
 
 def test_a_path_under_the_image_root_equals_the_data_url(server, root):
     url, _ = server
-    expected = _chat(url, _request(evaluate.image_data_url(_picture())))["choices"][0]["message"]["content"]
+    expected = _chat(url, _request(endpoint.image_data_url(_picture())))["choices"][0]["message"]["content"]
     for ref in ("sub/a.png", str(root / "sub" / "a.png"), (root / "sub" / "a.png").as_uri(), "sub/../sub/a.png"):
         assert _chat(url, _request(ref))["choices"][0]["message"]["content"] == expected, ref
 
@@ -251,7 +252,7 @@ def test_concurrent_requests_are_batched_and_each_equals_its_single_answer(serve
     replies = [None] * len(questions)
 
     def ask(i):
-        replies[i] = _chat(url, _request(evaluate.image_data_url(image), questions[i]))["choices"][0]["message"]["content"]
+        replies[i] = _chat(url, _request(endpoint.image_data_url(image), questions[i]))["choices"][0]["message"]["content"]
 
     with worker.model_lock:  # hold the model so that all six queue up and go in one batch
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(questions))]
@@ -277,7 +278,7 @@ def _tall_png_header(width, height):
 
 
 def _errors(root):
-    good = evaluate.image_data_url(_picture())
+    good = endpoint.image_data_url(_picture())
     two_images = _request(good)
     two_images["messages"][0]["content"] += [{"type": "image_url", "image_url": {"url": good}}] * 2
     return {
@@ -336,7 +337,7 @@ def _errors(root):
 
 def test_each_bad_request_gets_an_error_json_and_the_server_keeps_serving(server, root, reference):
     url, _ = server
-    good = _request(evaluate.image_data_url(_picture()))
+    good = _request(endpoint.image_data_url(_picture()))
     expected = _generate(reference, [(_ours(), [_picture()])])[0]
     for name, (status, code, request) in _errors(root).items():
         got, body = _call(url, **request)
@@ -385,12 +386,12 @@ def test_a_failing_generation_is_a_500_for_that_request_only(server, root, refer
             raise RuntimeError(f"boom in {root}/weights.bin")  # the server's paths stay in its log
         return real(net, processor, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(serve.modeling, "sample", flaky)
+    monkeypatch.setattr(serve.model, "sample", flaky)
     image = _picture()
     results = {}
 
     def ask(question):
-        results[question] = _call(url, "POST", "/v1/chat/completions", _request(evaluate.image_data_url(image), question))
+        results[question] = _call(url, "POST", "/v1/chat/completions", _request(endpoint.image_data_url(image), question))
 
     with worker.model_lock:  # both in one batch: the batch fails, then each runs alone
         threads = [threading.Thread(target=ask, args=(q,)) for q in ("BOOM", QUESTION)]
@@ -410,7 +411,7 @@ def test_a_failing_generation_is_a_500_for_that_request_only(server, root, refer
 def test_visual_cot_returns_the_box_and_the_answer(server, reference):
     url, _ = server
     image = _picture()
-    reply = _chat(url, _request(evaluate.image_data_url(image), visual_cot=True))
+    reply = _chat(url, _request(endpoint.image_data_url(image), visual_cot=True))
     cot = reply["visual_cot"]
     assert set(cot) == {"box_text", "box", "crop"} and len(cot["crop"]) == 4
     expected = chat.two_step(lambda prompts: _generate(reference, prompts), [image], [chat.focus_messages(QUESTION)],
@@ -422,7 +423,7 @@ def test_visual_cot_returns_the_box_and_the_answer(server, reference):
 
 def test_seeded_sampling_repeats(server):
     url, _ = server
-    body = _request(evaluate.image_data_url(_picture()), temperature=1.5, top_p=0.9, seed=7)
+    body = _request(endpoint.image_data_url(_picture()), temperature=1.5, top_p=0.9, seed=7)
     first, second = (_chat(url, body)["choices"][0]["message"]["content"] for _ in range(2))
     assert first == second
 
@@ -430,14 +431,14 @@ def test_seeded_sampling_repeats(server):
 def test_our_openai_client_works_against_the_server(server, root, reference):
     url, _ = server
     image = _picture()
-    messages = evaluate.to_openai_messages(_ours(), [image])
-    assert evaluate.chat_completion(url, messages, model="visrl", max_tokens=MAX_TOKENS) == \
+    messages = endpoint.to_openai_messages(_ours(), [image])
+    assert endpoint.chat_completion(url, messages, model="visrl", max_tokens=MAX_TOKENS) == \
         _generate(reference, [(_ours(), [image])])[0]
     # a whole two-step prediction through the endpoint equals the in-process one
     item = viscot.Item(set="t", id="0", image=str(root / "sub" / "a.png"), question=QUESTION, answers=["7"],
                           gt_box=[40, 30, 120, 110], width=320, height=240)
-    endpoint = evaluate.reply_function(evaluate.EvalConfig(endpoint=url, max_new_tokens=MAX_TOKENS, batch_size=2))
-    assert evaluate.predict_batch([item, item], endpoint) == \
+    remote = evaluate.reply_function(evaluate.EvalConfig(endpoint=url, max_new_tokens=MAX_TOKENS, batch_size=2))
+    assert evaluate.predict_batch([item, item], remote) == \
         evaluate.predict_batch([item, item], lambda prompts: _generate(reference, prompts))
 
 
@@ -447,7 +448,7 @@ def _distinct(i):
     draw = ImageDraw.Draw(im)
     draw.rectangle((4 + i % 8 * 12, 6 + i // 8 * 10, 50 + i % 8 * 12, 40 + i // 8 * 10), outline=(220, 0, 4 * i), width=3)
     draw.text((20 + i % 8 * 12, 15 + i // 8 * 10), str(i % 10), fill=(0, 0, 0))
-    return _request(evaluate.image_data_url(im), f"Question {i}: what digit is inside the frame?")
+    return _request(endpoint.image_data_url(im), f"Question {i}: what digit is inside the frame?")
 
 
 def _burst(url, bodies, results=None, seconds=60):
@@ -508,7 +509,7 @@ def test_a_full_queue_is_a_503_with_retry_after_and_paths_need_an_image_root(ref
 
 def test_a_slow_body_holds_no_slot_and_times_out(reference):
     with _own_server(reference, max_queue=1, body_timeout=3.0) as (url, _):
-        good = _request(evaluate.image_data_url(_picture()))
+        good = _request(endpoint.image_data_url(_picture()))
         assert _call(url, "POST", "/v1/chat/completions", good)[0] == 200  # warm
         slow = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=1.0)
         slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

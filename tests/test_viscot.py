@@ -173,22 +173,22 @@ def test_rec_file_is_box_only(tmp_path):
 
 
 def test_anls_on_known_pairs():
-    assert viscot.levenshtein("kitten", "sitting") == 3
-    assert viscot.anls("hello", "hallo") == pytest.approx(0.8)              # 1 edit / 5
-    assert viscot.anls("kitten", "sitting") == pytest.approx(1 - 3 / 7)     # NL 0.43 < 0.5
-    assert viscot.anls("abc", "abd") == pytest.approx(2 / 3)
-    assert viscot.anls("ab", "ac") == 0.0                                    # NL exactly 0.5: not < 0.5
-    assert viscot.anls("abc", "xyz") == 0.0
-    assert viscot.anls("  Hello   World ", "hello world") == 1.0            # case and spacing ignored
-    assert viscot.anls("x", ["nope", "X"]) == 1.0                            # best over the references
-    assert viscot.anls("", "") == 1.0 and viscot.anls("", "a") == 0.0
+    assert chat.levenshtein("kitten", "sitting") == 3
+    assert chat.anls("hello", "hallo") == pytest.approx(0.8)              # 1 edit / 5
+    assert chat.anls("kitten", "sitting") == pytest.approx(1 - 3 / 7)     # NL 0.43 < 0.5
+    assert chat.anls("abc", "abd") == pytest.approx(2 / 3)
+    assert chat.anls("ab", "ac") == 0.0                                    # NL exactly 0.5: not < 0.5
+    assert chat.anls("abc", "xyz") == 0.0
+    assert chat.anls("  Hello   World ", "hello world") == 1.0            # case and spacing ignored
+    assert chat.anls("x", ["nope", "X"]) == 1.0                            # best over the references
+    assert chat.anls("", "") == 1.0 and chat.anls("", "a") == 0.0
 
 
 def test_exact_match_and_containment():
-    assert viscot.exact_match("The Cat.", "cat") == 1.0 and viscot.exact_match("cats", "cat") == 0.0
-    assert viscot.containment("it is a red car", ["blue", "red car"]) == 1.0
-    assert viscot.containment("scared", "red") == 0.0  # whole words only
-    assert viscot.answer_scores("4", ["4"]) == {"exact_match": 1.0, "anls": 1.0, "containment": 1.0}
+    assert chat.exact_match("The Cat.", "cat") == 1.0 and chat.exact_match("cats", "cat") == 0.0
+    assert chat.containment("it is a red car", ["blue", "red car"]) == 1.0
+    assert chat.containment("scared", "red") == 0.0  # whole words only
+    assert chat.answer_scores("4", ["4"]) == {"exact_match": 1.0, "anls": 1.0, "containment": 1.0}
 
 
 # --------------------------------------------------------------------------------------------
