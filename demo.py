@@ -12,6 +12,7 @@ the demo is the README's chain. A rerun into the same --out skips finished phase
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import random
@@ -69,8 +70,12 @@ class DemoConfig:
     dpo_answer_anchor: bool = True  # stage 1 also trains the chosen answer's NLL on its crop (dpo --answer-anchor)
     dpo_batch_size: int = 4  # pairs per DPO step
     eval_batch_size: int = 32  # prompts per generate call in the evaluations
+    # passed to every training phase (sft, dpo): tensorboard writes each phase's curves, live, into
+    # <phase dir>/tensorboard (`tensorboard --logdir <out>` shows them all)
+    report_to: Literal["none", "tensorboard"] = "none"
 
-    rerun_may_change: ClassVar[tuple[str, ...]] = ("out",)  # a rerun goes on with the phases it finished
+    # a rerun goes on with the phases it finished (and may add or drop --report-to: it changes no result)
+    rerun_may_change: ClassVar[tuple[str, ...]] = ("out", "report_to")
 
 # --------------------------------------------------------------------------------------------
 # Phases. Each returns its row of the table; finished phases are read back from <out>/phases.json.
@@ -120,6 +125,10 @@ def flag_args(flags: dict) -> list[str]:
         args += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
     return args
 
+def report_settings(cfg: DemoConfig) -> dict:
+    """--report-to for a training phase, only when the demo was given it (the printed commands stay the plain ones)."""
+    return {} if cfg.report_to == "none" else {"report_to": cfg.report_to}
+
 def sft_settings(cfg: DemoConfig, sft_file: Path) -> dict:
     """The demo's SFT run, as `visrl.py sft` fields."""
     return dict(model=cfg.model, data=sft_file, out=Path(cfg.out) / "sft", seed=cfg.seed, prompts=cfg.prompts,
@@ -127,13 +136,14 @@ def sft_settings(cfg: DemoConfig, sft_file: Path) -> dict:
                 batch_size=cfg.batch_size, grad_accum=1, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                 crop_alone_samples=True,  # generation's rule scorer asks the crop alone
                 cache_pixels=True,  # 64 records: ~40 MB, and later epochs decode nothing
-                save_every=50, resume=True)
+                save_every=50, resume=True, **report_settings(cfg))
 
 def dpo_settings(cfg: DemoConfig, stage: int) -> dict:
-    """The demo's training settings for a DPO stage, as `visrl.py dpo` fields."""
+    """The demo's training settings for a DPO stage (and its --report-to), as `visrl.py dpo` fields."""
     anchor = {"answer_anchor": True} if cfg.dpo_answer_anchor and stage == 1 else {}
     return dict(epochs=cfg.dpo_epochs, lr=cfg.dpo_lr, beta=cfg.dpo_beta, nll_weight=cfg.dpo_nll_weight, **anchor,
-                batch_size=cfg.dpo_batch_size, grad_accum=1, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
+                batch_size=cfg.dpo_batch_size, grad_accum=1, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                **report_settings(cfg))
 
 def stage_args(subcommand: str, flags: dict) -> list[str]:
     """The argv of `python visrl.py <subcommand>` with these flags."""
@@ -213,6 +223,9 @@ def demo(cfg: DemoConfig) -> dict:
         cfg = replace(cfg, out="runs/demo-quick" if cfg.quick else "runs/demo")
     out = Path(cfg.out)
     runs.check_rerun(out, "demo", cfg, "rerun it")
+    if cfg.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:  # now, not after the data
+        raise data.UserError("demo --report-to tensorboard: the tensorboard package is not installed; "
+                             "pip install 'visrl[tensorboard]' (or pip install tensorboard)")
     with runs.RunLock(out, "demo").take():
         runs.write_config(out, "demo", cfg)
         state_path = out / "phases.json"

@@ -12,7 +12,7 @@ One DPO step, file by file:
                                           -> fused chunked logsumexp + gather (linear_logprobs) -> summed log-probs [2B]
     reference_logps                       the precomputed table, or the same pass with adapters off
     step_loss -> preference_loss          one loss call for every pair; stage 2 weighs the box and
-                                          answer means by lambda_box / lambda_answer; + the NLL anchor
+                                          answer means by --lambdas (box, answer); + the NLL anchor
   dpo.build                               visrl.train's stage: samples, reference, held-out pairs, objective
   visrl.train                             backward, optimizer step, metrics, checkpoint
 """
@@ -285,8 +285,9 @@ class DPOConfig(model.TrainConfig):
     # term), so the box-step update leaves the answer step where the previous phase put it (not upstream's;
     # needs --nll-weight > 0)
     answer_anchor: bool = False
-    lambda_box: float = 0.5  # stage 2: the box pairs' weight in L = lambda_box * L_box + lambda_answer * L_answer
-    lambda_answer: float = 0.5  # stage 2: the answer pairs' weight (upstream: both 0.5)
+    # stage 2: the box and the answer pairs' weights in L = lambda_box * L_box + lambda_answer * L_answer (upstream:
+    # both 0.5; `--lambdas 0 0.5` drops the box term)
+    lambdas: tuple[float, float] = (0.5, 0.5)
     rejected_crop: Literal["chosen", "own"] = "chosen"  # stage 2: the crop the rejected answer sees (upstream: chosen)
     # reuse what is exact to reuse: each pair's shared prefix (image, question) through the decoder once, both
     # responses attending to it, and the reference's log-probs in one pass before training, kept in
@@ -395,7 +396,7 @@ def save_reference(out: Path, table: torch.Tensor, key: str) -> None:
 def step_loss(cfg: DPOConfig, policy: torch.Tensor, reference: torch.Tensor, batch: dict,
               kind_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """This micro-batch's share of the step objective, and its per-kind sums of DPO_STATS [2, 8]. Stage 1: the mean pair
-    loss. Stage 2: lambda_box * mean box loss + lambda_answer * mean answer loss, means over the optimizer step
+    loss. Stage 2: lambda_box * mean box loss + lambda_answer * mean answer loss (--lambdas), means over the step
     (kind_counts: samples per kind, all micro-batches, ranks). Plus nll_weight x the chosen responses' mean NLL (with
     --answer-anchor, stage 1's answer rows add only this)."""
     kind = batch["kind"]  # [B] 0 box, 1 answer
@@ -404,7 +405,7 @@ def step_loss(cfg: DPOConfig, policy: torch.Tensor, reference: torch.Tensor, bat
         policy[:n], policy[n:], reference[:n], reference[n:], beta=cfg.beta, kind=cfg.loss,
         label_smoothing=cfg.label_smoothing)
     # stage 1: box rows only; the anchor's answer rows have no preference term
-    lambdas = torch.tensor([cfg.lambda_box, cfg.lambda_answer] if cfg.stage == 2 else [1.0, 0.0], device=policy.device)
+    lambdas = torch.tensor(list(cfg.lambdas) if cfg.stage == 2 else [1.0, 0.0], device=policy.device)
     weights = lambdas[kind] / kind_counts.clamp(min=1)[kind]  # [B]
     loss = (weights * losses).sum()
     nll = -policy[:n] / response_lengths(batch)[:n].clamp(min=1)  # [B] length-normalised NLL of the chosen

@@ -1,12 +1,11 @@
 """Model side of visrl: loading Qwen2-VL / Qwen2.5-VL, hand-written LoRA, generation, processes and sharding.
 
-`--model tiny` is built on first use by synth.build_tiny (random weights: everything runs offline). LoRA wraps
+`--model tiny` is built on first use by shapes.build_tiny (random weights: everything runs offline). LoRA wraps
 the language model's `nn.Linear`s in place, keeping the base parameter names: weights keep their Hugging Face names.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import hashlib
 import json
@@ -30,7 +29,7 @@ from transformers.utils import logging as hf_logging
 import chat
 import data
 import runs
-import synth
+import shapes
 
 hf_logging.disable_progress_bar()  # per-shard bars on a tiny checkpoint are noise; our own tqdm shows progress
 
@@ -56,10 +55,16 @@ AutoProcessor.register(Qwen2VLConfig, Qwen2VLImageProcessor, exist_ok=True)
 ARCHS = {"qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLImageProcessor),
          "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor)}
 
-def make_tiny(out_dir: str | Path, cfg: synth.TinyConfig = synth.TinyConfig()) -> Path:
-    """Write the tiny checkpoint directory (synth.build_tiny with this module's classes for its arch)."""
-    _, model_cls, processor_cls = ARCHS[synth.TINY_ARCHS[cfg.arch]]
-    return synth.build_tiny(out_dir, cfg, model_cls, processor_cls)
+def make_tiny(out_dir: str | Path, cfg: shapes.TinyConfig = shapes.TinyConfig()) -> Path:
+    """Write the tiny checkpoint directory (shapes.build_tiny with this module's classes for its arch)."""
+    _, model_cls, processor_cls = ARCHS[shapes.TINY_ARCHS[cfg.arch]]
+    return shapes.build_tiny(out_dir, cfg, model_cls, processor_cls)
+
+def make_shape(out_dir: str | Path, shape: str, layers: int = 0, vision_depth: int = 0,
+               dtype: torch.dtype = torch.bfloat16, seed: int = 0, config_only: bool = False) -> Path:
+    """Write a random checkpoint of a real model's shape (shapes.build_shape with this module's classes)."""
+    _, model_cls, processor_cls = ARCHS[shapes.TINY_ARCHS[shapes.REAL_SHAPES[shape][0]]]
+    return shapes.build_shape(out_dir, shape, model_cls, processor_cls, layers, vision_depth, dtype, seed, config_only)
 
 TINY_NAMES = ("tiny", "tiny-qwen2.5-vl", "tiny-qwen2-vl")  # the built-in model's names for --model
 
@@ -67,8 +72,8 @@ def resolve_model_path(model: str) -> Path:
     """`tiny` / `tiny-qwen2-vl` -> the cached tiny checkpoint (built on first use); else the path."""
     if model in TINY_NAMES:
         arch = "qwen2-vl" if model == "tiny-qwen2-vl" else "qwen2.5-vl"
-        cfg = synth.TinyConfig(arch=arch)
-        path = data.cache_dir() / f"tiny-{arch}-{synth.tiny_cache_key(cfg)}"
+        cfg = shapes.TinyConfig(arch=arch)
+        path = data.cache_dir() / f"tiny-{arch}-{shapes.tiny_cache_key(cfg)}"
         if not (path / "config.json").exists():
             print(f"building the tiny {arch} checkpoint into {path} (once)", file=sys.stderr)
             make_tiny(path, cfg)
@@ -81,17 +86,32 @@ def resolve_model_path(model: str) -> Path:
 
 @dataclass
 class TinyArgs:
-    """Write the built-in tiny checkpoint directory (random weights, BPE trained on the spot)."""
+    """Write the built-in tiny checkpoint, or a random one with a real model's published shape, into a directory."""
 
     out: str = "tiny-model"  # the directory to write (absent or empty)
-    arch: Literal["qwen2.5-vl", "qwen2-vl"] = "qwen2.5-vl"  # the architecture it has
+    arch: Literal["qwen2.5-vl", "qwen2-vl"] = "qwen2.5-vl"  # the tiny checkpoint's architecture
+    shape: Literal["tiny", "qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen2-vl-7b", "qwen2.5-vl-72b"] = "tiny"  # a real
+    # model's published config with random weights and the tiny tokenizer (the 72B only with --config-only or --layers)
+    layers: int = 0  # decoder layers of a real shape (0: all of them)
+    vision_depth: int = 0  # vision blocks of a real shape (0: all of them)
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"  # a real shape's weights (the tiny one is always float32)
+    config_only: bool = False  # a real shape's config, tokenizer and processor, no weights (bench/memory_plan.py)
     seed: int = 0  # its random weights
 
 def tiny_command(args: TinyArgs) -> Path:
-    """`visrl.py tiny`: the tiny checkpoint in a directory of its own (the cache keeps its own copy)."""
+    """`visrl.py tiny`: the tiny checkpoint (the cache keeps its own copy) or a real shape, in a new directory."""
     data.check_new_dir(args.out)
-    path = make_tiny(args.out, synth.TinyConfig(arch=args.arch, seed=args.seed))
-    print(f"tiny {args.arch} checkpoint written to {path}")
+    if args.shape == "tiny":
+        path = make_tiny(args.out, shapes.TinyConfig(arch=args.arch, seed=args.seed))
+        print(f"tiny {args.arch} checkpoint written to {path}")
+        return path
+    if args.shape.endswith("72b") and not (args.config_only or args.layers):
+        raise data.UserError("--shape qwen2.5-vl-72b: its weights are 147 GB; pass --config-only, or --layers N")
+    path = make_shape(args.out, args.shape, args.layers, args.vision_depth, getattr(torch, args.dtype), args.seed,
+                      args.config_only)
+    about = json.loads((path / "visrl_shape.json").read_text())
+    print(f"{args.shape} ({about['layers']} layers, vision depth {about['vision_depth']}, {about['dtype']}"
+          f"{', config only' if args.config_only else ''}) written to {path}")
     return path
 
 # what a corrupt or mismatched checkpoint makes transformers / safetensors raise
@@ -183,9 +203,13 @@ class TrainConfig(runs.RunConfig):
     resume: bool = False  # continue the run in --out from its newest complete checkpoint
     val_fraction: float = 0.1  # held out (whole records / pairs, chosen by --seed) for the eval loss; upstream val_size
     eval_every: int = 0  # optimizer steps between eval losses in metrics.jsonl (0: once, at the end)
+    # tensorboard: each metrics.jsonl row's numbers also as TensorBoard scalars in <out>/tensorboard, written as they
+    # are logged (live curves; needs `pip install 'visrl[tensorboard]'`)
+    report_to: Literal["none", "tensorboard"] = "none"
 
     # bookkeeping, and how long it runs (to extend a finished run)
-    rerun_may_change = runs.RunConfig.rerun_may_change + ("resume", "save_every", "max_steps", "epochs", "eval_every")
+    rerun_may_change = runs.RunConfig.rerun_may_change + ("resume", "save_every", "max_steps", "epochs", "eval_every",
+                                                        "report_to")
 
     def check(self) -> None:
         """Refuse settings that contradict each other, before any work (each stage's config adds its own)."""
@@ -477,7 +501,6 @@ def setup_distributed(device: str = "auto") -> Dist:
     if world_size > 1 and not dist.is_initialized():
         runs.die_with_parent(signal.SIGKILL)  # torchrun's ranks run in a session of their own: see there
         dist.init_process_group("nccl" if use_cuda else "gloo")
-        atexit.register(dist.destroy_process_group)  # a group torn down by interpreter exit can abort the rank
     return Dist(rank, world_size, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
 
 def all_reduce_sum(value: torch.Tensor, world: Dist) -> torch.Tensor:

@@ -1,36 +1,27 @@
-"""The built-in assets every command can run on offline: the synthetic intention-driven VQA set (`--data synth`)
-and, at the end of this file, the tiny checkpoint (`--model tiny`). What a page shows, and why the answer needs the
+"""The built-in data every command can run on offline: the synthetic intention-driven VQA set (`--data synth`; the
+tiny checkpoint is shapes.py's). What a page shows, and why the answer needs the
 crop and the crop the right box: docs/guide.md, "The built-in tiny model and synthetic set".
 """
 
 import hashlib
-import inspect
 import json
 import os
 import random
-import shutil
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import PIL
-import torch
-import torch.nn as nn
-import transformers
 from PIL import Image, ImageDraw
-from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2VLConfig
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-import chat
 import data
 
 SYNTH_VERSION = 3  # bump when the generator changes: cached copies are keyed by it
 SYNTH_COLORS = {"red": (220, 30, 30), "green": (20, 150, 40), "blue": (30, 60, 220),
                 "yellow": (225, 185, 0), "magenta": (200, 40, 200), "cyan": (0, 175, 195)}
-_QUESTIONS = ("What pattern is inside the {} frame?", "Which pattern fills the {} square?",
+QUESTIONS = ("What pattern is inside the {} frame?", "Which pattern fills the {} square?",
               "What is the pattern in the {} box?", "Name the pattern the {} frame contains.")
 SYNTH_PATTERNS = ("horizontal", "vertical", "diagonal", "checkered", "dotted", "grid")
 _PERIOD = 12
@@ -107,7 +98,7 @@ def _synth_one(out: Path, split: str, i: int, seed: int) -> str:
     rel = f"images/{split}_{i:05d}.png"
     img.save(out / rel, compress_level=1)  # speed over size; the bytes are still deterministic
     return json.dumps({"question_id": f"synth-{split}-{i:05d}", "dataset": "synth", "split": split,
-                       "image": rel, "question": rng.choice(_QUESTIONS).format(color), "answer": pattern,
+                       "image": rel, "question": rng.choice(QUESTIONS).format(color), "answer": pattern,
                        "bboxs": [list(box)], "width": img.width, "height": img.height})
 
 def cache_key(seed: int, n_train: int, n_val: int, n_test: int) -> str:
@@ -141,139 +132,6 @@ def resolve_data(path: str, split: str = "train", seed: int = 0) -> Path:
         return root / f"{split}.jsonl"
     p = Path(path)
     return p / f"{split}.jsonl" if p.is_dir() else p
-
-# --------------------------------------------------------------------------------------------
-# The tiny checkpoint: Qwen's special tokens and chat template, a byte-level BPE trained on the spot,
-# random weights. model.make_tiny / `--model tiny` call build_tiny with the classes of the arch.
-
-QWEN_SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
-    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-    "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
-    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
-
-# The chat template shipped with Qwen2-VL-7B-Instruct / Qwen2.5-VL-7B-Instruct.
-QWEN_VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
-    "<|im_end|>\n{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
-    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: "
-    "{% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-# Qwen2's pre-tokenizer: digits split one by one, which keeps box coordinates learnable.
-QWEN_PRETOKENIZE_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                          r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-@dataclass
-class TinyConfig:
-    """Sizes of the built-in tiny model (CPU-friendly; every shape a real Qwen-VL has, just small)."""
-
-    arch: str = "qwen2.5-vl"  # qwen2.5-vl | qwen2-vl
-    vocab_size: int = 1024  # BPE target; the special tokens come on top
-    hidden_size: int = 128
-    intermediate_size: int = 384
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    vision_hidden: int = 64
-    vision_depth: int = 2
-    vision_heads: int = 2
-    min_pixels: int = 56 * 56
-    # every square image over 113 px is seen at 112 x 112; at exactly 112 * 112, smart_resize's floor shrinks
-    # some sides (246, 251, ..., 288, 295 px) to 84 px, so a crop's scale would jump with a pixel of its size
-    max_pixels: int = 113 * 113
-    # a frozen random lm_head at the usual std 0.02 caps logits near +-2.5 after the final norm: no adapter
-    # could make a confident prediction (real checkpoints have far larger output norms)
-    lm_head_std: float = 0.3
-    seed: int = 0
-
-def _tokenizer_corpus() -> list[str]:
-    """Text the tiny BPE is trained on: the prompt table, the synthetic questions and answers, boxes, judge replies."""
-    rng = random.Random(0)
-    lines = [chat.SYSTEM_PROMPT, chat.FOCUS_INSTRUCTION, chat.VISRL_INSTRUCTION, chat.VCOT_ANSWER_TEXT]
-    for _ in range(2000):
-        box = sorted(round(rng.random(), 3) for _ in range(4))
-        lines.append(f"[{box[0]:.3f}, {box[1]:.3f}, {box[2]:.3f}, {box[3]:.3f}]")
-        lines.append(rng.choice(_QUESTIONS).format(rng.choice(list(SYNTH_COLORS))) + " " + rng.choice(SYNTH_PATTERNS))
-    lines += ["The answer is yes. No. A photo of a cat on a table. score: 1.0 {\"score\": 0.5}"] * 20
-    return lines
-
-def tiny_cache_key(cfg: "TinyConfig") -> str:
-    """What determines the tiny checkpoint, hashed (its config, tokenizer corpus, building code and the versions of the
-    libraries that draw its random weights), so that a fresh machine and an old one build the same model."""
-    parts = [json.dumps(asdict(cfg), sort_keys=True), "\n".join(_tokenizer_corpus()), QWEN_VL_CHAT_TEMPLATE,
-             json.dumps(QWEN_SPECIAL_TOKENS), QWEN_PRETOKENIZE_REGEX, torch.__version__, transformers.__version__]
-    parts += [inspect.getsource(fn) for fn in (build_tokenizer, tiny_model_config, build_tiny)]
-    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:12]
-
-def build_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """Train a small byte-level BPE holding every Qwen special token, with Qwen's pre-tokenizer."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=QWEN_SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None, bos_token=None,
-        additional_special_tokens=QWEN_SPECIAL_TOKENS[1:], chat_template=QWEN_VL_CHAT_TEMPLATE, model_max_length=32768,
-        clean_up_tokenization_spaces=False, split_special_tokens=False)
-
-def tiny_model_config(cfg: TinyConfig, tokenizer) -> Qwen2_5_VLConfig | Qwen2VLConfig:
-    """A Qwen-VL config with the tiny sizes and the tokenizer's special-token ids."""
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
-    vocab = (len(tokenizer) + 63) // 64 * 64  # padded like real checkpoints' embedding tables
-    unit = cfg.hidden_size // cfg.num_heads // 16  # mrope: head_dim/2 rotary pairs in (t, h, w), [16, 24, 24] at 128
-    text = dict(
-        vocab_size=vocab, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=4096, rms_norm_eps=1e-6, rope_parameters={
-            "rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2 * unit, 3 * unit, 3 * unit]},
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
-    tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    if cfg.arch == "qwen2.5-vl":
-        vision = dict(depth=cfg.vision_depth, hidden_size=cfg.vision_hidden, intermediate_size=2 * cfg.vision_hidden,
-                      num_heads=cfg.vision_heads, out_hidden_size=cfg.hidden_size, patch_size=14, spatial_merge_size=2,
-                      temporal_patch_size=2, window_size=112, fullatt_block_indexes=[cfg.vision_depth - 1])
-        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
-    if cfg.arch == "qwen2-vl":
-        vision = dict(depth=cfg.vision_depth, embed_dim=cfg.vision_hidden, hidden_size=cfg.hidden_size, mlp_ratio=2,
-                      num_heads=cfg.vision_heads, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
-        return Qwen2VLConfig(text_config=text, vision_config=vision, **tokens)
-    raise ValueError(f"unknown tiny arch {cfg.arch!r}; expected one of {sorted(TINY_ARCHS)}")
-
-TINY_ARCHS = {"qwen2.5-vl": "qwen2_5_vl", "qwen2-vl": "qwen2_vl"}  # --arch -> model_type
-
-def build_tiny(out_dir: str | Path, cfg: TinyConfig, model_cls, processor_cls) -> Path:
-    """Write the tiny checkpoint directory (model, tokenizer, processor); atomic, so ranks may race."""
-    out_dir = Path(out_dir)
-    tokenizer = build_tokenizer(cfg.vocab_size)
-    with torch.random.fork_rng(devices=[]):  # building on first use must not shift the caller's random stream
-        torch.manual_seed(cfg.seed)
-        model = model_cls(tiny_model_config(cfg, tokenizer))
-        nn.init.normal_(model.lm_head.weight, std=cfg.lm_head_std)
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
-    processor = processor_cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_VL_CHAT_TEMPLATE)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp", dir=out_dir.parent))
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    (tmp / "visrl_tiny.json").write_text(json.dumps(asdict(cfg), indent=2))
-    try:
-        os.replace(tmp, out_dir) if not out_dir.exists() else shutil.rmtree(tmp)
-    except OSError:  # another process renamed its copy first; theirs is identical
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
 
 @dataclass
 class SynthArgs:

@@ -174,7 +174,7 @@ def prepare_model(model_path: str, adapter: str | None, lora: model.LoRAConfig, 
         lora.parent_adapter, lora.parent_sha256 = str(Path(adapter).resolve()), model.adapter_fingerprint(adapter)
     model.add_lora(net, lora)
     if grad_checkpointing:
-        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return net.train(), processor
 
 def make_optimizer(params, lr: float, total_steps: int, warmup_ratio: float):
@@ -184,7 +184,8 @@ def make_optimizer(params, lr: float, total_steps: int, warmup_ratio: float):
         optimizer, lambda step: cosine_schedule(step, total_steps, warmup_ratio))
     return optimizer, scheduler
 
-RUN_FILES = ("adapter", "checkpoints", "config.json", "metrics.jsonl", dpo.REFERENCE_FILE)  # what a run writes
+# what a run writes (--overwrite replaces these, and only these)
+RUN_FILES = ("adapter", "checkpoints", "config.json", "metrics.jsonl", "tensorboard", dpo.REFERENCE_FILE)
 
 def check_run_out(cfg, command: str) -> list[Path]:
     """Refuse an --out that overlaps the model, the adapter chain or the data, or holds a run without --resume or
@@ -208,10 +209,46 @@ def take_lock(lock: runs.RunLock, world: model.Dist, create: bool) -> None:
     if model.all_reduce_sum(torch.tensor(float(error is not None), device=world.device), world) > 0:
         raise error or data.UserError(f"--out {lock.path.parent}: rank 0 could not lock it")
 
+def summary_writer(report_to: str):
+    """torch's SummaryWriter for --report-to tensorboard (imported only then), else None; without the package, a
+    one-line error before any work."""
+    if report_to != "tensorboard":
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:  # its message on one line: a broken install is told apart from a missing one
+        raise data.UserError(f"--report-to tensorboard: cannot import tensorboard ({' '.join(str(e).split())}); "
+                             "pip install 'visrl[tensorboard]' (or pip install tensorboard)") from e
+    return SummaryWriter
+
+class MetricsLog:
+    """metrics.jsonl and, with a SummaryWriter class, every row's numbers as TensorBoard scalars at the row's step in
+    <out>/tensorboard; each row flushed as it is logged, so both show a run while it goes on."""
+
+    def __init__(self, out: Path, writer_class, start_step: int):
+        self.file = open(out / "metrics.jsonl", "a")
+        # a resumed run redoes the steps after its checkpoint: purge_step hides what an earlier process logged for
+        # them (TensorBoard's reader drops events from that step on), as resume_point drops their rows
+        self.events = writer_class(str(out / "tensorboard"), purge_step=start_step + 1) if writer_class else None
+
+    def write(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.events:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.events.add_scalar(key, value, row["step"])
+            self.events.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        if self.events:
+            self.events.close()
+
 def start_run(out: Path, cfg, command: str, world: model.Dist, replaced: list[Path], stage: model.Stage,
-              total_steps: int):
+              total_steps: int, writer_class, start_step: int) -> MetricsLog | None:
     """Replace an earlier run with --overwrite (its files only), write the run's config.json, say what runs, and
-    open metrics.jsonl (rank 0 only; None elsewhere)."""
+    open the metrics log (rank 0 only; None elsewhere)."""
     if not world.is_main:
         return None
     runs.clear_run(replaced)
@@ -222,7 +259,7 @@ def start_run(out: Path, cfg, command: str, world: model.Dist, replaced: list[Pa
           f"{world.world_size} ranks; {stage.about_model}", file=sys.stderr)
     if stage.on_start:
         stage.on_start()
-    return open(out / "metrics.jsonl", "a")
+    return MetricsLog(out, writer_class, start_step)
 
 # --------------------------------------------------------------------------------------------
 # Checkpoints that survive a kill: trainable weights, optimizer, scheduler, step (the data position) and RNG states,
@@ -424,9 +461,10 @@ def train_step(objective: nn.Module, micro: list[dict], params, optimizer, sched
 
 def train(cfg: SFTConfig | dpo.DPOConfig) -> Path:
     """`sft` or `dpo` (stage 1 or 2), by the config's type: its build gives the stage, one loop runs it. Writes
-    <out>/adapter, config.json and metrics.jsonl, holding --out's lock (rank 0) while it writes."""
+    <out>/adapter, config.json and metrics.jsonl (and tensorboard/), holding --out's lock (rank 0) while it writes."""
     command, build = STAGES[type(cfg)]
     cfg.check()
+    writer_class = summary_writer(cfg.report_to)  # a missing package stops every rank here, before any work
     world = model.setup_distributed()
     seed_everything(cfg.seed)
     cfg, out = runs.resolve_convention(cfg), Path(cfg.out)  # prompts, crop, pixels, box form: given or the adapter's
@@ -446,7 +484,7 @@ def train(cfg: SFTConfig | dpo.DPOConfig) -> Path:
         optimizer, scheduler = make_optimizer(params, cfg.lr, total_steps, cfg.warmup_ratio)
         take_lock(lock, world, create=True)
         start_step = resume_point(cfg, out, objective, optimizer, scheduler, world)
-        metrics = start_run(out, cfg, command, world, replaced, stage, total_steps)
+        metrics = start_run(out, cfg, command, world, replaced, stage, total_steps, writer_class, start_step)
         indices = (stage.batches(start_step) if stage.batches else
                    batch_stream(len(stage.items), cfg.batch_size, world, cfg.seed, start=start_step * cfg.grad_accum))
         batches = (model.to_device(stage.collate([stage.items[i] for i in batch]), world.device) for batch in indices)
@@ -462,8 +500,7 @@ def train(cfg: SFTConfig | dpo.DPOConfig) -> Path:
             if "tokens" in row:
                 row["tokens_per_s"] = row["tokens"] / max(time.time() - step_start, 1e-9)
             if world.is_main:
-                metrics.write(json.dumps({**row, "elapsed_s": time.time() - start}) + "\n")
-                metrics.flush()
+                metrics.write({**row, "elapsed_s": time.time() - start})
                 progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
             stop = stopper.should_stop(world)  # a checkpoint at --save-every steps, at the end and on a stop signal
             if step + 1 == total_steps or stop or (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0):

@@ -31,7 +31,8 @@ import demo  # noqa: E402
 class Args:
     run: str  # a bench/demo_seeds.py --out
     seed: int = 0
-    # each: comma-separated dpo flags that replace the demo's; `s1.flag=v` / `s2.flag=v`: that stage only
+    # each: comma-separated dpo flags that replace the demo's; `s1.flag=v` / `s2.flag=v`: that stage only; a flag of
+    # two values takes them space-separated (`s2.lambdas=0 0.5`)
     settings: tuple[str, ...] = ("lr=5e-5",)
     out: str = "runs/dpo-settings"
 
@@ -49,11 +50,11 @@ def main(args: Args) -> None:
             settings = {k.replace("_", "-"): "" if v is True else str(v) for k, v in demo.dpo_settings(run_cfg, stage).items()}
             settings |= {k.split(".", 1)[-1]: v for k, v in flags.items() if k[:3] not in ("s1.", "s2.") or
                          k.startswith(f"s{stage}.")}
-            as_stage = settings.pop("stage", str(stage))  # s1.stage=2,s1.lambda-answer=0: stage 1 with an answer anchor
+            as_stage = settings.pop("stage", str(stage))  # s1.stage=2,s1.lambdas=1 0: stage 1 with an answer anchor
             subprocess.run([sys.executable, str(ROOT / "visrl.py"), "dpo", "--data", str(base / "round1/generate/pairs.jsonl"),
                             "--stage", as_stage, "--adapter", str(adapter), "--image-root", str(base / "data"),
                             "--out", str(out / f"dpo{stage}"), "--seed", str(args.seed), "--resume"]
-                           + [x for k, v in settings.items() for x in ["--" + k] + ([v] if v else [])], check=True)
+                           + [x for k, v in settings.items() for x in ["--" + k] + v.split()], check=True)
             adapter = out / f"dpo{stage}" / "adapter"
             row = demo.evaluate_phase(run_cfg, adapter, base / "data" / "test.jsonl", out / f"dpo{stage}")
             last = json.loads((out / f"dpo{stage}" / "metrics.jsonl").read_text().splitlines()[-1])

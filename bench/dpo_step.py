@@ -36,7 +36,7 @@ import chat  # noqa: E402
 import data  # noqa: E402
 import dpo  # noqa: E402
 import model  # noqa: E402
-import synth  # noqa: E402
+import shapes  # noqa: E402
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil  # noqa: E402
 
 SIZES = {
@@ -55,8 +55,8 @@ def build(size: str, device: torch.device):
     overrides, vocab, side, max_pixels = SIZES[size]
     tiny_path = model.resolve_model_path("tiny")
     _, processor = model.load_model(str(tiny_path))
-    cfg = synth.TinyConfig(**overrides)
-    config = synth.tiny_model_config(cfg, processor.tokenizer)
+    cfg = shapes.TinyConfig(**overrides)
+    config = shapes.tiny_model_config(cfg, processor.tokenizer)
     if vocab:
         config.text_config.vocab_size = vocab
     _, model_cls, _ = model.ARCHS["qwen2_5_vl"]

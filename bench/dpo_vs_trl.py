@@ -89,12 +89,12 @@ def write_inputs(config: str, n_pairs: int, root: Path) -> tuple[Path, Path]:
 
     import data
     import model
-    import synth
+    import shapes
 
     overrides, vocab, side, max_pixels = CONFIGS[config]
     _, processor = model.load_model("tiny")
-    tiny = synth.TinyConfig(**overrides)
-    model_config = synth.tiny_model_config(tiny, processor.tokenizer)
+    tiny = shapes.TinyConfig(**overrides)
+    model_config = shapes.tiny_model_config(tiny, processor.tokenizer)
     model_config.text_config.vocab_size = vocab
     _, model_cls, processor_cls = model.ARCHS["qwen2_5_vl"]
     torch.manual_seed(0)
@@ -104,7 +104,7 @@ def write_inputs(config: str, n_pairs: int, root: Path) -> tuple[Path, Path]:
     net.save_pretrained(checkpoint)
     image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=max_pixels)
     processor_cls(image_processor=image_processor, tokenizer=processor.tokenizer,
-                  chat_template=synth.QWEN_VL_CHAT_TEMPLATE).save_pretrained(checkpoint)
+                  chat_template=shapes.QWEN_VL_CHAT_TEMPLATE).save_pretrained(checkpoint)
     rng = np.random.default_rng(0)
     lines = []
     for i in range(n_pairs):

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import chat  # noqa: E402
 import data  # noqa: E402
 import model  # noqa: E402
+import runs  # noqa: E402
 import visrl  # noqa: E402
 
 out, data_path, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -39,3 +40,4 @@ objective(batch, n_tokens)[0].backward()
 grads = [p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for p in model.trainable_parameters(net)]
 if world.is_main:
     save_file({n: g.contiguous() for n, g in zip(names, grads)}, out)
+runs.leave_process_group()  # finished: no interpreter teardown under torchrun (see there)

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,7 @@ def test_questions_for_the_rl_phases_carry_no_boxes(synth_dir, tmp_path):
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    return out, demo.demo(demo.DemoConfig(out=str(out), quick=True))
+    return out, demo.demo(demo.DemoConfig(out=str(out), quick=True, report_to="tensorboard"))
 
 
 def test_quick_demo_runs_every_phase(quick_run):
@@ -77,11 +78,20 @@ def test_quick_demo_runs_every_phase(quick_run):
     assert len(sft_ids) == results["config"]["sft_records"] and question_ids and not sft_ids & question_ids
     sft_config = json.loads((out / "sft" / "config.json").read_text())
     assert sft_config["focus_first_steps"] == results["config"]["sft_focus_first_steps"] > 0
+    # --report-to tensorboard reached every training phase: each one's losses, step by step, in its own directory
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for phase in ("sft", "round1/dpo1", "round1/dpo2"):
+        events = EventAccumulator(str(out / phase / "tensorboard"))
+        events.Reload()
+        rows, losses = [json.loads(line) for line in (out / phase / "metrics.jsonl").open()], events.Scalars("loss")
+        assert [e.step for e in losses] == [r["step"] for r in rows]
+        assert [e.value for e in losses] == pytest.approx([r["loss"] for r in rows], rel=1e-6)  # float32 scalars
 
 
 def test_quick_demo_rerun_skips_finished_phases(quick_run, capsys):
     out, results = quick_run
-    again = demo.demo(demo.DemoConfig(out=str(out), quick=True))
+    again = demo.demo(demo.DemoConfig(out=str(out), quick=True))  # without --report-to: it changes no result
     assert again["phases"] == results["phases"]
     assert capsys.readouterr().out.count("done earlier") == 3
     with pytest.raises(data.UserError, match="other settings"):
@@ -120,13 +130,37 @@ def test_stage_commands_parse_back_to_the_configs_the_demo_means():
     assert tyro.cli(generate.GenerateConfig, args=demo.flag_args(gen)) == generate.GenerateConfig(**gen)
 
 
+def test_the_demo_passes_report_to_to_every_training_phase(tmp_path, monkeypatch):
+    import tyro
+
+    import visrl
+
+    cfg = demo.DemoConfig(out=str(tmp_path / "demo"), report_to="tensorboard")
+    sft = demo.stage_args("sft", demo.sft_settings(cfg, tmp_path / "sft.jsonl"))
+    parsed = tyro.cli(visrl.SFTConfig, args=sft[2:])
+    assert (parsed.report_to, parsed.out) == ("tensorboard", str(tmp_path / "demo" / "sft"))  # the phase's own --out
+    for stage in (1, 2):
+        args = demo.flag_args(dict(data="p.jsonl", stage=stage, **demo.dpo_settings(cfg, stage)))
+        assert tyro.cli(dpo.DPOConfig, args=args).report_to == "tensorboard"
+    plain = demo.DemoConfig(out=str(tmp_path / "demo"))  # not given: the printed commands stay as they were
+    assert "--report-to" not in demo.stage_args("sft", demo.sft_settings(plain, tmp_path / "sft.jsonl")) + \
+        demo.flag_args(demo.dpo_settings(plain, 1)) + demo.flag_args(demo.dpo_settings(plain, 2))
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # not installed: one line, before the demo makes anything
+    with pytest.raises(data.UserError, match=r"pip install 'visrl\[tensorboard\]'") as error:
+        demo.demo(cfg)
+    assert "\n" not in str(error.value) and not (tmp_path / "demo").exists()
+
+
 def _stage_that_checkpoints_on_sigterm(tmp_path):
-    """A stand-in stage script: it says when it is ready, and on SIGTERM writes 'checkpoint' and exits 0."""
+    """A stand-in stage script: it says when it is ready, and on SIGTERM writes 'checkpoint' and exits 0 (written
+    beside the marker and renamed: a reader polling for the marker never sees it empty)."""
     marker, ready = tmp_path / "stopped", tmp_path / "ready"
     stage = tmp_path / "stage.py"
+    written = tmp_path / "stopped.tmp"
     stage.write_text(
         "import pathlib, signal, sys, time\n"
-        f"signal.signal(signal.SIGTERM, lambda *_: (pathlib.Path({str(marker)!r}).write_text('checkpoint'), sys.exit(0)))\n"
+        f"signal.signal(signal.SIGTERM, lambda *_: (pathlib.Path({str(written)!r}).write_text('checkpoint'), "
+        f"pathlib.Path({str(written)!r}).rename({str(marker)!r}), sys.exit(0)))\n"
         f"pathlib.Path({str(ready)!r}).write_text('')\n"
         "time.sleep(60)\n")
     return stage, marker, ready

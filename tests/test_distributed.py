@@ -145,10 +145,21 @@ def test_two_rank_fsdp_dpo_matches_one_rank(pairs_file, tmp_path):
         assert (diff <= 1e-5).float().mean() >= 0.995, name
 
 
+def _run_saying_why(cmd):
+    """_run, and a failure shows the command, its exit status and its whole stderr (the ranks' own lines, such as
+    a rank's traceback or "terminate called ...", come before torchrun's summary, past the last 3000 characters)."""
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    stderr = result.stderr if len(result.stderr) <= 20000 else result.stderr[:10000] + "\n[...]\n" + result.stderr[-10000:]
+    assert result.returncode == 0, f"`{' '.join(cmd)}` exited with {result.returncode}; its stderr:\n{stderr}"
+    return result
+
+
 def test_generation_under_fsdp_matches_one_process(synth_dir, tmp_path):
+    """The one-process run goes first: the ranks find the tiny checkpoint built (two ranks building it at once
+    can cache a copy without weights)."""
     train = str(synth_dir / "train.jsonl")
-    _run([sys.executable, "tests/dist_generate.py", str(tmp_path / "one.json"), train])
-    _run(TORCHRUN + ["tests/dist_generate.py", str(tmp_path / "two.json"), train])
+    _run_saying_why([sys.executable, "tests/dist_generate.py", str(tmp_path / "one.json"), train])
+    _run_saying_why(TORCHRUN + ["tests/dist_generate.py", str(tmp_path / "two.json"), train])
     one, two = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
     assert one == two and len(one) == 2
 
@@ -245,3 +256,45 @@ def test_ranks_die_with_their_launcher(synth_dir, tmp_path):
     time.sleep(2)
     assert metrics.stat().st_size == written
     runs.RunLock(out, "sft").take().release()  # nobody holds the lock any more
+
+
+# Two bf16 runs of the same global batch: one process without checkpointing, and two FSDP2 ranks with each decoder
+# layer checkpointed. Checkpointing recomputes the same forward bit for bit; what differs is rounding: the ranks'
+# gradients are summed in another order and the matmuls see 1 row instead of 2, each result rounded to bf16 (unit
+# roundoff 2^-8 = 0.4%). So the first step agrees exactly and later steps to 1% (2.5 bf16 roundings), while the
+# losses themselves move by far more than that from step to step (asserted): a wrong step would not pass.
+BF16_REL = 0.01
+
+
+def _bf16_pair(common, one_extra, two_extra, tmp_path):
+    _run([sys.executable] + common + ["--out", str(tmp_path / "one"), "--dtype", "bfloat16"] + one_extra)
+    _run(TORCHRUN + common + ["--out", str(tmp_path / "two"), "--dtype", "bfloat16", "--grad-checkpointing"]
+         + two_extra)
+    one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["grad_checkpointing"] is True
+    assert abs(one[1]["loss"] - one[0]["loss"]) > 10 * BF16_REL * abs(one[0]["loss"])  # the steps do move
+    assert two[0]["loss"] == one[0]["loss"]
+    return one, two
+
+
+def test_fsdp2_checkpointing_and_bf16_sft_matches_one_plain_process(synth_dir, tmp_path):
+    common = ["visrl.py", "sft", "--grad-accum", "1", "--data", str(synth_dir / "train.jsonl"), "--lr", "1e-3",
+              "--limit", "16", "--max-steps", "3"]
+    one, two = _bf16_pair(common, ["--batch-size", "4"], ["--batch-size", "2"], tmp_path)
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=BF16_REL)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=BF16_REL)
+
+
+def test_fsdp2_checkpointing_and_bf16_dpo_stage_2_matches_one_plain_process(pairs_file, tmp_path):
+    common = ["visrl.py", "dpo", "--grad-accum", "1", "--data", str(pairs_file), "--stage", "2", "--max-steps", "3",
+              "--lr", "1e-3"]
+    one, two = _bf16_pair(common, ["--batch-size", "2"], ["--batch-size", "1"], tmp_path)
+    for a, b in zip(one, two):
+        for key in ("loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=BF16_REL), key
+        # a kind's loss falls towards 0 as its margin grows (-log sigmoid), and a margin starts at 0: compared on the
+        # scale of the first step's loss, ln 2, not relatively
+        for key in ("box/loss", "answer/loss", "box/rewards/margins", "answer/rewards/margins"):
+            assert b[key] == pytest.approx(a[key], abs=BF16_REL * 0.6931), key

@@ -90,7 +90,7 @@ def test_unknown_loss_and_bad_smoothing_are_errors():
 
 
 def test_stage2_objective_is_the_weighted_sum_of_its_parts():
-    cfg = dpo.DPOConfig(data="x", stage=2, beta=0.3, lambda_box=0.25, lambda_answer=0.75)
+    cfg = dpo.DPOConfig(data="x", stage=2, beta=0.3, lambdas=(0.25, 0.75))
     g = torch.Generator().manual_seed(0)
     policy, reference = torch.randn(8, generator=g), torch.randn(8, generator=g)
     batch = {"kind": torch.tensor([0, 1, 0, 1]), "response_row": torch.arange(8),
@@ -287,7 +287,7 @@ def _rows(out):
 def test_first_step_loss_is_ln2_and_stage2_loss_is_the_weighted_sum(pairs_file, tmp_path):
     # the reference per step (the same pass as the policy's), so the first step's equality is exact
     visrl.train(dpo.DPOConfig(grad_accum=1, data=str(pairs_file), stage=2, out=str(tmp_path / "s2"), max_steps=2,
-                              lambda_box=0.3, lambda_answer=0.7, lr=1e-3, reuse=False))
+                              lambdas=(0.3, 0.7), lr=1e-3, reuse=False))
     rows = _rows(tmp_path / "s2")
     first = rows[0]
     # zero-initialised adapter: policy == reference, so every pair loss is -log sigmoid(0) = ln 2

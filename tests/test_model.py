@@ -10,7 +10,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 import chat
 import data
 import model
-import synth
+import shapes
 
 
 def _batch(processor, net, n_images: int = 1, seed: int = 0):
@@ -38,7 +38,7 @@ def test_tiny_checkpoint_reloads_like_a_real_one(which, request):
     assert type(AutoProcessor.from_pretrained(path)) is type(processor)  # registered image-only class
     assert type(AutoModelForImageTextToText.from_pretrained(path)) is type(net)
     tok = processor.tokenizer
-    for special in synth.QWEN_SPECIAL_TOKENS:  # every Qwen special token is a single id
+    for special in shapes.QWEN_SPECIAL_TOKENS:  # every Qwen special token is a single id
         assert len(tok(special, add_special_tokens=False)["input_ids"]) == 1, special
     assert net.config.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")
     assert net.config.video_token_id == tok.convert_tokens_to_ids("<|video_pad|>")

@@ -4,12 +4,11 @@ the pattern that answers the question vanishes in the model's view of the whole 
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 import chat
 import data
-import model
+import shapes
 import synth
 
 
@@ -50,7 +49,7 @@ def test_synth(tmp_path):
 
 def test_the_pattern_is_gone_in_the_full_view_and_clear_in_the_crop(tmp_path):
     paths = synth.make_synth(tmp_path, n_train=12, n_val=0, n_test=0, seed=3)
-    view = int(synth.TinyConfig().max_pixels ** 0.5) // 28 * 28  # the tiny model's view of a square page, in pixels
+    view = int(shapes.TinyConfig().max_pixels ** 0.5) // 28 * 28  # the tiny model's view of a square page, in pixels
     for r in data.read_records(paths["train"]):
         img = data.load_image(r).convert("L")
         x1, y1, x2, y2 = r.box
@@ -104,41 +103,3 @@ def test_the_synth_cache_key_changes_with_everything_that_draws_the_set(monkeypa
 
 # -----------------------------------------------------------------------------
 # the tiny checkpoint
-
-def test_building_the_tiny_model_leaves_the_random_stream_alone(tmp_path):
-    torch.manual_seed(123)
-    expected = torch.rand(3)
-    torch.manual_seed(123)
-    model.make_tiny(tmp_path / "tiny", synth.TinyConfig(num_layers=1, hidden_size=64, intermediate_size=64))
-    assert torch.equal(torch.rand(3), expected)
-
-
-def test_tiny_view_of_a_square_does_not_depend_on_a_pixel_of_its_size():
-    # at max_pixels = 112 * 112 exactly, smart_resize turned a 288 px crop into 84 px and a 286 px one into 112
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    cfg = synth.TinyConfig()
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)  # as make_tiny
-    assert {chat.model_view_size(side, side, image_processor) for side in range(200, 1400)} == {(112, 112)}
-
-
-def test_the_tiny_cache_key_changes_with_everything_that_builds_the_model(monkeypatch):
-    base = synth.tiny_cache_key(synth.TinyConfig())
-    assert synth.tiny_cache_key(synth.TinyConfig()) == base  # deterministic
-    assert synth.tiny_cache_key(synth.TinyConfig(hidden_size=64)) != base
-    assert synth.tiny_cache_key(synth.TinyConfig(seed=1)) != base
-    real_corpus = synth._tokenizer_corpus
-    monkeypatch.setattr(synth, "_tokenizer_corpus", lambda: real_corpus() + ["one more line"])
-    assert synth.tiny_cache_key(synth.TinyConfig()) != base
-    monkeypatch.setattr(synth, "_tokenizer_corpus", real_corpus)
-    # transformers 5 swaps its lazy module in sys.modules on `from transformers import ...`, so a fresh
-    # `import transformers` here may be another object than the one synth.py reads: patch that one
-    monkeypatch.setattr(synth.transformers, "__version__", "0.0.0")
-    assert synth.tiny_cache_key(synth.TinyConfig()) != base
-    monkeypatch.undo()
-
-    def build_tiny(out_dir, cfg, model_cls, processor_cls):  # the builder's code itself
-        return out_dir
-
-    monkeypatch.setattr(synth, "build_tiny", build_tiny)
-    assert synth.tiny_cache_key(synth.TinyConfig()) != base

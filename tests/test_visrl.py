@@ -183,6 +183,49 @@ def test_focus_first_steps_must_leave_mixed_steps(synth_dir, tmp_path):
             visrl.train(cfg)
 
 
+def _scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in a TensorBoard log directory as TensorBoard reads it back: {tag: [(step, value)]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(logdir), size_guidance={"scalars": 0})  # 0: keep every point
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_report_to_tensorboard_writes_the_numbers_of_metrics_jsonl_at_their_steps(synth_dir, tmp_path):
+    import numpy as np
+
+    out = tmp_path / "run"
+    visrl.train(_config(synth_dir, out, limit=8, max_steps=3, eval_every=2, report_to="tensorboard"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    expected = {}  # each numeric field of each row at the row's step, as a float32 (TensorBoard's scalar)
+    for row in rows:
+        for key, value in row.items():
+            if key != "step":
+                expected.setdefault(key, []).append((row["step"], float(np.float32(value))))
+    assert {"loss", "lr", "grad_norm", "tokens", "tokens_per_s", "eval_loss", "elapsed_s"} <= expected.keys()
+    assert [step for step, _ in expected["eval_loss"]] == [2, 3]  # held out at --eval-every 2 and at the end
+    assert _scalars(out / "tensorboard") == expected
+
+
+def test_a_resumed_run_s_events_replace_those_of_the_steps_it_redoes(tmp_path):
+    import time
+
+    writer_class = visrl.summary_writer("tensorboard")
+    log = visrl.MetricsLog(tmp_path, writer_class, start_step=0)
+    for step in (1, 2, 3):
+        log.write({"step": step, "loss": float(step)})
+    log.close()
+    time.sleep(1.01 - time.time() % 1)  # a later process: its event file's name (seconds first) sorts after
+    log = visrl.MetricsLog(tmp_path, writer_class, start_step=1)  # resumed from the checkpoint of step 1
+    for step in (2, 3):
+        log.write({"step": step, "loss": 10.0 * step})
+    log.close()
+    assert _scalars(tmp_path / "tensorboard") == {"loss": [(1, 1.0), (2, 20.0), (3, 30.0)]}
+    assert [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
+        1.0, 2.0, 3.0, 20.0, 30.0]  # appended: resume_point drops the redone rows before a run goes on
+
+
 # --------------------------------------------------------------------------------------------
 # When things go wrong: no command destroys what it did not create; an expected error is one line, exit 2.
 
@@ -252,6 +295,18 @@ def test_the_answer_anchor_outside_stage_1_or_without_the_nll_term_is_refused(pa
                           "--out", tmp_path / "run", *argv)
         assert_one_line_error(code, err, "--answer-anchor: for --stage 1 with --nll-weight > 0")
     assert not (tmp_path / "run").exists()
+
+
+def test_report_to_tensorboard_without_the_package_is_one_line_before_any_work(synth_dir, pairs_file, tmp_path,
+                                                                              monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed (restored after the test)
+    for name in [name for name in sys.modules if name.startswith("torch.utils.tensorboard")]:
+        monkeypatch.delitem(sys.modules, name)  # imported by an earlier test: torch would not import it again
+    for argv in (["sft", "--data", synth_dir], ["dpo", "--data", pairs_file]):
+        code, err = _main(monkeypatch, capsys, visrl.main, *argv, "--report-to", "tensorboard", "--out", tmp_path / "r")
+        assert_one_line_error(code, err, "--report-to tensorboard", "pip install 'visrl[tensorboard]'",
+                              "pip install tensorboard")
+    assert not (tmp_path / "r").exists()
 
 
 def test_default_outs_differ_per_stage():
@@ -390,6 +445,16 @@ def test_the_readme_layout_table_is_true_to_the_code():
     assert set(rows) == set(modules)
     assert {name: int(n) for name, n in rows.items()} == modules
     assert max(modules.values()) <= 600, modules  # the redesign's bound: a module a reader holds in their head
+
+
+def test_the_package_installs_every_module():
+    # `pip install .` must carry every top-level module (a missing one breaks the installed commands)
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    listed = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"]
+    assert sorted(listed) == sorted(p.stem for p in root.glob("*.py"))
 
 
 def test_modules_import_one_way_and_only_at_the_top():
