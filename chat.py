@@ -321,9 +321,13 @@ def fitted_size(width: int, height: int, image_processor) -> tuple[int, int]:
 
 def fit_image(image, image_processor):
     """The image as the processor gets it: resized step by step as upstream does (NEAREST), or unchanged."""
+    return cap_image(image, getattr(image_processor, "visrl_max_pixels", 0))
+
+def cap_image(image, max_pixels: int):
+    """The image under upstream's pixel cap (_fit_steps, NEAREST); max_pixels 0: unchanged."""
     from PIL import Image
 
-    for size in _fit_steps(image.width, image.height, getattr(image_processor, "visrl_max_pixels", 0)):
+    for size in _fit_steps(image.width, image.height, max_pixels):
         image = image.resize(size, resample=Image.NEAREST)
     return image
 

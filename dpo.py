@@ -49,13 +49,15 @@ def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, 
                     ref_rejected: torch.Tensor, beta: float | torch.Tensor, kind: str = "sigmoid",
                     label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair losses [B] and the implicit rewards beta * (logp - ref) of chosen and rejected [B]; beta is
-    one number or one per pair [B]."""
+    one number or one per pair [B]. The log-probs come summed over each response (IPO's: averaged, see step_loss)."""
     chosen_logratio = policy_chosen - ref_chosen
     rejected_logratio = policy_rejected - ref_rejected
     h = chosen_logratio - rejected_logratio
-    if kind == "sigmoid":  # DPO (Rafailov et al. 2023, eq. 7): L = -log sigmoid(beta * h)
-        losses = -F.logsigmoid(beta * h)
-    elif kind == "ipo":  # IPO (Azar et al. 2023, eq. 17): L = (h - 1 / (2 beta))^2, with h over summed log-probs
+    if kind == "sigmoid":  # DPO (Rafailov et al. 2023, eq. 7), with cDPO's label smoothing e (TRL's, upstream's):
+        # L = -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h); e = 0: DPO
+        e = label_smoothing
+        losses = -(1 - e) * F.logsigmoid(beta * h) - e * F.logsigmoid(-beta * h)
+    elif kind == "ipo":  # IPO (Azar et al. 2023, eq. 17): L = (h - 1 / (2 beta))^2
         losses = (h - 1 / (2 * beta)) ** 2
     elif kind == "hinge":  # SLiC-HF hinge (Zhao et al. 2023): L = max(0, 1 - beta * h)
         losses = torch.relu(1 - beta * h)
@@ -253,7 +255,7 @@ def sequence_logps(net, batch: dict, features: list[torch.Tensor], chunk_size: i
     return torch.zeros(rows, dtype=logps.dtype, device=logps.device).index_add_(0, batch["response_row"], logps)
 
 def response_lengths(batch: dict) -> torch.Tensor:
-    """Response tokens per row, [2B] (for the length-normalised NLL term)."""
+    """Response tokens per row, end token included, [2B] (IPO's averages, the length-normalised NLL term)."""
     return torch.bincount(batch["response_row"], minlength=batch["input_ids"].shape[0])
 
 # --------------------------------------------------------------------------------------------
@@ -279,7 +281,9 @@ class DPOConfig(model.TrainConfig):
     batch_size: int = 3  # pairs per process per micro-step, upstream's (a stage-2 pair: a box and an answer sample)
     loss: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"  # the preference loss (upstream: sigmoid, DPO's)
     beta: float = 0.1  # how far the policy may move from the reference (upstream: 0.1)
-    label_smoothing: float = 0.0  # the robust loss's assumed rate of flipped labels
+    # sigmoid: cDPO's label smoothing, the share of pairs taken as flipped (upstream's dpo_label_smoothing); robust:
+    # the assumed rate of flipped labels it corrects for (upstream: 0)
+    label_smoothing: float = 0.0
     nll_weight: float = 0.0  # adds nll_weight x the chosen responses' length-normalised NLL (upstream: 0)
     # stage 1: each pair's chosen answer on its chosen crop joins the batch with the NLL term alone (no preference
     # term), so the box-step update leaves the answer step where the previous phase put it (not upstream's;
@@ -300,6 +304,8 @@ class DPOConfig(model.TrainConfig):
             self.out = f"runs/dpo{self.stage}"
 
     def check(self) -> None:
+        if self.label_smoothing and self.loss not in ("sigmoid", "robust"):  # upstream refuses it the same way
+            raise data.UserError(f"dpo --label-smoothing: for --loss sigmoid (cDPO) or robust, not {self.loss}")
         if self.answer_anchor and (self.stage != 1 or self.nll_weight <= 0):
             raise data.UserError("dpo --answer-anchor: for --stage 1 with --nll-weight > 0 (it trains the chosen "
                                  f"answers' NLL alone), got --stage {self.stage} --nll-weight {self.nll_weight}")
@@ -401,8 +407,12 @@ def step_loss(cfg: DPOConfig, policy: torch.Tensor, reference: torch.Tensor, bat
     --answer-anchor, stage 1's answer rows add only this)."""
     kind = batch["kind"]  # [B] 0 box, 1 answer
     n = kind.shape[0]
+    scored, scored_reference = policy, reference
+    if cfg.loss == "ipo":  # upstream (LLaMA-Factory): IPO on log-probs averaged over each response's tokens
+        lengths = response_lengths(batch).clamp(min=1)  # [2B]
+        scored, scored_reference = policy / lengths, reference / lengths
     losses, chosen_rewards, rejected_rewards = preference_loss(
-        policy[:n], policy[n:], reference[:n], reference[n:], beta=cfg.beta, kind=cfg.loss,
+        scored[:n], scored[n:], scored_reference[:n], scored_reference[n:], beta=cfg.beta, kind=cfg.loss,
         label_smoothing=cfg.label_smoothing)
     # stage 1: box rows only; the anchor's answer rows have no preference term
     lambdas = torch.tensor(list(cfg.lambdas) if cfg.stage == 2 else [1.0, 0.0], device=policy.device)

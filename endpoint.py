@@ -30,9 +30,11 @@ def image_data_url(image: Image.Image) -> str:
     image.save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
-def to_openai_messages(messages: list[dict], images: list[Image.Image]) -> list[dict]:
-    """Our messages (content parts {"type": "image"} / {"type": "text"}) with images inlined in order."""
-    remaining = iter(images)
+def to_openai_messages(messages: list[dict], images: list[Image.Image], max_pixels: int = 0) -> list[dict]:
+    """Our messages (content parts {"type": "image"} / {"type": "text"}) with images inlined in order, each first
+    capped at max_pixels as the in-process model sees it (chat.cap_image; upstream's server caps as it receives them,
+    at 512 x 512 pixels by default), so a model behind an endpoint gets the pixels it would get here; 0: as they are."""
+    remaining = iter(chat.cap_image(image, max_pixels) for image in images)
     out = []
     for message in messages:
         content = message["content"]
@@ -176,6 +178,10 @@ def number(value, key: str, default, low: float, high: float, integer: bool = Fa
                            f"got {value!r:.40}")
     return value
 
+# a request's temperature, top_p, top_k when it sends none: upstream's server (LLaMA-Factory
+# hparams/generating_args.py l.27-72: 0.95, 0.7, 50), or OpenAI's API (1, 1, no top-k)
+SAMPLING_DEFAULTS = {"upstream": (0.95, 0.7, 50), "openai": (1.0, 1.0, 0)}
+
 def parse_sampling(payload: dict, cfg) -> tuple[model.Sampling, int | None]:
     """The request's decoding settings and seed; a field this server does not support is a 400."""
     if payload.get("stream"):
@@ -189,11 +195,12 @@ def parse_sampling(payload: dict, cfg) -> tuple[model.Sampling, int | None]:
         raise RequestError("'model' must be a string")
     limit = cfg.max_new_tokens_limit
     max_tokens = payload.get("max_completion_tokens", payload.get("max_tokens"))
+    temperature, top_p, top_k = SAMPLING_DEFAULTS[cfg.sampling_defaults]
     sampling = model.Sampling(
         max_new_tokens=number(max_tokens, "max_tokens", limit, 1, limit, integer=True),
-        temperature=float(number(payload.get("temperature"), "temperature", 1.0, 0.0, 2.0)),  # OpenAI's default
-        top_p=float(number(payload.get("top_p"), "top_p", 1.0, 0.0, 1.0)),
-        top_k=max(0, number(payload.get("top_k"), "top_k", 0, -1, 1 << 30, integer=True)))  # vLLM's; -1 or 0: off
+        temperature=float(number(payload.get("temperature"), "temperature", temperature, 0.0, 2.0)),
+        top_p=float(number(payload.get("top_p"), "top_p", top_p, 0.0, 1.0)),
+        top_k=max(0, number(payload.get("top_k"), "top_k", top_k, -1, 1 << 30, integer=True)))  # vLLM's; -1, 0: off
     return sampling, number(payload.get("seed"), "seed", None, -(1 << 63), (1 << 63) - 1, integer=True)
 
 def parse_part(part, where: str) -> tuple[dict, str | None]:
@@ -228,6 +235,44 @@ def parse_messages(raw) -> tuple[list[dict], list[tuple[str, str, int]]]:
         messages.append({"role": ROLES[role], "content": content})
     return messages, urls
 
+IMAGE_PLACEHOLDER = "<image>"  # upstream's image slot in text (LLaMA-Factory extras/constants.py l.51)
+
+def place_images(messages: list[dict], urls: list, image_order: str) -> tuple[list[dict], list]:
+    """Upstream's placeholders (LLaMA-Factory chat/hf_engine.py l.89-90): when any text holds `<image>`, the request's
+    images fill those slots in order and leave their own parts; the counts must match. Without any, images stay where
+    their parts are, or (image_order `upstream`) all go before the first user message's text, as there."""
+    def texts(message):
+        content = message["content"]
+        return [content] if isinstance(content, str) else [p["text"] for p in content if p["type"] == "text"]
+
+    slots = sum(text.count(IMAGE_PLACEHOLDER) for m in messages for text in texts(m))
+    if not slots and (image_order == "parts" or not urls):
+        return messages, urls
+    if not slots:  # upstream: as many placeholders as images, before the first user message's text
+        first = next(i for i, m in enumerate(messages) if m["role"] == "user")
+        messages = [dict(m) for m in messages]
+        messages[first]["content"] = IMAGE_PLACEHOLDER * len(urls) + " ".join(texts(messages[first]))
+        slots = len(urls)
+    if slots != len(urls):
+        raise RequestError(f"{slots} {IMAGE_PLACEHOLDER} placeholders in the text for {len(urls)} images: each image "
+                           f"fills one, in order", "placeholder_mismatch")
+    placed, placed_urls, remaining = [], [], iter(urls)
+    for i, m in enumerate(messages):
+        if isinstance(m["content"], str) and IMAGE_PLACEHOLDER not in m["content"]:
+            placed.append(m)  # a string stays one (render_chat's text for it)
+            continue
+        content = []
+        for text in texts(m):  # the message's own image parts are gone: the placeholders say where images go
+            for k, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+                if k:
+                    url, where, _ = next(remaining)
+                    content.append({"type": "image"})
+                    placed_urls.append((url, where, i))
+                if piece:
+                    content.append({"type": "text", "text": piece})
+        placed.append({"role": m["role"], "content": content})
+    return placed, placed_urls
+
 @dataclass
 class ChatRequest:
     """What a chat request asks, in our terms (serve.py's worker answers it)."""
@@ -252,7 +297,7 @@ def parse_chat_request(body: bytes, cfg, image_processor) -> ChatRequest:
     use_cot = payload.get("visual_cot", False)
     if not isinstance(use_cot, bool):
         raise RequestError("'visual_cot' must be true or false")
-    messages, urls = parse_messages(payload.get("messages"))
+    messages, urls = place_images(*parse_messages(payload.get("messages")), cfg.image_order)
     if len(urls) > cfg.max_images_per_request:
         raise RequestError(f"{len(urls)} images; at most {cfg.max_images_per_request} per request", "too_many_images")
     request = ChatRequest(messages, [], sampling, seed, use_cot)

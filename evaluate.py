@@ -164,11 +164,13 @@ def _check_rows(numbered: list[tuple[int, dict]], path, skip_bad: bool = False) 
 def reply_function(cfg: "EvalConfig"):
     """generate_fn for the run: the in-process model (batched) or an OpenAI-compatible endpoint (concurrent)."""
     if cfg.endpoint:
+        max_pixels = resolve_eval_convention(cfg).max_pixels  # the convention's cap, applied before sending
+
         def generate_endpoint(prompts):
             with ThreadPoolExecutor(max_workers=max(1, cfg.batch_size)) as pool:
                 return list(pool.map(lambda prompt: endpoint.chat_completion(
-                    cfg.endpoint, endpoint.to_openai_messages(*prompt), cfg.endpoint_model, cfg.max_new_tokens,
-                    cfg.temperature, cfg.top_p), prompts))
+                    cfg.endpoint, endpoint.to_openai_messages(*prompt, max_pixels), cfg.endpoint_model,
+                    cfg.max_new_tokens, cfg.temperature, cfg.top_p), prompts))
         return generate_endpoint
 
     cfg = resolve_eval_convention(cfg)  # also when called alone (the demo shares one model between two evaluations)

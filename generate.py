@@ -240,8 +240,9 @@ class EndpointSampler:
         cfg = self.cfg
         with ThreadPoolExecutor(max(1, cfg.workers)) as pool:
             return list(pool.map(lambda prompt: endpoint.chat_completion(
-                cfg.endpoint, endpoint.to_openai_messages(*prompt), cfg.endpoint_model, sampling.max_new_tokens,
-                sampling.temperature, sampling.top_p, sampling.top_k or None, cfg.timeout, cfg.retries), prompts))
+                cfg.endpoint, endpoint.to_openai_messages(*prompt, cfg.max_pixels), cfg.endpoint_model,
+                sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k or None, cfg.timeout,
+                cfg.retries), prompts))
 
 def endpoint_judge(cfg: GenerateConfig) -> Judge:
     """The judge behind --judge-endpoint, greedy (upstream: temperature 0)."""
@@ -380,9 +381,14 @@ def summarize(lines: list[dict]) -> dict:
     with_gt = [line for line in pairs if line["gt_box"] is not None]
     if with_gt:  # correct iff IoU > 0.5, strictly, as the benchmark counts it
         summary["pairs_with_gt_box"] = len(with_gt)
+        right = [{key: chat.iou(line["candidates"][line[key]]["box"], line["gt_box"]) > 0.5
+                  for key in ("chosen", "rejected")} for line in with_gt]
         for key in ("chosen", "rejected"):
-            summary[f"{key}_acc@0.5"] = sum(chat.iou(line["candidates"][line[key]]["box"], line["gt_box"]) > 0.5
-                                           for line in with_gt) / len(with_gt)
+            summary[f"{key}_acc@0.5"] = sum(r[key] for r in right) / len(right)
+        # upstream's data_gen/eval/statistic_bbox.py: the share of pairs in each cell of chosen x rejected box right
+        cells = Counter((r["chosen"], r["rejected"]) for r in right)
+        summary["box_table"] = {f"chosen {'right' if c else 'wrong'}, rejected {'right' if j else 'wrong'}":
+                                cells[(c, j)] / len(right) for c, j in ((1, 1), (1, 0), (0, 0), (0, 1))}
     return summary
 
 def read_questions(cfg: GenerateConfig) -> tuple[list[data.Record], Path, str]:

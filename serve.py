@@ -52,6 +52,13 @@ class ServeConfig(runs.ConventionArgs):
     max_image_pixels: int = 4096 * 4096  # the largest image, width * height (read before decoding); more get 413
     max_images_per_request: int = 4  # images one request may send; more get 400 before any is decoded
     max_new_tokens_limit: int = 1024  # the largest max_tokens a request may ask; also the default
+    # what a request that sends no temperature / top_p / top_k gets: upstream's server's (LLaMA-Factory's generating
+    # args: 0.95, 0.7, 50), or OpenAI's (1, 1, none)
+    sampling_defaults: Literal["upstream", "openai"] = "upstream"
+    # where images go in a request whose text has no `<image>` placeholder (with them, the images fill them in
+    # order, as upstream's server reads them): `parts`, where the image parts are (OpenAI's meaning, and what
+    # visrl's own clients send), or `upstream`, all before the first user message's text, as LLaMA-Factory's does
+    image_order: Literal["parts", "upstream"] = "parts"
     max_prompt_tokens: int = 16384  # the longest prompt in tokens, image tokens included; a longer one gets 400
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # the weights' dtype; auto: bfloat16 on a GPU, else float32
     seed: int = 0  # seeds the random stream of sampled requests that send no seed

@@ -30,8 +30,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))  # first: bench/generate.py must not stand for the project's generate.py
 import data  # noqa: E402
 import dpo  # noqa: E402
 import memory_plan  # noqa: E402

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # first: bench/generate.py must not stand for the project's generate.py
 import model  # noqa: E402
 import shapes  # noqa: E402
 
@@ -125,9 +125,11 @@ def saved_per_token(s: Sizes, setup: Setup) -> int:
             + 7 * s.lora_rank * adapter_b + 2 * 4)
 
 def plan(s: Sizes, micro: Micro, setup: Setup) -> dict:
-    """Per-GPU peak bytes of a training step over micro-batches like `micro`, by part (their sum is the peak). The
-    peak comes as backward starts: everything saved, plus the widest of the log-prob chunks' backward and the final
-    norm's; a decoder layer's backward frees its saved tensors as fast as it makes gradients (measured: --validate)."""
+    """Per-GPU peak bytes of a training step over micro-batches like `micro`, by part (their sum is the peak), at the
+    larger of two moments. As backward starts: everything saved, plus the widest of the log-prob chunks' backward and
+    the final norm's (a decoder layer's backward frees its saved tensors as fast as it makes gradients). Under FSDP2,
+    as the forward starts: the root unit's all-gather output and its unsharded copy both live while the vision unit
+    gathers the same way (measured: --validate-world 2); with few layers this is the larger."""
     w = setup.world
     tokens = micro.rows * micro.row_len
     weights = (s.root_params + s.layers * s.layer_params + s.vision_params) * setup.weight_bytes
@@ -146,8 +148,11 @@ def plan(s: Sizes, micro: Micro, setup: Setup) -> dict:
     if setup.reference_per_step:  # after the policy's forward, its activations kept: a layer's MLP, no grad
         transient = max(transient, 4 * 2 * s.intermediate * tokens + 2 * 2 * s.hidden * tokens)
     features = micro.patches // 4 * s.hidden * 2
-    return {"weights": shard, "fsdp_gathered": gathered, "lora_and_adam": lora, "activations": activations,
-            "final_norm_and_features": final + features, "transient": transient}
+    backward = {"fsdp_gathered": gathered, "activations": activations, "final_norm_and_features": final + features,
+                "transient": transient}
+    gathering = 2 * (s.root_params + s.vision_params) * setup.weight_bytes if setup.fsdp else 0
+    moment = backward if sum(backward.values()) >= gathering else {"fsdp_gathering_at_forward_start": gathering}
+    return {"weights": shard, "lora_and_adam": lora, **moment}
 
 def step_flops(s: Sizes, micro: Micro, setup: Setup, micro_steps: int = 1) -> dict:
     """FLOPs of one optimizer step (micro_steps micro-batches like `micro`): `model` without recomputation (for MFU),
@@ -188,8 +193,8 @@ def upstream_micro(stage: str, batch: int, image_tokens: int = IMAGE_TOKENS) -> 
 
 def render(parts: dict, flops: dict | None = None) -> str:
     """A plan as lines: each part in GiB, the peak, the step's FLOPs."""
-    lines = [f"  {k:<24} {v / GIB:8.2f} GiB" for k, v in parts.items()]
-    lines.append(f"  {'peak':<24} {sum(parts.values()) / GIB:8.2f} GiB")
+    lines = [f"  {k:<32} {v / GIB:8.2f} GiB" for k, v in parts.items()]
+    lines.append(f"  {'peak':<32} {sum(parts.values()) / GIB:8.2f} GiB")
     if flops:
         lines.append(f"  step FLOPs: {flops['model'] / 1e12:.1f} T (model), {flops['hardware'] / 1e12:.1f} T (with "
                      "recomputation)")
@@ -302,8 +307,10 @@ def measure_ranks(cfg, world: int, work: Path, steps: int) -> tuple[list[int], l
 
     spec = work / "measure.json"
     spec.write_text(json.dumps({"kind": type(cfg).__name__, "cfg": asdict(cfg), "steps": steps}))
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
-                    __file__, "--measure-one", str(spec)], cwd=ROOT, check=True, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(world), __file__, "--measure-one", str(spec)], cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"the {world} measuring ranks failed:\n{done.stderr[-3000:]}")
     results = [json.loads((work / f"measure.rank{r}.json").read_text()) for r in range(world)]
     peaks = [max(r["peaks"][i] for r in results) for i in range(len(results[0]["peaks"]))]
     return peaks, [Micro(**m) for m in results[0]["micros"]]
@@ -364,7 +371,7 @@ def validate(layer_counts=(1, 2, 4), shape: str = "qwen2.5-vl-7b", vision_depth:
             micro = max(micros, key=lambda m: m.rows * m.row_len)
             parts = plan(s, micro, setup)
             predicted, measured = sum(parts.values()), max(peaks)
-            weights = parts["weights"] + parts["fsdp_gathered"]
+            weights = parts["weights"]
             rows.append(dict(layers=layers, stage=stage, micro=asdict(micro), parts=parts, predicted=predicted,
                              measured=measured))
             print(f"| {layers} | {stage} | {micro.row_len} x {micro.rows} | {micro.responses} | "

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.append(str(ROOT / "bench"))  # last: bench/generate.py must not stand for the project's generate.py
 import memory_plan  # noqa: E402
 
 import model  # noqa: E402
@@ -63,6 +63,11 @@ def test_the_plan_counts_the_7b_shape_as_published():
     assert sizes.lora_params == 28 * 8 * (2 * (3584 + 3584) + 2 * (3584 + 512) + 3 * (3584 + 18944))
     parts = memory_plan.plan(sizes, memory_plan.upstream_micro("dpo2", 3), memory_plan.Setup(world=8, fsdp=True))
     assert parts["weights"] == 8_292_166_656 * 2 / 8  # bf16, sharded over 8
+    # FSDP2's two moments: 28 layers' activations outweigh the root's gathering; with checkpointing they do not
+    assert "activations" in parts
+    checkpointed = memory_plan.plan(sizes, memory_plan.upstream_micro("dpo2", 3),
+                                    memory_plan.Setup(world=8, fsdp=True, grad_checkpointing=True))
+    assert checkpointed["fsdp_gathering_at_forward_start"] == 2 * 2 * (sizes.root_params + sizes.vision_params)
 
 
 def test_gpu_check_dry_run_on_the_cpu(tmp_path):

@@ -63,6 +63,8 @@ def _sig(x):
 @pytest.mark.parametrize("kind,beta,eps,formula", [
     ("sigmoid", 0.1, 0.0, lambda h, b, e: -math.log(_sig(b * h))),
     ("sigmoid", 2.0, 0.0, lambda h, b, e: -math.log(_sig(b * h))),
+    # cDPO, as TRL 0.9.6 (upstream's pin) writes it, dpo_trainer.py l.1107-1111
+    ("sigmoid", 0.5, 0.2, lambda h, b, e: -math.log(_sig(b * h)) * (1 - e) - math.log(_sig(-b * h)) * e),
     ("ipo", 0.1, 0.0, lambda h, b, e: (h - 1 / (2 * b)) ** 2),
     ("hinge", 0.5, 0.0, lambda h, b, e: max(0.0, 1 - b * h)),
     ("robust", 0.3, 0.1, lambda h, b, e: ((1 - e) * -math.log(_sig(b * h)) + e * math.log(_sig(-b * h))) / (1 - 2 * e)),
@@ -105,6 +107,31 @@ def test_stage2_objective_is_the_weighted_sum_of_its_parts():
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     assert stats[0, 0].item() == pytest.approx(sum(box), rel=1e-6)  # per-kind loss sums
     assert stats[1, 0].item() == pytest.approx(sum(answer), rel=1e-6)
+
+
+def test_ipo_scores_log_probs_averaged_over_each_response():
+    """Upstream (src/visrl/train/dpo/trainer.py l.195-197, src/visrl_stage2/... l.197-199): `if self.loss_type in
+    ["ipo", "orpo", "simpo"]: all_logps = all_logps / valid_length`, for the policy and the reference (the same
+    concatenated_forward), valid_length the response's label tokens; then TRL's IPO, (logits - 1 / (2 beta)) ** 2."""
+    cfg = dpo.DPOConfig(data="x", stage=1, beta=0.1, loss="ipo")
+    policy = torch.tensor([-6.0, -2.0, -9.0, -4.0])  # rows: chosen 0, 1; rejected 2, 3
+    reference = torch.tensor([-5.0, -3.0, -7.0, -2.0])
+    lengths = [3, 1, 2, 4]
+    batch = {"kind": torch.tensor([0, 0]), "input_ids": torch.zeros(4, 3),
+             "response_row": torch.tensor([r for r, n in enumerate(lengths) for _ in range(n)])}
+    loss, _ = dpo.step_loss(cfg, policy, reference, batch, torch.tensor([2.0, 0.0]))
+    avg = lambda x, r: x[r].item() / lengths[r]  # noqa: E731
+    expected = [((avg(policy, c) - avg(policy, j)) - (avg(reference, c) - avg(reference, j)) - 1 / (2 * 0.1)) ** 2
+                for c, j in ((0, 2), (1, 3))]
+    assert loss.item() == pytest.approx(sum(expected) / 2, rel=1e-6)
+
+
+def test_label_smoothing_is_for_sigmoid_and_robust_only():
+    # upstream (hparams/finetuning_args.py l.413-414) refuses dpo_label_smoothing for a loss other than sigmoid
+    for loss in ("ipo", "hinge"):
+        with pytest.raises(data.UserError, match="--label-smoothing"):
+            dpo.DPOConfig(data="x", loss=loss, label_smoothing=0.1).check()
+    dpo.DPOConfig(data="x", loss="sigmoid", label_smoothing=0.1).check()
 
 
 def test_answer_anchor_adds_only_the_chosen_answers_nll_to_stage_1():

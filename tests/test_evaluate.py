@@ -1,7 +1,9 @@
 """Evaluation: runs and resume, the endpoint path, prediction rows, pictures (the protocol itself, detection
 scorer, answer scores, means, judge and readers, is tested in test_viscot.py)."""
 
+import base64
 import dataclasses
+import io
 import json
 import subprocess
 import sys
@@ -17,6 +19,7 @@ import chat
 import data
 import endpoint
 import evaluate as ev
+import runs
 import viscot
 from conftest import write_rec_file
 
@@ -210,6 +213,12 @@ def test_endpoint_and_judge_over_http(server, synth_dir, tmp_path):
     assert sorted(len(_images(b)) for b in model_calls) == [1, 1, 1, 2, 2, 2]  # focus [image], answer [image, crop]
     assert all(b["model"] == "served" and b["temperature"] == 0.0 for b in model_calls)
     assert all(_images(b)[0]["image_url"]["url"].startswith("data:image/png;base64,") for b in model_calls)
+    # every page is sent capped as the in-process model sees it (upstream's 512 x 512 pixel cap), pixel for pixel
+    capped = [chat.cap_image(data.load_image(r), runs.UPSTREAM_MAX_PIXELS).tobytes() for r in records]
+    for b in model_calls:
+        url = _images(b)[0]["image_url"]["url"]
+        sent = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
+        assert sent.width * sent.height <= runs.UPSTREAM_MAX_PIXELS < 1344 * 1344 and sent.tobytes() in capped
     assert judge_calls[0]["messages"] == viscot.judge_messages(records[0].question, records[0].answer, "4")
     # the official judge request: its model, and no sampling fields (the server's defaults apply)
     assert all(set(b) == {"model", "messages"} and b["model"] == "gpt-3.5-turbo-1106" for b in judge_calls)

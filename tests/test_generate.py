@@ -356,6 +356,14 @@ def test_generated_pairs_train_with_dpo(synth_dir, tmp_path):
     with_gt = [ln for ln in lines if ln["pair"] and ln["gt_box"]]
     assert summary["chosen_acc@0.5"] == sum(
         chat.iou(ln["candidates"][ln["chosen"]]["box"], ln["gt_box"]) > 0.5 for ln in with_gt) / len(with_gt)
+    # upstream's joint table (data_gen/eval/statistic_bbox.py l.89-96: TP_TN, TP_FN, FP_FN, FP_TN over the pairs)
+    right = lambda ln, key: chat.iou(ln["candidates"][ln[key]]["box"], ln["gt_box"]) > 0.5  # noqa: E731
+    table = summary["box_table"]
+    assert list(table) == ["chosen right, rejected right", "chosen right, rejected wrong",
+                           "chosen wrong, rejected wrong", "chosen wrong, rejected right"]
+    assert table["chosen right, rejected wrong"] == sum(
+        right(ln, "chosen") and not right(ln, "rejected") for ln in with_gt) / len(with_gt)
+    assert sum(table.values()) == pytest.approx(1.0)
     assert json.loads((out / "summary.json").read_text())["pairs_kept"] == len(pairs)
 
     # no --image-root: the pair file records the root its image paths are relative to
