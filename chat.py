@@ -64,6 +64,14 @@ def vcot_answer_messages(question: str, box_text: str) -> list[dict]:
             {"role": "user", "content": [{"type": "image"},
                                          {"type": "text", "text": "\n" + VCOT_ANSWER_TEXT + question + " "}]}]
 
+def upstream_test_messages(question: str, step: str) -> list[dict]:
+    """Upstream VisRL's test-time requests (extras/test_cot.py l.91, 117-123) as its server reads them: the box step as
+    [image] + question + the focus instruction, no space between; the answer step as the bare question after both
+    images (images sent without `<image>` placeholders go before the text there)."""
+    if step == "box":
+        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question + FOCUS_INSTRUCTION}]}]
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": question}]}]
+
 def direct_messages(question: str, prompts: str = "upstream") -> list[dict]:
     """No-box ablation (and the rule scorer's crop-alone question): [image] + the bare question."""
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _lead(prompts) + question}]}]
@@ -250,11 +258,11 @@ def crop_window(box: Box, width: int, height: int, rule: str = "raw", min_half: 
 
 def two_step(generate_fn, images: list, focus_prompts: list[list[dict]], questions: list[str | None],
              crop_rule: str = "raw", prompts: str = "upstream", boxes: list[tuple[str, tuple]] | None = None,
-             vcot_answer: bool = False, box_form: str = "square", image_processor=None) -> list[dict]:
+             answer_form: str = "recipe", box_form: str = "square", image_processor=None) -> list[dict]:
     """Visual-CoT inference, one row per image: step 1 asks for a box (focus_prompts, or `boxes` given as (text, pixel
     box) per image, e.g. the ablations) -> parse -> crop (an unusable box crops the whole image, as upstream's fallback
     box [0, 0, 1, 1] does) -> step 2 answers with image and crop (a None question: no answer step, e.g. REC;
-    vcot_answer: Visual-CoT's 3-turn form). generate_fn: [(messages, images)] -> reply texts; boxes are read in box_form
+    answer_form: the recipe's prompt, `vcot` Visual-CoT's 3 turns, `upstream-test` upstream's test script's). generate_fn: [(messages, images)] -> reply texts; boxes are read in box_form
     (pixel: needs image_processor). Rows: box_text, box (pixels or None), box_parsed, crop, answer (stripped)."""
     if boxes is None:
         texts = [t.strip() for t in generate_fn([(m, [im]) for m, im in zip(focus_prompts, images)])]
@@ -268,8 +276,10 @@ def two_step(generate_fn, images: list, focus_prompts: list[list[dict]], questio
         crops.append(im.crop(window))
     asks = [i for i, q in enumerate(questions) if q is not None]
     if asks:
-        answer_prompts = [vcot_answer_messages(questions[i], rows[i]["box_text"]) if vcot_answer else
-                          answer_messages(questions[i], prompts) for i in asks]
+        forms = {"recipe": lambda i: answer_messages(questions[i], prompts),
+                 "vcot": lambda i: vcot_answer_messages(questions[i], rows[i]["box_text"]),
+                 "upstream-test": lambda i: upstream_test_messages(questions[i], "answer")}
+        answer_prompts = [forms[answer_form](i) for i in asks]
         replies = generate_fn([(prompt, [images[i], crops[i]]) for prompt, i in zip(answer_prompts, asks)])
         for i, reply in zip(asks, replies):
             rows[i]["answer"] = reply.strip()

@@ -56,11 +56,14 @@ def judge_answer(url: str, question: str, reference: str, prediction: str, judge
 
 CENTER_BOX_TEXT = "[0.250, 0.250, 0.750, 0.750]"  # upstream's centre-box ablation, '%.3f' as it prints it
 
-def focus_prompt(item: viscot.Item, official: bool = False, prompts: str = "upstream") -> list[dict]:
-    """Step 1 messages: the focus prompt (training form, or the benchmark's test-time form), or REC's."""
+def focus_prompt(item: viscot.Item, form: str = "recipe", prompts: str = "upstream") -> list[dict]:
+    """Step 1 messages: the focus prompt (the recipe's, the benchmark's test-time form `vcot`, or upstream's test
+    script's `upstream-test`), or REC's."""
     if item.kind == "rec":
         return chat.rec_messages(item.question)
-    return chat.focus_messages(item.expression or item.question, prompts, official=official)
+    if form == "upstream-test":
+        return chat.upstream_test_messages(item.question, "box")
+    return chat.focus_messages(item.expression or item.question, prompts, official=form == "vcot")
 
 def ablation_box(item: viscot.Item, mode: str, width: int, height: int, seed: int = 0, box_form: str = "square",
                  image_processor=None) -> tuple[str, tuple]:
@@ -80,7 +83,7 @@ def ablation_box(item: viscot.Item, mode: str, width: int, height: int, seed: in
         raise ValueError(f"no ablation box for mode {mode!r}")
     return chat.write_box(box, width, height, box_form, image_processor), box
 
-def predict_batch(items: list[viscot.Item], generate_fn, box: str = "model", official_prompt: bool = False,
+def predict_batch(items: list[viscot.Item], generate_fn, box: str = "model", prompt_form: str = "recipe",
                   crop_rule: str = "raw", seed: int = 0, prompts: str = "upstream", box_form: str = "square",
                   image_processor=None) -> list[dict]:
     """Prediction rows for a batch of items; generate_fn maps [(messages, images)] to reply texts. Boxes are read in
@@ -99,9 +102,9 @@ def predict_batch(items: list[viscot.Item], generate_fn, box: str = "model", off
         return rows
     boxes = None if box == "model" else [ablation_box(it, box, *im.size, seed, box_form, image_processor)
                                          for it, im in zip(items, images)]
-    steps = chat.two_step(generate_fn, images, [focus_prompt(it, official_prompt, prompts) for it in items],
+    steps = chat.two_step(generate_fn, images, [focus_prompt(it, prompt_form, prompts) for it in items],
                           [it.question if it.kind == "vqa" else None for it in items], crop_rule, prompts, boxes,
-                          official_prompt, box_form, image_processor)
+                          prompt_form, box_form, image_processor)
     for row, step in zip(rows, steps):
         row.update(step)
         if box_form != "square":  # every digit: 3 decimals would flip near-threshold IoUs
@@ -194,7 +197,7 @@ def predict(items: list[viscot.Item], cfg: "EvalConfig", generate_fn=None) -> li
                                                           dynamic_ncols=True) as bar:
             for start in range(0, len(todo), cfg.batch_size):
                 batch = todo[start:start + cfg.batch_size]
-                for row in predict_batch(batch, generate_fn, cfg.box, cfg.official_prompt, cfg.crop, cfg.seed,
+                for row in predict_batch(batch, generate_fn, cfg.box, prompt_form(cfg), cfg.crop, cfg.seed,
                                          cfg.prompts, cfg.box_form, image_processor):
                     f.write(json.dumps(row) + "\n")
                     done[(row["set"], row["id"])] = row
@@ -390,6 +393,9 @@ class EvalConfig(runs.RunConfig):
     # the benchmark's test-time forms instead of ours: the focus text (lower-cased question + '. ') and the answer
     # step in Visual-CoT's 3 turns (question; the box as the assistant's turn; crop + its answer instruction)
     official_prompt: bool = False
+    # upstream VisRL's test script's forms instead (extras/test_cot.py): the box asked as question + the focus
+    # instruction with no space, the answer as the bare question after both images
+    upstream_test_prompt: bool = False
     parser: Literal["official", "lenient"] = "official"  # box parser for the headline Acc@0.5 (both are reported)
     pictures: int = 6  # how many PNGs with boxes and crop to draw
 
@@ -400,6 +406,12 @@ class EvalConfig(runs.RunConfig):
 
 OUT_FILES = ("predictions.jsonl", "judge.jsonl", "results.json", "results.md", "pictures", "config.json")
 RESCORE_FILES = ("judge.jsonl", "results.json", "results.md", "pictures")  # what --predictions writes
+
+def prompt_form(cfg: EvalConfig) -> str:
+    """Which prompts a run asks with: `vcot` (--official-prompt), `upstream-test` (--upstream-test-prompt), `recipe`."""
+    if cfg.official_prompt and cfg.upstream_test_prompt:
+        raise data.UserError("--official-prompt and --upstream-test-prompt are two ways to ask: choose one")
+    return "vcot" if cfg.official_prompt else "upstream-test" if cfg.upstream_test_prompt else "recipe"
 
 def resolve_eval_convention(cfg: EvalConfig) -> EvalConfig:
     """The adapter's convention (runs.resolve_convention); --official-prompt crops as the benchmark does
@@ -454,6 +466,7 @@ def predicted_rows(cfg: EvalConfig, generate_fn, lock: runs.RunLock) -> list[dic
 def evaluate(cfg: EvalConfig, generate_fn=None) -> dict:
     """Run (or resume, or re-score) an evaluation; writes results.json, results.md and pictures into --out, holding its
     lock meanwhile."""
+    prompt_form(cfg)  # two prompt forms at once: refused before anything is made
     with runs.RunLock(cfg.out, "evaluate") as lock:
         if cfg.predictions:
             rows = rescored_rows(cfg, lock)
@@ -468,7 +481,8 @@ def evaluate(cfg: EvalConfig, generate_fn=None) -> dict:
             results["notes"].append(f"Acc@0.5 here scores the ablation's own box ({box_mode}), not a model's.")
         results["run"] = {"what": cfg.endpoint or (cfg.model + (f" + {cfg.adapter}" if cfg.adapter else "")),
                           "data": cfg.predictions or cfg.data, "box": box_mode, "parser": cfg.parser,
-                          "prompt": "official test-time" if cfg.official_prompt else "training form",
+                          "prompt": {"vcot": "official test-time", "upstream-test": "upstream's test script",
+                                     "recipe": "training form"}[prompt_form(cfg)],
                           "predictions": len(rows), "judge": cfg.judge_endpoint}
         out = Path(cfg.out)
         (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -346,3 +346,32 @@ def test_a_box_form_is_read_in_its_own_form_and_scored_in_the_benchmarks(form, r
     ours, theirs = viscot.summarize(rows)["sets"]["docvqa"], viscot.summarize(square)["sets"]["docvqa"]
     assert ours["detection"]["correct"] == theirs["detection"]["correct"] == 2  # all but the inverted box
     assert ours["detection"]["unparsed_official"] == 1
+
+
+def test_upstream_test_prompt_asks_as_upstreams_test_script(synth_dir, tmp_path):
+    """extras/test_cot.py l.91: `prompt_bbox = prompt + "Please provide the bounding box coordinate of the region that
+    can help you answer the question better."` after the image; l.117-123: [image, prompt, crop], which upstream's
+    server (no `<image>` in the text) reads as both images before the bare question."""
+    items = viscot.read_items(str(synth_dir / "test.jsonl"), limit=2)
+    seen = []
+
+    def reply(prompts):
+        seen.extend(prompts)
+        return ["[0.1, 0.1, 0.5, 0.5]" if len(ims) == 1 else "dotted" for _, ims in prompts]
+
+    rows = ev.predict_batch(items, reply, prompt_form="upstream-test")
+    box_prompt, answer_prompt = seen[0][0], seen[2][0]
+    question = items[0].question
+    assert chat.render_chat(box_prompt).endswith(
+        f"<|vision_start|><|image_pad|><|vision_end|>{question}Please provide the bounding box coordinate of the "
+        "region that can help you answer the question better.<|im_end|>\n<|im_start|>assistant\n")
+    assert answer_prompt == [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                                         {"type": "text", "text": question}]}]
+    x1, y1, x2, y2 = rows[0]["crop"]
+    assert [im.size for im in seen[2][1]] == [tuple(rows[0]["image_size"]), (x2 - x1, y2 - y1)]  # the page, its crop
+    assert all(r["answer"] == "dotted" for r in rows)
+    # one way to ask at a time, refused before anything is made
+    result = subprocess.run([sys.executable, "evaluate.py", "--data", str(synth_dir), "--out", str(tmp_path / "e"),
+                             "--official-prompt", "--upstream-test-prompt"], cwd=Path(ev.__file__).parent,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "choose one" in result.stderr and not (tmp_path / "e").exists()
