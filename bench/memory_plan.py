@@ -423,4 +423,6 @@ def main(argv=None) -> None:
     print(render(plan(s, micro, setup), step_flops(s, micro, setup, args.grad_accum)))
 
 if __name__ == "__main__":
-    main()
+    import runs
+
+    runs.cli(lambda: None, lambda _: main())  # an expected error (a bad --model) is one line
