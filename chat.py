@@ -2,6 +2,7 @@
 crop windows, the two-step inference, the Qwen chat format, tokens with labels, and batches: record -> prompt ->
 tokens/pixels -> batch, in one place. Cheap to import: stdlib and pillow only (torch inside the batching functions)."""
 
+import json
 import math
 import random
 import re
@@ -118,6 +119,21 @@ def parse_box(text: str) -> tuple[float, float, float, float] | None:
     x1, y1, x2, y2 = vals
     return (x1, y1, x2, y2) if x2 >= x1 and y2 >= y1 else None
 
+def parse_box_reply(text: str) -> tuple[float, float, float, float] | None:
+    """Strict parse, upstream generation's (data_gen/generate.py l.137-153): the whole reply is a JSON list whose first
+    four entries are numbers (surrounding whitespace aside); None (never raises) otherwise, or if one is negative or
+    not finite, or the box is upside down."""
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError, RecursionError):
+        return None
+    if not isinstance(value, list) or len(value) < 4 or any(type(v) not in (int, float) for v in value[:4]):
+        return None  # (type, not isinstance: JSON's true/false are no coordinates)
+    x1, y1, x2, y2 = vals = tuple(float(v) for v in value[:4])
+    if not all(math.isfinite(v) and v >= 0 for v in vals) or x2 < x1 or y2 < y1:
+        return None
+    return vals
+
 def rewrite_box_text(text: str, form: str = "square") -> str:
     """A parsed box text as upstream writes pair boxes: its four numbers with 3 decimals (pixels: integers)."""
     vals = parse_box(text)
@@ -125,14 +141,18 @@ def rewrite_box_text(text: str, form: str = "square") -> str:
         raise ValueError(f"box text {text[:60]!r} does not parse")
     return "[" + ", ".join(str(round(v)) if form == "pixel" else f"{v:.3f}" for v in vals) + "]"
 
-def text_to_box(text: str, width: int, height: int, form: str = "square", resized=None) -> Box | None:
-    """A model's box text -> original-image pixels, clipped; None if unusable (callers count these)."""
-    vals = parse_box(text)
-    if vals is None or (form != "pixel" and max(vals) > 1.0 + 1e-6):
-        return None  # a normalised value above 1 points outside the image: a failure, not a clip
+def text_to_box(text: str, width: int, height: int, form: str = "square", resized=None,
+                strict: bool = False) -> Box | None:
+    """A model's box text -> original-image pixels, clipped; None if unusable (callers count these). strict: upstream
+    generation's reading, parse_box_reply, a normalised value above 1 cut at the image's edge (its crop slices)."""
+    vals = parse_box_reply(text) if strict else parse_box(text)
+    if vals is None or (not strict and form != "pixel" and max(vals) > 1.0 + 1e-6):
+        return None  # lenient: a normalised value above 1 points outside the image, a failure rather than a clip
     dx, dy, div_x, div_y = _divisors(width, height, form, resized)
     x1, x2 = (min(max(v * div_x - dx, 0.0), width) for v in vals[0::2])
     y1, y2 = (min(max(v * div_y - dy, 0.0), height) for v in vals[1::2])
+    if strict and (int(x2) <= int(x1) or int(y2) <= int(y1)):
+        return None  # upstream's crop, image[int(y1):int(y2), int(x1):int(x2)], is empty: its encoder raises
     return (x1, y1, x2, y2) if x2 > x1 and y2 > y1 else None
 
 def view_size(width: int, height: int, form: str, image_processor) -> tuple[int, int] | None:
@@ -143,9 +163,10 @@ def view_size(width: int, height: int, form: str, image_processor) -> tuple[int,
         raise ValueError("box form 'pixel' needs the model's image processor (the size of the image it sees)")
     return model_view_size(width, height, image_processor)
 
-def read_box(text: str, width: int, height: int, form: str = "square", image_processor=None) -> Box | None:
+def read_box(text: str, width: int, height: int, form: str = "square", image_processor=None,
+             strict: bool = False) -> Box | None:
     """A box text in `form` -> original-image pixels, clipped; None if unusable (text_to_box)."""
-    return text_to_box(text, width, height, form, view_size(width, height, form, image_processor))
+    return text_to_box(text, width, height, form, view_size(width, height, form, image_processor), strict)
 
 def write_box(box: Box, width: int, height: int, form: str = "square", image_processor=None) -> str:
     """Original-image pixels -> the box text in `form` (box_to_text)."""
@@ -479,7 +500,9 @@ class PairSample:
 def dpo_samples(pair: Pair, tokenizer, image_processor, stage: int, crop_rule: str = "raw",
                 rejected_crop: str = "chosen", prompts: str = "upstream") -> list[PairSample]:
     """Stage 1: the box pair for [image] + question. Stage 2 adds the answer pair for
-    [image, crop] + question, both answers on the chosen box's crop (upstream) or each on its own."""
+    [image, crop] + question, both answers on the chosen box's crop (upstream) or each on its own. A step whose
+    chosen and rejected are the same stays, as upstream's trainer keeps it: loss ln 2, zero gradient, one more
+    sample in its step's mean."""
     r = pair.record
 
     def side(messages, response, images, kind):
@@ -490,7 +513,7 @@ def dpo_samples(pair: Pair, tokenizer, image_processor, stage: int, crop_rule: s
     box = PairSample("box", side(focus, pair.chosen_box, [None], "box"),
                      side(focus, pair.rejected_box, [None], "box"), pair)
     if stage == 1:
-        return _distinct([box])
+        return [box]
 
     def window(key):
         pixel_box = read_box(getattr(pair, key), r.width, r.height, pair.box_form, image_processor)
@@ -504,14 +527,4 @@ def dpo_samples(pair: Pair, tokenizer, image_processor, stage: int, crop_rule: s
     messages = answer_messages(r.question, prompts)
     answer = PairSample("answer", side(messages, pair.chosen_answer, [None, chosen_window], "answer"),
                         side(messages, pair.rejected_answer, [None, rejected_window], "answer"), pair)
-    return _distinct([box, answer])
-
-def _distinct(samples: list[PairSample]) -> list[PairSample]:
-    """The samples whose chosen and rejected sequences differ: an identical one has loss ln 2 and zero gradient
-    (a stage-2 pair with one box for both answers keeps its answer step). None left is a DataError."""
-    kept = [s for s in samples if s.chosen.input_ids != s.rejected.input_ids or s.chosen.images != s.rejected.images]
-    if not kept:
-        what = samples[-1].kind
-        raise DataError(f"{samples[0].pair.record.source}: field 'rejected_{what}': the same as 'chosen_{what}' "
-                        f"({getattr(samples[0].pair, 'chosen_' + what)[:40]!r}): the pair teaches nothing")
-    return kept
+    return [box, answer]

@@ -315,7 +315,7 @@ def build_dpo_samples(cfg: DPOConfig, pairs: list[data.Pair], processor,
     """Each pair's samples (1 in stage 1, 2 in stage 2 or with --answer-anchor), checked (bad pairs reported)."""
     cfg = runs.resolve_convention(cfg)
     sample_stage = 2 if cfg.answer_anchor else cfg.stage  # the anchor: stage 2's answer samples, preference weight 0
-    grouped, errors, too_long, same_box = [], [], 0, 0
+    grouped, errors, too_long, same = [], [], 0, 0
     for pair in pairs:
         if pair.box_form != cfg.box_form and not cfg.mix_conventions:
             errors.append(f"{pair.record.source}: field 'box_form': {pair.box_form}, but this chain writes boxes "
@@ -327,7 +327,8 @@ def build_dpo_samples(cfg: DPOConfig, pairs: list[data.Pair], processor,
         except data.DataError as e:
             errors.append(str(e))
             continue
-        same_box += sample_stage == 2 and samples[0].kind != "box"  # its box step was dropped
+        same += any(s.chosen.input_ids == s.rejected.input_ids and s.chosen.images == s.rejected.images
+                    for s in samples)
         if max(max(len(s.chosen.input_ids), len(s.rejected.input_ids)) for s in samples) > cfg.max_len:
             too_long += 1
             continue
@@ -335,10 +336,9 @@ def build_dpo_samples(cfg: DPOConfig, pairs: list[data.Pair], processor,
     data.report_bad(errors, cfg.skip_bad_records, cfg.data, len(grouped))
     if too_long and world.is_main:
         print(f"warning: dpo dropped {too_long} pairs longer than {cfg.max_len} tokens", file=sys.stderr)
-    if same_box and world.is_main:
-        how = "by the anchor's NLL alone" if cfg.answer_anchor else "the box step's gradient is zero"
-        print(f"dpo: {same_box} pairs have the same chosen and rejected box: only their answer step is trained "
-              f"({how})", file=sys.stderr)
+    if same and world.is_main:  # upstream keeps them too (its trainer has no such filter)
+        print(f"dpo: {same} pairs have a step (box or answer) whose chosen and rejected are the same: kept as upstream "
+              "keeps them, at loss ln 2 with zero gradient, counted in their step's mean", file=sys.stderr)
     if not grouped:
         raise data.UserError("dpo: no usable pairs")
     for index, sample in enumerate(s for samples in grouped for s in samples):

@@ -178,8 +178,12 @@ def reply_function(cfg: "EvalConfig"):
 
     cfg = resolve_eval_convention(cfg)  # also when called alone (the demo shares one model between two evaluations)
     net, processor = model.load(cfg.model, cfg.adapter, dtype=cfg.dtype, max_pixels=cfg.max_pixels)
-    sampling = model.Sampling(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
-    return lambda prompts: model.sample(net, processor, prompts, sampling, batch_size=cfg.batch_size, seed=cfg.seed)
+    return lambda prompts: model.sample(net, processor, prompts, eval_sampling(cfg), batch_size=cfg.batch_size,
+                                        seed=cfg.seed)
+
+def eval_sampling(cfg: "EvalConfig") -> model.Sampling:
+    """How the in-process model answers (greedy by default)."""
+    return model.Sampling(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
 
 def predict(items: list[viscot.Item], cfg: "EvalConfig", generate_fn=None) -> list[dict]:
     """Predictions for the items, in item order: those already in --out/predictions.jsonl are kept, the rest run."""
@@ -460,7 +464,9 @@ def predicted_rows(cfg: EvalConfig, generate_fn, lock: runs.RunLock) -> list[dic
         generate_fn = generate_fn or reply_function(cfg)
     lock.take()
     runs.clear_run(replaced)
-    runs.write_config(cfg.out, "evaluate", cfg)
+    decoding = None if cfg.endpoint else model.decoding_record(  # an endpoint decodes as its server does
+        model.load_processor(cfg.model, cfg.max_pixels).tokenizer, eval_sampling(cfg))
+    runs.write_config(cfg.out, "evaluate", cfg, decoding)
     return predict(items, cfg, generate_fn)
 
 def evaluate(cfg: EvalConfig, generate_fn=None) -> dict:

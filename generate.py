@@ -78,6 +78,9 @@ class GenerateConfig(runs.RunConfig):
     answer_low: float = 0.2  # ... and some answer score <= this
     crop_high: float = 0.8  # chosen needs crop score >= this
     crop_low: float = 0.2  # rejected needs crop score <= this
+    # strict: a box reply counts only if it is, whole, a JSON list of numbers, values above 1 cut at the image's edge
+    # (upstream's `data_gen/generate.py`); lenient: the first four numbers of its first [...], none above 1
+    box_replies: Literal["strict", "lenient"] = "strict"
     # a pair's box texts: rewritten with 3 decimals as upstream (`data_gen/eval/convert_statistic_format.py`) or kept
     pair_box_text: Literal["rewrite", "as-written"] = "rewrite"
 
@@ -253,6 +256,10 @@ def endpoint_judge(cfg: GenerateConfig) -> Judge:
 
 # ---- One chunk of questions: boxes -> diversity -> answers -> scores -> filter -------------
 
+def policy_sampling(cfg: GenerateConfig) -> model.Sampling:
+    """How the policy samples its boxes and answers (upstream: temperature 2, top-p 0.7, top-k 50)."""
+    return model.Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
+
 def _box_list(box):
     return None if box is None else [float(v) for v in box]  # unrounded: Acc@0.5 is computed from these
 
@@ -265,11 +272,11 @@ def sample_candidates(cfg: GenerateConfig, items: list[tuple[int, data.Record]],
     K = cfg.attempts
     prompts = [(chat.focus_messages(r.question, cfg.prompts, rl=True), [image])  # the RL box step's instruction
                for (_, r), image in zip(items, images) for _ in range(2 * K)]
-    replies = sampler(prompts, model.Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k), chunk_seed)
+    replies = sampler(prompts, policy_sampling(cfg), chunk_seed)
     questions, live = [], []
     for q, (index, r) in enumerate(items):
         def parse(text, r=r):
-            return chat.read_box(text, r.width, r.height, cfg.box_form, image_processor)
+            return chat.read_box(text, r.width, r.height, cfg.box_form, image_processor, cfg.box_replies == "strict")
 
         def as_text(box, r=r):
             return chat.write_box(box, r.width, r.height, cfg.box_form, image_processor)
@@ -336,7 +343,7 @@ def run_chunk(cfg: GenerateConfig, items: list[tuple[int, data.Record]], sampler
     images = [data.load_image(r) for _, r in items]
     questions, live = sample_candidates(cfg, items, images, sampler, chunk_seed)
     # 3. all answers of the chunk at once, each on its box's crop: the step-2 half of chat.two_step
-    policy = model.Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
+    policy = policy_sampling(cfg)
     steps = chat.two_step(lambda prompts: sampler(prompts, policy, chunk_seed + 1), [images[q] for q, _, _ in live],
                           None, [items[q][1].question for q, _, _ in live], cfg.crop, cfg.prompts,
                           boxes=[(cand["box_text"], box) for _, cand, box in live])
@@ -448,7 +455,11 @@ def generate(cfg: GenerateConfig, sampler: Sampler | None = None, judge: Judge |
             sampler = EndpointSampler(cfg) if cfg.endpoint else LocalSampler(cfg)
         lock.take()
         runs.clear_run(replaced)
-        runs.write_config(out, "generate", cfg)
+        tokenizer = getattr(getattr(sampler, "processor", None), "tokenizer", None)  # none: an endpoint decodes
+        decoding = None if tokenizer is None else {  # the policy's samples; the rule scorer's greedy crop answers
+            "sampled": model.decoding_record(tokenizer, policy_sampling(cfg)),
+            "greedy": model.decoding_record(tokenizer, model.Sampling(cfg.max_new_tokens, 0.0))}
+        runs.write_config(out, "generate", cfg, decoding)
         lines = finished_questions(out, records, data_path, root)
         summary = generate_pairs(cfg, records, lines, sampler, judge, root)
     print(json.dumps(summary, indent=2))

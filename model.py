@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers import (AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+from transformers import (AutoProcessor, GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                           Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor)
 from transformers.utils import logging as hf_logging
 
@@ -438,13 +438,35 @@ class Reply(str):
         reply.finish_reason = finish_reason
         return reply
 
+def decoding(tokenizer, sampling: Sampling) -> GenerationConfig:
+    """The one decoding configuration of every in-process reply (generate, evaluate, infer, serve), built fresh as
+    upstream's engine builds it (LLaMA-Factory `chat/hf_engine.py` `_process_args`): nothing inherited from the
+    checkpoint's generation_config.json (Qwen2-VL-7B-Instruct ships a repetition penalty of 1.05 and near-greedy
+    sampling fields), repetition penalty 1, and a reply ends on the end token or any other special token."""
+    stop_ids = [tokenizer.eos_token_id] + [i for i in tokenizer.extra_special_tokens_ids if i != tokenizer.eos_token_id]
+    fields = dict(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.temperature > 0, num_beams=1,
+                  repetition_penalty=1.0, length_penalty=1.0, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
+                  use_cache=True)
+    if sampling.temperature > 0:  # greedy leaves them unset, as upstream pops them (HF flags them otherwise)
+        fields.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+    return GenerationConfig(**fields)
+
+def decoding_record(tokenizer, sampling: Sampling) -> dict:
+    """decoding()'s fields as a run's config.json records them, the stop tokens by name."""
+    record = decoding(tokenizer, sampling).to_diff_dict()
+    record.pop("transformers_version", None)
+    record["eos_token_id"] = tokenizer.convert_ids_to_tokens(record["eos_token_id"])
+    return record
+
 @torch.no_grad()
 def sample(net: nn.Module, processor, prompts: list, sampling: Sampling = Sampling(),
            batch_size: int = 8, seed: int | None = None) -> list[Reply]:
-    """The Reply for each (messages, images) prompt, rendered by chat.render_chat; batched, left-padded."""
+    """The Reply for each (messages, images) prompt, rendered by chat.render_chat; batched, left-padded; decoded
+    with decoding()'s configuration."""
     tokenizer, image_processor = processor.tokenizer, processor.image_processor
     pad_id, image_token_id = tokenizer.pad_token_id, net.config.image_token_id
-    stop_ids = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    config = decoding(tokenizer, sampling)
+    stop_ids = config.eos_token_id
     device = next(net.parameters()).device
     if seed is not None:
         torch.manual_seed(seed)
@@ -465,10 +487,11 @@ def sample(net: nn.Module, processor, prompts: list, sampling: Sampling = Sampli
             pixels = image_processor(images=[chat.fit_image(im, image_processor) for im in images], return_tensors="pt")
             inputs.update(pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"])
         inputs = {k: v.to(device) for k, v in inputs.items()}
-        sample = sampling.temperature > 0
-        new = net.generate(**inputs, max_new_tokens=sampling.max_new_tokens, do_sample=sample, pad_token_id=pad_id,
-                           eos_token_id=stop_ids, use_cache=True, temperature=sampling.temperature if sample else None,
-                           top_p=sampling.top_p if sample else None, top_k=sampling.top_k if sample else None)
+        own, net.generation_config = net.generation_config, GenerationConfig()
+        try:  # generate fills a passed config's unset fields from the model's own: a blank one meanwhile
+            new = net.generate(**inputs, generation_config=config)
+        finally:
+            net.generation_config = own
         new = new[:, length:]  # [B, new tokens]
         for row, text, tokens in zip(rows, tokenizer.batch_decode(new, skip_special_tokens=True), new.tolist()):
             end = next((k + 1 for k, t in enumerate(tokens) if t in stop_ids), None)  # the stop token counts

@@ -196,11 +196,13 @@ def check_rerun(out, command: str, cfg, how: str) -> None:
         raise UserError(f"--out {out} holds a run made with other settings ({detail}); {how} with the same "
                         "settings, pass --overwrite to replace it, or choose another --out")
 
-def write_config(out, command: str, cfg) -> None:
-    """<out>/config.json: the command and its settings, written whole (a kill leaves the old one or the new)."""
+def write_config(out, command: str, cfg, decoding: dict | None = None) -> None:
+    """<out>/config.json: the command and its settings (and, for an in-process model's replies, model.decoding's
+    configuration), written whole (a kill leaves the old one or the new)."""
     path = Path(out) / "config.json"
     tmp = path.with_name(".config.json.tmp")
-    tmp.write_text(json.dumps({"command": command, **dataclasses.asdict(cfg)}, indent=2), encoding="utf-8")
+    extra = {} if decoding is None else {"decoding": decoding}
+    tmp.write_text(json.dumps({"command": command, **dataclasses.asdict(cfg), **extra}, indent=2), encoding="utf-8")
     os.replace(tmp, path)
 
 def clear_run(paths: list[Path]) -> None:

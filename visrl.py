@@ -153,10 +153,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 def cosine_schedule(step: int, total: int, warmup_ratio: float) -> float:
-    """LR multiplier: linear warm-up over warmup_ratio * total steps, then cosine to 0."""
+    """LR multiplier: linear warm-up over warmup_ratio * total steps, then cosine to 0. As upstream's trainer (HF's
+    get_cosine_schedule_with_warmup, warm-up ceil(ratio x steps)) it is 0 at step 0: the first step moves only the
+    optimizer's moments."""
     warmup = int(math.ceil(warmup_ratio * total))
     if step < warmup:
-        return (step + 1) / warmup
+        return step / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 

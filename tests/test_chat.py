@@ -434,3 +434,52 @@ def test_rewrite_box_text_is_upstream_s_3_decimals():
     assert chat.rewrite_box_text("[10.4, 20, 30.6, 40]", "pixel") == "[10, 20, 31, 40]"
     with pytest.raises(ValueError):
         chat.rewrite_box_text("[0.1, 0.2")
+
+def _upstream_crop(reply: str, width: int, height: int):
+    """Upstream generation's path for a box reply, from data_gen/generate.py: `bbox = ast.literal_eval(reply)` and
+    the crop `image[int(y1*h):int(y2*h), int(x1*w):int(x2*w)]` encoded with cv2.imencode, which raises on an empty
+    image (l.155-161, l.105-111); the diversity step reads the first reply again with `json.loads` (l.137-139); any
+    exception drops the attempt. Returns the crop's (left, top, right, bottom), or None where upstream drops it."""
+    import ast
+    import json
+
+    import numpy as np
+    try:
+        bbox = ast.literal_eval(reply)
+        json.loads(reply)
+        x1, y1, x2, y2 = int(bbox[0] * width), int(bbox[1] * height), int(bbox[2] * width), int(bbox[3] * height)
+        crop = np.zeros((height, width, 3), np.uint8)[y1:y2, x1:x2]
+        if crop.size == 0:
+            raise ValueError("cv2.imencode: !image.empty()")
+        (left, right, _), (top, bottom, _) = slice(x1, x2).indices(width), slice(y1, y2).indices(height)
+        return left, top, right, bottom  # the pixels numpy's slices take
+    except Exception:
+        return None
+
+@pytest.mark.parametrize("reply", [
+    "[0.1, 0.2, 0.5, 0.6]", " [0.1,0.2,0.5,0.6]\n", "[0, 0, 1, 1]", "[1e-1, 2e-1, 5e-1, 6e-1]",
+    "[0.1, 0.2, 0.5, 0.6, 0.7]",  # the first four
+    "[0.1, 0.2, 1.3, 0.6]", "[0.95, 0.2, 1.3, 1.6]",  # above 1: cut at the edge
+    "The box is [0.1, 0.2, 0.5, 0.6]", "[0.1, 0.2, 0.5, 0.6] is where", "(0.1, 0.2, 0.5, 0.6)", "[.1, 0.2, 0.5, 0.6]",
+    "[0.1, 0.2, 0.5]", "[]", "", "[0.1, 0.2, 0.5, 0.6", '{"bbox": [0.1, 0.2, 0.5, 0.6]}', '["0.1", 0, 1, 1]',
+    "[NaN, 0, 1, 1]", "[0.1, 0.2, Infinity, 0.6]", "[[0.1, 0.2, 0.5, 0.6]]",
+    "[1.1, 0.2, 1.3, 0.6]", "[0.5, 0.2, 0.5, 0.6]", "[0.6, 0.2, 0.5, 0.6]",  # empty crops
+    "[0.501, 0.2, 0.509, 0.6]",  # inside one pixel column: int() makes it empty
+])
+@pytest.mark.parametrize("form", ["square", "axis"])
+def test_strict_box_replies_keep_and_crop_what_upstream_s_generation_keeps(reply, form):
+    """On a square image (where upstream's axis-read crop and the square form agree) strict reading keeps exactly the
+    replies upstream keeps, and its raw crop holds upstream's (rounded outward, at most 1 px more a side)."""
+    ours, theirs = chat.read_box(reply, 100, 100, form, strict=True), _upstream_crop(reply, 100, 100)
+    assert (ours is None) == (theirs is None)
+    if ours is not None:
+        window = chat.crop_window(ours, 100, 100)
+        assert all(0 <= d <= 1 for d in (theirs[0] - window[0], theirs[1] - window[1],
+                                         window[2] - theirs[2], window[3] - theirs[3]))
+
+def test_strict_box_replies_refuse_negative_values_that_upstream_wraps():
+    """Upstream slices with a negative index (bug): [-0.3, 0.2, 0.9, 0.6] crops columns 70-90 of a 100 px image, the
+    wrong region; strict reading drops such a reply (README fidelity table)."""
+    assert _upstream_crop("[-0.3, 0.2, 0.9, 0.6]", 100, 100) == (70, 20, 90, 60)  # numpy: [-30:90] is 70:90
+    assert chat.read_box("[-0.3, 0.2, 0.9, 0.6]", 100, 100, strict=True) is None
+    assert chat.parse_box_reply("[true, 0, 1, 1]") is None  # JSON's true is no coordinate

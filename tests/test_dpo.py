@@ -1,5 +1,6 @@
 """Preference losses, fused log-probs, the DPO forward and the `dpo` command, on the tiny model."""
 
+import contextlib
 import json
 import math
 import os
@@ -479,8 +480,6 @@ def _bad_pairs(pairs_file, tmp_path, edit):
     (lambda o: o.update(chosen_box="  "), 1, "chosen_box"),
     (lambda o: o.update(chosen_box="[0.9, 0.9, 0.1, 0.1]"), 2, "chosen_box"),
     (lambda o: o.update(chosen_box="somewhere on the left"), 2, "chosen_box"),
-    (lambda o: o.update(rejected_box=o["chosen_box"]), 1, "rejected_box"),  # the same: loss ln 2, no gradient
-    (lambda o: o.update(rejected_box=o["chosen_box"], rejected_answer=o["chosen_answer"]), 2, "rejected_answer"),
 ])
 def test_bad_pairs_are_reported_with_file_and_line(pairs_file, tmp_path, edit, stage, field):
     path = _bad_pairs(pairs_file, tmp_path, edit)
@@ -494,14 +493,44 @@ def test_bad_pairs_are_reported_with_file_and_line(pairs_file, tmp_path, edit, s
         path.unlink()
 
 
-def test_stage2_pair_with_one_box_for_both_answers_trains_its_answer_step_only(pairs_file, tmp_path, capsys):
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_step_whose_chosen_and_rejected_are_the_same_is_kept_as_upstream_keeps_it(tiny_lora, pairs_file, tmp_path,
+                                                                                   capsys, stage):
+    """Upstream's stage-2 trainer (src/visrl_stage2/train/dpo/trainer.py l.289-291: `losses = 0.5 * losses_step1 +
+    0.5 * losses_step2`, then the mean over the batch) and its stage-1 trainer (TRL's mean of the pair losses) filter
+    nothing: a pair whose box texts are the same stays, its box loss ln 2 with zero gradient, and counts in the mean.
+    Ours against that expression, each row's log-probs from a plain HF forward (policy: the LoRA; reference: off)."""
     path = _bad_pairs(pairs_file, tmp_path, lambda o: o.update(rejected_box=o["chosen_box"]))
     try:
-        _, processor = model.load_model("tiny")
-        pairs = data.read_pairs(path, image_root=pairs_file.parent)
-        cfg = dpo.DPOConfig(data=str(path), stage=2)
-        grouped = dpo.build_dpo_samples(cfg, pairs, processor, model.Dist())
-        assert [[s.kind for s in g] for g in grouped] == [["box", "answer"]] * 2 + [["answer"]] + [["box", "answer"]] * 3
-        assert "1 pairs have the same chosen and rejected box" in capsys.readouterr().err
+        net, processor = tiny_lora
+        cfg = dpo.DPOConfig(data=str(path), stage=stage)
+        grouped = dpo.build_dpo_samples(cfg, data.read_pairs(path, image_root=pairs_file.parent), processor,
+                                        model.Dist())
+        assert [[s.kind for s in g] for g in grouped] == [["box", "answer"][:stage]] * 6
+        assert "dpo: 1 pairs have a step (box or answer) whose chosen and rejected are the same" in capsys.readouterr().err
+        samples = [s for g in grouped for s in g]
+        batch = dpo.collate_pairs(samples, processor.image_processor, processor.tokenizer.pad_token_id,
+                                  net.config.image_token_id)
+        counts = torch.bincount(batch["kind"], minlength=2).float()
+        loss, _ = dpo.DPOObjective(net, cfg, None)(batch, counts)
+
+        def logps(row, adapters):
+            with torch.no_grad(), (contextlib.nullcontext() if adapters else model.adapters_disabled(net)):
+                return plain_token_logps(net, processor, row).sum().item()
+
+        def pair_loss(s):
+            h = (logps(s.chosen, True) - logps(s.chosen, False)) - (logps(s.rejected, True) - logps(s.rejected, False))
+            return -math.log(_sig(0.1 * h))
+
+        per_pair = [sum(0.5 * pair_loss(s) for s in g) if stage == 2 else pair_loss(g[0]) for g in grouped]
+        assert loss.item() == pytest.approx(sum(per_pair) / len(per_pair), rel=1e-4)
+        assert pair_loss(grouped[2][0]) == pytest.approx(math.log(2), abs=1e-6)  # the same box: ln 2
+        net.zero_grad()
+        one = dpo.collate_pairs(grouped[2][:1], processor.image_processor, processor.tokenizer.pad_token_id,
+                                net.config.image_token_id)
+        dpo.DPOObjective(net, cfg, None)(one, torch.tensor([1.0, 0.0]))[0].backward()
+        grads = [p.grad for p in model.trainable_parameters(net) if p.grad is not None]
+        assert grads and max(g.abs().max().item() for g in grads) < 1e-6  # its gradient is zero
+        net.zero_grad()
     finally:
         path.unlink()

@@ -78,7 +78,9 @@ def test_run_on_the_release_with_ablations(release, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "model" / "predictions.jsonl").read_text().splitlines()]
     # and the benchmark's crop (Visual-CoT's >= 224 px window), not the training default
     assert rows[0]["crop"] == list(chat.crop_window(chat.text_to_box(fake.box, 300, 200), 300, 200, rule="vcot"))
-    assert json.loads((tmp_path / "model" / "config.json").read_text())["crop"] == "vcot"
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["crop"] == "vcot"
+    assert config["decoding"]["do_sample"] is False and config["decoding"]["repetition_penalty"] == 1.0  # as run
     assert results["sets"]["docvqa"]["answer"]["exact_match"] == pytest.approx(1 / 3)
 
     answers_only = FakeModel()

@@ -176,6 +176,49 @@ def test_batched_left_padded_generation_equals_one_at_a_time(tiny, synth_dir):
     assert model.sample(net, processor, prompts, sampled, seed=1) == model.sample(net, processor, prompts, sampled, seed=1)
 
 
+def test_decoding_is_upstream_s_fresh_config_whatever_the_checkpoint_ships(tiny_path, synth_dir, tmp_path):
+    """LLaMA-Factory's hf engine (src/visrl/chat/hf_engine.py, `_process_args`) decodes with a GenerationConfig built
+    from its generating arguments alone (repetition_penalty 1.0) and `eos_token_id=[tokenizer.eos_token_id] +
+    tokenizer.additional_special_tokens_ids`: a checkpoint's generation_config.json changes nothing (Qwen2-VL-7B-Instruct
+    ships repetition_penalty 1.05), and the reply ends at any special token but <|endoftext|> (not in that list)."""
+    import shutil
+    shipped = tmp_path / "ckpt"
+    shutil.copytree(tiny_path, shipped)
+    (shipped / "generation_config.json").write_text(json.dumps(
+        {"repetition_penalty": 50.0, "no_repeat_ngram_size": 1, "max_new_tokens": 2, "eos_token_id": 5}))
+    records = data.read_records(synth_dir / "val.jsonl")[:4]
+    prompts = [(chat.focus_messages(r.question), [data.load_image(r)]) for r in records]
+    greedy = model.Sampling(max_new_tokens=12)
+    plain_net, processor = model.load_model(str(tiny_path))
+    shipped_net, _ = model.load_model(str(shipped))
+    assert shipped_net.generation_config.repetition_penalty == 50.0  # what the old call inherited
+    plain = model.sample(plain_net, processor, prompts, greedy)
+    assert model.sample(shipped_net, processor, prompts, greedy) == plain
+    assert [r.completion_tokens for r in plain] == [r.completion_tokens for r in model.sample(shipped_net, processor,
+                                                                                               prompts, greedy)]
+    tokenizer = processor.tokenizer
+    record = model.decoding_record(tokenizer, greedy)
+    assert record["eos_token_id"] == ["<|im_end|>"] + [t for t in shapes.QWEN_SPECIAL_TOKENS if t not in
+                                                        ("<|endoftext|>", "<|im_end|>")]
+    assert record["repetition_penalty"] == 1.0 and "temperature" not in record  # greedy: no sampling fields
+    sampled = model.decoding_record(tokenizer, model.Sampling(12, 2.0, 0.7, 50))
+    assert (sampled["temperature"], sampled["top_p"], sampled["top_k"], sampled["do_sample"]) == (2.0, 0.7, 50, True)
+
+    def forced(token):  # the lm head prefers `token` above all: each reply's first token
+        bump = tokenizer.convert_tokens_to_ids(token)
+        hook = plain_net.lm_head.register_forward_hook(lambda m, i, out: out.index_add(
+            -1, torch.tensor([bump]), torch.full((*out.shape[:-1], 1), 1e4)))
+        try:
+            return model.sample(plain_net, processor, prompts[:1], greedy)[0]
+        finally:
+            hook.remove()
+
+    box_start = forced("<|box_start|>")  # a special token: the reply ends there
+    assert (str(box_start), box_start.completion_tokens, box_start.finish_reason) == ("", 1, "stop")
+    end_of_text = forced("<|endoftext|>")  # not in upstream's list: decoding goes on to the limit
+    assert (str(end_of_text), end_of_text.completion_tokens, end_of_text.finish_reason) == ("", 12, "length")
+
+
 def test_an_adapter_loaded_onto_another_base_is_an_error(tiny_path, tmp_path):
     import shutil
 

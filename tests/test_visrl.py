@@ -572,3 +572,18 @@ def test_every_box_form_runs_the_whole_chain(form, synth_dir, tmp_path, monkeypa
         httpd.server_close()
         worker.stop()
     assert chat.iou(cot["box"], r.box) > 0.95
+
+
+def test_the_schedule_is_hf_cosine_with_warmup_step_by_step_from_lr_0():
+    """Upstream trains with HF Trainer's `lr_scheduler_type: cosine`, `warmup_ratio: 0.1` (configs/train_*.yaml):
+    transformers' get_cosine_schedule_with_warmup over ceil(ratio x steps) warm-up steps (TrainingArguments.
+    get_warmup_steps), whose first step runs at lr 0. Ours, stepped through an optimizer, against HF's own."""
+    from transformers import get_cosine_schedule_with_warmup
+    for total, ratio in ((6, 0.1), (30, 0.1), (25, 0.3), (10, 0.0), (1, 0.1)):
+        ours, ours_scheduler = visrl.make_optimizer([torch.nn.Parameter(torch.zeros(1))], 1e-4, total, ratio)
+        theirs = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+        theirs_scheduler = get_cosine_schedule_with_warmup(theirs, math.ceil(total * ratio), total)
+        for step in range(total):
+            assert ours.param_groups[0]["lr"] == pytest.approx(theirs.param_groups[0]["lr"], abs=1e-15), (total, step)
+            ours.step(), ours_scheduler.step(), theirs.step(), theirs_scheduler.step()
+        assert ratio == 0.0 or visrl.cosine_schedule(0, total, ratio) == 0.0  # the first step moves nothing
