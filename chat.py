@@ -78,7 +78,10 @@ def direct_messages(question: str, prompts: str = "upstream") -> list[dict]:
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _lead(prompts) + question}]}]
 
 # -----------------------------------------------------------------------------
-# boxes: (x1, y1, x2, y2) in pixels of the original image; text forms square / axis / pixel
+# boxes: (x1, y1, x2, y2) in pixels of the original image; text forms square / axis / pixel / rel1000
+
+INTEGER_FORMS = ("pixel", "rel1000")  # written as whole numbers
+FORM_LIMIT = {"square": 1.0, "axis": 1.0, "rel1000": 1000.0}  # the largest value inside the image (pixel: its size)
 
 def _divisors(width, height, form, resized):
     """(dx, dy, div_x, div_y) with text value = (pixel + d) / div, and pixel = value * div - d."""
@@ -87,6 +90,8 @@ def _divisors(width, height, form, resized):
         return (side - width) // 2, (side - height) // 2, side, side
     if form == "axis":
         return 0, 0, width, height
+    if form == "rel1000":  # Qwen3-VL's grounding: each side from 0 to 1000 (its cookbooks; round(x / w * 1000))
+        return 0, 0, width / 1000, height / 1000
     if form == "pixel":
         if resized is None:
             raise ValueError("box form 'pixel' needs resized=(width, height) of the image the model sees")
@@ -102,7 +107,7 @@ def box_to_text(box: Box, width: int, height: int, form: str = "square", resized
     vals = ((x1 + dx) / div_x, (y1 + dy) / div_y, (x2 + dx) / div_x, (y2 + dy) / div_y)
     if exact:
         return "[" + ", ".join(repr(float(v)) for v in vals) + "]"
-    return "[" + ", ".join(str(round(v)) if form == "pixel" else f"{v:.3f}" for v in vals) + "]"
+    return "[" + ", ".join(str(round(v)) if form in INTEGER_FORMS else f"{v:.3f}" for v in vals) + "]"
 
 def parse_box(text: str) -> tuple[float, float, float, float] | None:
     """Lenient parse: the first four numbers of the first [...] group; None (never raises) if unusable."""
@@ -135,19 +140,19 @@ def parse_box_reply(text: str) -> tuple[float, float, float, float] | None:
     return vals
 
 def rewrite_box_text(text: str, form: str = "square") -> str:
-    """A parsed box text as upstream writes pair boxes: its four numbers with 3 decimals (pixels: integers)."""
+    """A parsed box text as upstream writes pair boxes: its four numbers with 3 decimals (pixel, rel1000: integers)."""
     vals = parse_box(text)
     if vals is None:
         raise ValueError(f"box text {text[:60]!r} does not parse")
-    return "[" + ", ".join(str(round(v)) if form == "pixel" else f"{v:.3f}" for v in vals) + "]"
+    return "[" + ", ".join(str(round(v)) if form in INTEGER_FORMS else f"{v:.3f}" for v in vals) + "]"
 
 def text_to_box(text: str, width: int, height: int, form: str = "square", resized=None,
                 strict: bool = False) -> Box | None:
     """A model's box text -> original-image pixels, clipped; None if unusable (callers count these). strict: upstream
     generation's reading, parse_box_reply, a normalised value above 1 cut at the image's edge (its crop slices)."""
     vals = parse_box_reply(text) if strict else parse_box(text)
-    if vals is None or (not strict and form != "pixel" and max(vals) > 1.0 + 1e-6):
-        return None  # lenient: a normalised value above 1 points outside the image, a failure rather than a clip
+    if vals is None or (not strict and form != "pixel" and max(vals) > FORM_LIMIT.get(form, 1.0) * (1 + 1e-6)):
+        return None  # lenient: a value past the form's limit points outside the image, a failure rather than a clip
     dx, dy, div_x, div_y = _divisors(width, height, form, resized)
     x1, x2 = (min(max(v * div_x - dx, 0.0), width) for v in vals[0::2])
     y1, y2 = (min(max(v * div_y - dy, 0.0), height) for v in vals[1::2])
@@ -313,15 +318,26 @@ def two_step(generate_fn, images: list, focus_prompts: list[list[dict]], questio
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
-def render_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """The Qwen chat format: default system prompt, each image as <|vision_start|><|image_pad|><|vision_end|>."""
-    text = "" if messages and messages[0]["role"] == "system" else f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"
-    for message in messages:
+CHAT_FORMS = ("qwen2", "qwen3-vl", "qwen3.5")  # model.CHAT_FORMS: each family's template
+
+def render_chat(messages: list[dict], add_generation_prompt: bool = True, form: str = "qwen2") -> str:
+    """The Qwen chat format of the model's family, each image as <|vision_start|><|image_pad|><|vision_end|>. qwen2
+    (Qwen2-VL, Qwen2.5-VL): a default system prompt. qwen3-vl: none. qwen3.5: none, and an assistant turn after the
+    last user turn opens with an empty think block (its template with thinking off: replies without reasoning, as
+    VisRL's are)."""
+    if form not in CHAT_FORMS:
+        raise ValueError(f"unknown chat form {form!r}, expected one of {CHAT_FORMS}")
+    text = ("" if form != "qwen2" or (messages and messages[0]["role"] == "system")
+            else f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n")
+    think = "<think>\n\n</think>\n\n" if form == "qwen3.5" else ""
+    last_query = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+    for i, message in enumerate(messages):
         content = message["content"]
         if not isinstance(content, str):
             content = "".join(IMAGE_PLACEHOLDER if part["type"] == "image" else part["text"] for part in content)
-        text += f"<|im_start|>{message['role']}\n{content}<|im_end|>\n"
-    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+        opening = think if message["role"] == "assistant" and i > last_query else ""  # earlier turns drop theirs
+        text += f"<|im_start|>{message['role']}\n{opening}{content}<|im_end|>\n"
+    return text + (f"<|im_start|>assistant\n{think}" if add_generation_prompt else "")
 
 def _fit_steps(width: int, height: int, max_pixels: int) -> list[tuple[int, int]]:
     """The successive NEAREST resizes of upstream's image rule (LLaMA-Factory `mm_plugin.py`: `_preprocess_image` and
@@ -387,7 +403,8 @@ def encode(tokenizer, image_processor, messages: list[dict], image_sizes: list[t
     """Token ids and labels; only the response and its <|im_end|> are supervised. image_sizes: (w, h) of each image
     in order; each image's <|image_pad|> is expanded to the tokens its grid gives, so text and pixels always agree."""
     image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    prompt_ids = tokenizer(render_chat(messages), add_special_tokens=False)["input_ids"]
+    form = getattr(tokenizer, "visrl_chat_form", "qwen2")  # set by model.load_processor from the checkpoint's type
+    prompt_ids = tokenizer(render_chat(messages, form=form), add_special_tokens=False)["input_ids"]
     counts = iter([image_token_count(w, h, image_processor) for w, h in image_sizes])
     input_ids = []
     for tok in prompt_ids:

@@ -16,7 +16,7 @@ from PIL import Image
 # boxes: (x1, y1, x2, y2) in pixels of the original image (their text forms: chat.py)
 
 Box = tuple[float, float, float, float]
-BOX_FORMS = ("square", "axis", "pixel")  # how a box is written as text: chat.box_to_text
+BOX_FORMS = ("square", "axis", "pixel", "rel1000")  # how a box is written as text: chat.box_to_text
 NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|(?i:\bnan\b|\binf(?:inity)?\b)")
 
 def union_box(boxes: list[Box]) -> Box:

@@ -35,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
 import chat
 import data
@@ -195,16 +196,34 @@ def pack_pairs(samples: list[chat.PairSample], batch: dict, pad_id: int, image_t
         "packed_response_index": torch.as_tensor(response_index, dtype=torch.long),  # [N] into [B * Lp]
     }
 
-def encode_images(net, batch: dict) -> list[torch.Tensor]:
-    """Vision features of each unique image, [tokens_i, H] each; the tower is frozen, so no grad."""
+def encode_images(net, batch: dict) -> list:
+    """Vision features of each unique image, [tokens_i, H] each; Qwen3-VL's are (those, its DeepStack features: one
+    [tokens_i, H] per listed vision block, added to the same-numbered decoder layers). The tower is frozen: no grad."""
     with torch.no_grad():
-        features = net.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output
-    return list(features)
+        out = net.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+    deepstack = getattr(out, "deepstack_features", None)
+    if not deepstack:
+        return list(out.pooler_output)
+    return [(pooled, tuple(layer[i] for layer in deepstack)) for i, pooled in enumerate(out.pooler_output)]
+
+def image_outputs(features: list, index) -> dict:
+    """The forward's mm_encoder_outputs: features[i] for i in index, the images in token order."""
+    picked = [features[i] for i in index]
+    if not picked or not isinstance(picked[0], tuple):
+        return {"image": BaseModelOutputWithPooling(pooler_output=picked)}
+    return {"image": BaseModelOutputWithDeepstackFeatures(  # per DeepStack block: its features of each image
+        pooler_output=[pooled for pooled, _ in picked],
+        deepstack_features=[[stack[k] for _, stack in picked] for k in range(len(picked[0][1]))])}
+
+def recurrent_layers(net) -> bool:
+    """True for a model whose decoder has linear-attention (recurrent-state) layers: Qwen3.5's gated delta nets."""
+    return "linear_attention" in (getattr(net.config.get_text_config(), "layer_types", None) or ())
 
 def sharing_prefix(cfg: "DPOConfig", net) -> bool:
-    """--reuse where the attention implementation takes the packed rows' custom 4D mask (sdpa, eager; build says
-    once when it cannot)."""
-    return cfg.reuse and net.config._attn_implementation in ("sdpa", "eager")
+    """--reuse where packing is exact: the attention implementation takes the packed rows' custom 4D mask (sdpa,
+    eager) and no layer carries a recurrent state, through which the rejected suffix would read the chosen one
+    (build says once when it cannot)."""
+    return cfg.reuse and net.config._attn_implementation in ("sdpa", "eager") and not recurrent_layers(net)
 
 def packed_hidden(net, batch: dict, features: list[torch.Tensor]) -> torch.Tensor:
     """Last hidden states of the packed rows [B, Lp, H]: each token at its unpacked row's (M-RoPE) position,
@@ -228,8 +247,7 @@ def packed_hidden(net, batch: dict, features: list[torch.Tensor]) -> torch.Tenso
     return net.model(
         input_ids=ids, attention_mask=mask, position_ids=positions, image_grid_thw=batch["packed_grid_thw"],
         mm_token_type_ids=(ids == net.config.image_token_id).int(),
-        mm_encoder_outputs={"image": BaseModelOutputWithPooling(
-            pooler_output=[features[i] for i in batch["packed_image_index"]])},
+        mm_encoder_outputs=image_outputs(features, batch["packed_image_index"]),
     ).last_hidden_state
 
 def token_logps(net, batch: dict, features: list[torch.Tensor], chunk_size: int = LOGP_CHUNK) -> torch.Tensor:
@@ -238,11 +256,10 @@ def token_logps(net, batch: dict, features: list[torch.Tensor], chunk_size: int 
     if "packed_ids" in batch:
         hidden, index = packed_hidden(net, batch, features), batch["packed_response_index"]  # [B, Lp, H]
     else:
-        row_features = [features[i] for i in batch["image_index"]]  # the same tensors, referenced again
-        hidden = net.model(
+        hidden = net.model(  # each row's images: the same feature tensors, referenced again
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
             mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch["row_grid_thw"],
-            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=row_features)},
+            mm_encoder_outputs=image_outputs(features, batch["image_index"]),
         ).last_hidden_state  # [R, L, H]
         index = batch["response_index"]
     response_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)  # [N, H]
@@ -468,8 +485,9 @@ def build(cfg: DPOConfig, net, processor, lora: model.LoRAConfig, world: model.D
     items = build_dpo_samples(cfg, pairs, processor, world)
     shared = sharing_prefix(cfg, net)
     if cfg.reuse and not shared and world.is_main:
-        print(f"dpo: attention {net.config._attn_implementation!r} takes no custom mask: each pair runs as two "
-              "full rows", file=sys.stderr)
+        why = ("its linear-attention layers carry a state from the chosen response into the rejected one"
+               if recurrent_layers(net) else f"attention {net.config._attn_implementation!r} takes no custom mask")
+        print(f"dpo: {why}: each pair runs as two full rows (the reference is still precomputed)", file=sys.stderr)
     ref_table, ref_key, ref_new = None, reference_key(items, lora, cfg.dtype), False
     if cfg.reuse:  # a plain forward pass before training; a resumed run reads its own table back
         ref_table = load_reference(Path(cfg.out), ref_key, world.device) if cfg.resume else None

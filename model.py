@@ -1,4 +1,5 @@
-"""Model side of visrl: loading Qwen2-VL / Qwen2.5-VL, hand-written LoRA, generation, processes and sharding.
+"""Model side of visrl: loading Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5, hand-written LoRA, generation, processes
+and sharding.
 
 `--model tiny` is built on first use by shapes.build_tiny (random weights: everything runs offline). LoRA wraps
 the language model's `nn.Linear`s in place, keeping the base parameter names: weights keep their Hugging Face names.
@@ -22,8 +23,10 @@ import torch.distributed as dist
 import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers import (AutoProcessor, GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                          Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor)
+from transformers import (AutoProcessor, GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                          Qwen2_5_VLProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor,
+                          Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+                          Qwen3VLProcessor)
 from transformers.utils import logging as hf_logging
 
 import chat
@@ -48,12 +51,24 @@ class Qwen2VLImageProcessor(Qwen2VLProcessor):
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor, tokenizer, video_processor=None, chat_template=chat_template)
 
+class Qwen3VLImageProcessor(Qwen3VLProcessor):
+    """Qwen3-VL / Qwen3.5 processor without the video processor (no torchvision needed)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, video_processor=None, chat_template=chat_template)
+
 AutoProcessor.register(Qwen2_5_VLConfig, Qwen2_5_VLImageProcessor, exist_ok=True)
 AutoProcessor.register(Qwen2VLConfig, Qwen2VLImageProcessor, exist_ok=True)
+AutoProcessor.register(Qwen3VLConfig, Qwen3VLImageProcessor, exist_ok=True)
+AutoProcessor.register(Qwen3_5Config, Qwen3VLImageProcessor, exist_ok=True)
 
 # model_type in config.json -> (config class, model class, processor class)
 ARCHS = {"qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLImageProcessor),
-         "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor)}
+         "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor),
+         "qwen3_vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLImageProcessor),
+         "qwen3_5": (Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3VLImageProcessor)}
+# model_type -> how chat.render_chat writes its prompts (the checkpoint's chat template, without tools)
+CHAT_FORMS = {"qwen2_5_vl": "qwen2", "qwen2_vl": "qwen2", "qwen3_vl": "qwen3-vl", "qwen3_5": "qwen3.5"}
 
 def make_tiny(out_dir: str | Path, cfg: shapes.TinyConfig = shapes.TinyConfig()) -> Path:
     """Write the tiny checkpoint directory (shapes.build_tiny with this module's classes for its arch)."""
@@ -66,12 +81,15 @@ def make_shape(out_dir: str | Path, shape: str, layers: int = 0, vision_depth: i
     _, model_cls, processor_cls = ARCHS[shapes.TINY_ARCHS[shapes.REAL_SHAPES[shape][0]]]
     return shapes.build_shape(out_dir, shape, model_cls, processor_cls, layers, vision_depth, dtype, seed, config_only)
 
-TINY_NAMES = ("tiny", "tiny-qwen2.5-vl", "tiny-qwen2-vl")  # the built-in model's names for --model
+# the built-in model's names for --model -> its arch
+TINY_NAMES = {"tiny": "qwen2.5-vl", "tiny-qwen2.5-vl": "qwen2.5-vl", "tiny-qwen2-vl": "qwen2-vl",
+              "tiny-qwen3-vl": "qwen3-vl", "tiny-qwen3.5": "qwen3.5"}
 
 def resolve_model_path(model: str) -> Path:
-    """`tiny` / `tiny-qwen2-vl` -> the cached tiny checkpoint (built on first use); else the path."""
+    """`tiny` / `tiny-qwen2-vl` / `tiny-qwen3-vl` / `tiny-qwen3.5` -> the cached tiny checkpoint (built on first
+    use); else the path."""
     if model in TINY_NAMES:
-        arch = "qwen2-vl" if model == "tiny-qwen2-vl" else "qwen2.5-vl"
+        arch = TINY_NAMES[model]
         cfg = shapes.TinyConfig(arch=arch)
         path = data.cache_dir() / f"tiny-{arch}-{shapes.tiny_cache_key(cfg)}"
         if not (path / "config.json").exists():
@@ -81,7 +99,7 @@ def resolve_model_path(model: str) -> Path:
     path = Path(model)
     if not (path / "config.json").is_file():
         raise data.UserError(f"--model {path}: not a checkpoint directory (no config.json); "
-                             "pass a checkpoint directory, `tiny` or `tiny-qwen2-vl`")
+                             f"pass a checkpoint directory or one of {', '.join(TINY_NAMES)}")
     return path
 
 @dataclass
@@ -89,8 +107,9 @@ class TinyArgs:
     """Write the built-in tiny checkpoint, or a random one with a real model's published shape, into a directory."""
 
     out: str = "tiny-model"  # the directory to write (absent or empty)
-    arch: Literal["qwen2.5-vl", "qwen2-vl"] = "qwen2.5-vl"  # the tiny checkpoint's architecture
-    shape: Literal["tiny", "qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen2-vl-7b", "qwen2.5-vl-72b"] = "tiny"  # a real
+    arch: Literal["qwen2.5-vl", "qwen2-vl", "qwen3-vl", "qwen3.5"] = "qwen2.5-vl"  # the tiny checkpoint's architecture
+    shape: Literal["tiny", "qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen2-vl-7b", "qwen2.5-vl-72b", "qwen3-vl-8b",
+                   "qwen3.5-9b"] = "tiny"  # a real
     # model's published config with random weights and the tiny tokenizer (the 72B only with --config-only or --layers)
     layers: int = 0  # decoder layers of a real shape (0: all of them)
     vision_depth: int = 0  # vision blocks of a real shape (0: all of them)
@@ -133,11 +152,14 @@ def load_processor(model: str, max_pixels: int = runs.UPSTREAM_MAX_PIXELS):
     except CHECKPOINT_ERRORS as e:
         raise data.UserError(f"{path}: unusable checkpoint ({type(e).__name__}: {str(e)[:300]})") from e
     processor.image_processor.visrl_max_pixels = max_pixels  # read by chat.fit_image and chat.image_grid
+    model_type = runs.read_json(path / "config.json", "checkpoint config").get("model_type")
+    processor.tokenizer.visrl_chat_form = CHAT_FORMS[model_type]  # read by chat.encode
     return processor
 
 def load_model(model: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                max_pixels: int = runs.UPSTREAM_MAX_PIXELS):
-    """(model, processor) of a Qwen2-VL / Qwen2.5-VL checkpoint directory or `tiny` (load_processor)."""
+    """(model, processor) of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 checkpoint directory or a tiny one
+    (load_processor)."""
     path, model_cls, _ = _checkpoint(model)
     processor = load_processor(model, max_pixels)
     try:

@@ -43,9 +43,10 @@ class ConventionArgs:
     crop: Annotated[Literal["raw", "vcot"] | None, INHERITED] = None
     # images downsized (NEAREST) to at most this many pixels before the processor; 0: no cap (upstream: 512*512)
     max_pixels: Annotated[int | None, INHERITED] = None
-    # how boxes are written as text: square-normalised (upstream's, the benchmark's), axis-normalised, or pixels of
-    # the resized image the model sees (Qwen2.5-VL's own grounding form)
-    box_form: Annotated[Literal["square", "axis", "pixel"] | None, INHERITED] = None
+    # how boxes are written as text: square-normalised (upstream's, the benchmark's), axis-normalised, pixels of
+    # the resized image the model sees (Qwen2.5-VL's own grounding form), or integers 0-1000 of each side
+    # (Qwen3-VL's and Qwen3.5's)
+    box_form: Annotated[Literal["square", "axis", "pixel", "rel1000"] | None, INHERITED] = None
     mix_conventions: bool = False  # let a flag above differ from what the adapter was trained with
 
 @dataclass

@@ -32,6 +32,20 @@ def tiny_qwen2_path(visrl_cache):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3_path(visrl_cache):
+    import model
+
+    return model.resolve_model_path("tiny-qwen3-vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen35_path(visrl_cache):
+    import model
+
+    return model.resolve_model_path("tiny-qwen3.5")
+
+
+@pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory):
     import synth
 

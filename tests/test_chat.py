@@ -81,6 +81,25 @@ def test_square_differs_from_axis():
     assert chat.text_to_box("[0.100, 0.233, 0.500, 0.500]", 600, 400, "axis") == \
         pytest.approx((60, 93.2, 300, 200))
 
+def test_rel1000_form_is_qwen3_vl_s_relative_0_to_1000_worked_by_hand():
+    """Qwen3-VL grounds in integers 0-1000 of each side (QwenLM/Qwen3-VL cookbooks/omni_recognition.ipynb: "we use
+    relative coordinates, and the coordinates are scaled from 0 to 1000"; qwen-vl-finetune/tools/process_bbox.ipynb:
+    round(x / w * 1000)). Non-square images, by hand."""
+    assert chat.box_to_text((64, 48, 320, 240), 640, 480, "rel1000") == "[100, 100, 500, 500]"
+    # 10/300 = 33.3 -> 33; 20/200 -> 100; 155.5/300 = 518.3 -> 518; 199/200 -> 995
+    assert chat.box_to_text((10, 20, 155.5, 199), 300, 200, "rel1000") == "[33, 100, 518, 995]"
+    assert chat.text_to_box("[33, 100, 518, 995]", 300, 200, "rel1000") == pytest.approx((9.9, 20.0, 155.4, 199.0))
+    # a Visual-CoT / VisRL data box (square-normalised: the 300 x 200 page centred in a 300 px square, 50 px above
+    # it) is x 30-90, y 0.3 * 300 - 50 = 40 to 0.5 * 300 - 50 = 100 in pixels: 100, 200, 300, 500 per mille
+    data_box = chat.text_to_box("[0.100, 0.300, 0.300, 0.500]", 300, 200, "square")
+    assert data_box == pytest.approx((30, 40, 90, 100))
+    assert chat.box_to_text(data_box, 300, 200, "rel1000") == "[100, 200, 300, 500]"
+    assert chat.box_to_text((30, 40, 90, 100), 200, 300, "rel1000") == "[150, 133, 450, 333]"  # portrait
+    assert chat.text_to_box("[100, 200, 1001, 500]", 300, 200, "rel1000") is None  # past the edge: a failure
+    assert chat.text_to_box("[100, 200, 1200, 500]", 300, 200, "rel1000", strict=True) == (30, 40, 300, 100)  # cut
+    assert chat.rewrite_box_text("[100.4, 200, 300, 500.6]", "rel1000") == "[100, 200, 300, 501]"
+
+
 def test_pixel_form():
     assert chat.box_to_text((100, 50, 500, 250), 1000, 500, "pixel", resized=(560, 280)) == "[56, 28, 280, 140]"
     assert chat.text_to_box("[56, 28, 280, 140]", 1000, 500, "pixel", resized=(560, 280)) == \
@@ -209,12 +228,22 @@ def processor(tiny_path):
     chat.direct_messages("Read the digit in the cyan box."),
     chat.vcot_answer_messages("Which number is written in the blue square?", "[0.100, 0.200, 0.300, 0.400]"),
 ])
-def test_render_chat_matches_the_qwen_template(processor, messages):
-    expected = processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert chat.render_chat(messages) == expected
+@pytest.mark.parametrize("name", ["tiny", "tiny-qwen3-vl", "tiny-qwen3.5"])
+def test_render_chat_matches_the_qwen_template(name, messages):
+    """Each family's chat template (Qwen2.5-VL's default system prompt; Qwen3-VL's none; Qwen3.5's empty think block
+    after the last user turn, thinking off) rendered by visrl's render_chat and by the checkpoint's own template."""
+    import model
+
+    tokenizer = model.load_processor(name).tokenizer
+    form = tokenizer.visrl_chat_form
+    expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             enable_thinking=False)
+    assert chat.render_chat(messages, form=form) == expected
     full = messages + [{"role": "assistant", "content": "7"}]
-    assert chat.render_chat(full, add_generation_prompt=False) == \
-        processor.tokenizer.apply_chat_template(full, tokenize=False)
+    assert chat.render_chat(full, add_generation_prompt=False, form=form) == \
+        tokenizer.apply_chat_template(full, tokenize=False, enable_thinking=False)
+    assert ("You are a helpful assistant." in expected) == (form == "qwen2")
+    assert expected.count("<think>") == (form == "qwen3.5")  # the vcot form's earlier assistant turn has none
 
 
 def test_only_assistant_tokens_are_supervised(processor, synth_dir):

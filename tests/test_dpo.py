@@ -240,6 +240,36 @@ def test_packing_is_exact_on_qwen2_vl_too(tiny_qwen2_path, pairs_file):
     torch.testing.assert_close(logps[0], logps[1], rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("which", ["tiny_qwen3_path", "tiny_qwen35_path"])
+def test_log_probs_on_the_qwen3_families_equal_hf_s_full_logits_row_by_row(which, pairs_file, request):
+    """Qwen3-VL (DeepStack features reused with the pooled ones, packed rows) and Qwen3.5 (linear-attention layers:
+    two full rows per pair, never packed) against a plain HF forward with pixel values, row by row, stage 2 with each
+    rejected answer on its own crop; and the LoRA gradients of the packed computation equal the unpacked ones."""
+    net, processor = model.load_model(str(request.getfixturevalue(which)))
+    model.add_lora(net, model.LoRAConfig(rank=4, alpha=8))
+    g = torch.Generator().manual_seed(0)
+    for m in model.lora_modules(net).values():
+        m.lora_B.weight.data = torch.randn(m.lora_B.weight.shape, generator=g) * 0.02
+    net.eval()
+    cfg = dpo.DPOConfig(data=str(pairs_file), stage=2, rejected_crop="own")
+    assert dpo.sharing_prefix(cfg, net) == (which == "tiny_qwen3_path")
+    samples = [s for grp in dpo.build_dpo_samples(cfg, data.read_pairs(pairs_file, limit=2), processor, model.Dist())
+               for s in grp]
+    rows = [s.chosen for s in samples] + [s.rejected for s in samples]
+    expected = torch.stack([plain_token_logps(net, processor, row).sum() for row in rows]).detach()
+    grads = []
+    for shared in (False, True) if dpo.sharing_prefix(cfg, net) else (False,):
+        batch = dpo.collate_pairs(samples, processor.image_processor, processor.tokenizer.pad_token_id,
+                                  net.config.image_token_id, shared_prefix=shared)
+        ours = dpo.sequence_logps(net, batch, dpo.encode_images(net, batch), chunk_size=7)
+        torch.testing.assert_close(ours.detach(), expected, rtol=1e-5, atol=1e-4)
+        net.zero_grad()
+        ours.sum().backward()
+        grads.append([p.grad.clone() for p in model.trainable_parameters(net)])
+    for a, b in zip(*grads) if len(grads) == 2 else ():
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 + 1e-4 * b.abs().max().item())  # as the Qwen2.5 test
+
+
 def test_the_shared_prefix_stops_at_the_first_difference_and_before_a_differing_image():
     record = data.Record("1", "a.png", "q", ["a"], [], 10, 10, "f:1")
     sample = lambda ids, images: chat.Sample(ids, ids, record, images, "answer")  # noqa: E731

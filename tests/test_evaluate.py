@@ -315,7 +315,7 @@ def test_a_picture_draws_each_mark_distinctly_and_only_what_is_there(tmp_path):
     assert Image.open(no_truth).convert("RGB").getpixel(swatch) == ev.PREDICTION
 
 
-@pytest.mark.parametrize("form", ["axis", "pixel"])
+@pytest.mark.parametrize("form", ["axis", "pixel", "rel1000"])
 def test_a_box_form_is_read_in_its_own_form_and_scored_in_the_benchmarks(form, release, tiny_path):
     """A model that writes its boxes in another form than the benchmark's square one: each reply is read in that
     form, cropped there, and the official scorer gets the same box in square text, at every digit."""

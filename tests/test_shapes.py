@@ -35,6 +35,31 @@ def test_a_real_shape_has_the_published_parameter_count(shape, tokenizer):
     assert sum(p.numel() for p in net.parameters()) == PUBLISHED_PARAMETERS[shape]
 
 
+# The Qwen3 shapes, against counts published to 4 digits (the hub's index files were not readable here): Qwen3-VL-8B-
+# Instruct 8.767B of which the vision tower 576.4M (huggingface.co/OpenExplorer/Qwen3-VL-8B-Instruct, counted from
+# Qwen's tensors); Qwen3.5-9B 9.41B without the multi-token-prediction layer transformers does not load (a 19.3 GB
+# bf16 repository holds about 0.2B more), its vision tower 456.0M.
+PUBLISHED_ROUNDED = {"qwen3-vl-8b": (8.767e9, 576.4e6), "qwen3.5-9b": (9.41e9, 456.0e6)}
+
+
+@pytest.mark.parametrize("shape", sorted(PUBLISHED_ROUNDED))
+def test_a_qwen3_shape_has_the_published_parameter_counts(shape):
+    arch = shapes.REAL_SHAPES[shape][0]
+    config = shapes.shape_config(shape, shapes.build_tokenizer(arch=arch))
+    with torch.device("meta"):
+        net = model.ARCHS[config.model_type][1](config)
+    total, vision = PUBLISHED_ROUNDED[shape]
+    assert sum(p.numel() for p in net.parameters()) == pytest.approx(total, abs=0.0005e9 if total < 9e9 else 0.005e9)
+    assert sum(p.numel() for p in net.model.visual.parameters()) == pytest.approx(vision, abs=0.05e6)
+    text = config.text_config
+    if arch == "qwen3-vl":  # the tower's DeepStack blocks feed the first decoder layers
+        assert config.vision_config.deepstack_visual_indexes == [8, 16, 24] and text.head_dim == 128
+    else:  # 8 x (3 linear-attention layers, 1 full-attention one)
+        assert text.layer_types == (["linear_attention"] * 3 + ["full_attention"]) * 8
+        short = shapes.shape_config(shape, shapes.build_tokenizer(arch=arch), layers=2)
+        assert short.text_config.layer_types == ["linear_attention", "full_attention"]  # both kinds, still
+
+
 def test_the_7b_shape_has_qwen25_vl_7b_widths(tokenizer):
     config = shapes.shape_config("qwen2.5-vl-7b", tokenizer)
     text, vision = config.text_config, config.vision_config
