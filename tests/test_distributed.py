@@ -296,6 +296,6 @@ def test_fsdp2_checkpointing_and_bf16_dpo_stage_2_matches_one_plain_process(pair
         for key in ("loss", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=BF16_REL), key
         # a kind's loss falls towards 0 as its margin grows (-log sigmoid), and a margin starts at 0: compared on the
-        # scale of the first step's loss, ln 2, not relatively
+        # scale of the first step's loss, ln 2, or of the margin once it is larger, not relatively
         for key in ("box/loss", "answer/loss", "box/rewards/margins", "answer/rewards/margins"):
-            assert b[key] == pytest.approx(a[key], abs=BF16_REL * 0.6931), key
+            assert b[key] == pytest.approx(a[key], abs=BF16_REL * max(0.6931, abs(a[key]))), key
