@@ -330,7 +330,7 @@ class InferConfig(runs.ConventionArgs):
 
     image: str = dataclasses.field(kw_only=True)  # the image file
     question: str = dataclasses.field(kw_only=True)  # what to ask about it
-    model: str = "tiny"  # checkpoint directory, or `tiny` / `tiny-qwen2-vl`
+    model: str = "tiny"  # checkpoint directory, or `tiny` / `tiny-qwen2-vl` / `tiny-qwen3-vl` / `tiny-qwen3.5`
     # a trained adapter (merged into the base for inference)
     adapter: Annotated[str | None, runs.default("none: the base model alone")] = None
     # the picture: the image with the predicted box (orange band) and crop window (dashed), the crop beside it

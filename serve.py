@@ -38,7 +38,7 @@ from endpoint import RequestError
 class ServeConfig(runs.ConventionArgs):
     """An OpenAI-compatible server on the in-process model: POST /v1/chat/completions, GET /v1/models, GET /health."""
 
-    model: str = "tiny"  # checkpoint directory, or `tiny` / `tiny-qwen2-vl`
+    model: str = "tiny"  # checkpoint directory, or `tiny` / `tiny-qwen2-vl` / `tiny-qwen3-vl` / `tiny-qwen3.5`
     adapter: Annotated[str | None, runs.default("none: the base model alone")] = None  # an adapter merged into the base
     host: str = "127.0.0.1"  # the address to listen on; there is no authentication, so think before 0.0.0.0
     port: int = 8000  # the port to listen on; 0 picks a free one

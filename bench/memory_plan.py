@@ -421,6 +421,9 @@ def main(argv=None) -> None:
           f"{micro.rows} rows x {micro.row_len} tokens, {micro.responses} response tokens; world {args.world}"
           f"{', gradient checkpointing' if args.grad_checkpointing else ''}")
     print(render(plan(s, micro, setup), step_flops(s, micro, setup, args.grad_accum)))
+    if config.model_type not in ("qwen2_5_vl", "qwen2_vl"):  # weights and adapters are counted from the model itself
+        print(f"note: {config.model_type}: the activations are counted as a Qwen2.5-VL layer keeps them (attention, "
+              "MLP); its own layers (DeepStack, linear attention) are not traced or validated yet")
 
 if __name__ == "__main__":
     import runs

@@ -299,3 +299,18 @@ def test_fsdp2_checkpointing_and_bf16_dpo_stage_2_matches_one_plain_process(pair
         # scale of the first step's loss, ln 2, or of the margin once it is larger, not relatively
         for key in ("box/loss", "answer/loss", "box/rewards/margins", "answer/rewards/margins"):
             assert b[key] == pytest.approx(a[key], abs=BF16_REL * max(0.6931, abs(a[key]))), key
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3-vl", "tiny-qwen3.5"])
+def test_two_rank_fsdp_on_the_qwen3_families_matches_one_rank(name, pairs_file, tmp_path):
+    """FSDP2 over 2 ranks equals one process on Qwen3-VL (DeepStack features, packed pairs) and Qwen3.5 (linear-
+    attention layers, two rows per pair): DPO stage 2, each step's losses."""
+    common = ["visrl.py", "dpo", "--model", name, "--grad-accum", "1", "--data", str(pairs_file), "--stage", "2",
+              "--max-steps", "2", "--lr", "1e-3", "--warmup-ratio", "0", "--val-fraction", "0"]
+    _run([sys.executable] + common + ["--out", str(tmp_path / "one"), "--batch-size", "2"])
+    _run(TORCHRUN + common + ["--out", str(tmp_path / "two"), "--batch-size", "1"])
+    one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    assert len(one) == len(two) == 2 and one[1]["loss"] != one[0]["loss"]
+    for a, b in zip(one, two):
+        for key in ("loss", "box/loss", "answer/loss", "answer/rewards/margins"):
+            assert b[key] == pytest.approx(a[key], abs=1e-5), key

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import chat
 import model
@@ -198,3 +199,59 @@ def test_a_rank_whose_copy_has_no_model_takes_rank_0s(tmp_path):
     (out / "config.json").unlink()
     shapes.write_checkpoint(out, Saved(), NothingSaved(), "a.json", {"rank": 0, "again": True})
     assert (out / "config.json").exists() and json.loads((out / "a.json").read_text())["again"]
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3-vl", "tiny-qwen3.5"])
+def test_the_chain_runs_on_each_qwen3_family_in_its_own_box_language(name, synth_dir, tmp_path):
+    """sft -> generate -> dpo 1 -> dpo 2 -> eval -> export -> infer on the family's tiny model with boxes written as
+    Qwen3-VL grounds them (--box-form rel1000, recorded by SFT and inherited by every later stage), the exported
+    checkpoint loading back as the family's class with the same replies."""
+    import data
+    import dpo
+    import evaluate
+    import export
+    import generate
+    import runs
+    import visrl
+
+    common = dict(max_steps=2, grad_accum=1, batch_size=2, val_fraction=0.0)
+    sft = visrl.train(visrl.SFTConfig(model=name, data=str(synth_dir / "train.jsonl"), out=str(tmp_path / "sft"),
+                                      limit=6, box_form="rel1000", **common))
+    assert json.loads((sft / "adapter_config.json").read_text())["convention"]["box_form"] == "rel1000"
+    summary = generate.generate(generate.GenerateConfig(
+        model=name, adapter=str(sft), data=str(synth_dir / "val.jsonl"), out=str(tmp_path / "gen"), limit=3,
+        attempts=1, max_new_tokens=12, batch_size=6))
+    assert summary["candidates"] == 6 and json.loads((tmp_path / "gen" / "config.json").read_text())["box_form"] == \
+        "rel1000"
+    # pairs in the chain's box language (a random SFT model rarely keeps one): the true box and a corner
+    records = data.read_records(synth_dir / "train.jsonl")[:4]
+    with open(tmp_path / "pairs.jsonl", "w") as f:
+        for r in records:
+            chosen, rejected = chat.box_to_text(r.box, r.width, r.height, "rel1000"), "[0, 0, 100, 100]"
+            pair = data.Pair(r, chosen, rejected, r.answer, "wrong", box_form="rel1000")
+            f.write(json.dumps(data.pair_json(pair, synth_dir)) + "\n")
+    dpo1 = visrl.train(dpo.DPOConfig(model=name, adapter=str(sft), data=str(tmp_path / "pairs.jsonl"), stage=1,
+                                     out=str(tmp_path / "dpo1"), **common))
+    dpo2 = visrl.train(dpo.DPOConfig(model=name, adapter=str(dpo1), data=str(tmp_path / "pairs.jsonl"), stage=2,
+                                     out=str(tmp_path / "dpo2"), **common))
+    rows = [json.loads(line) for line in (tmp_path / "dpo2" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(row["loss"])) for row in rows)
+    results = evaluate.evaluate(evaluate.EvalConfig(model=name, adapter=str(dpo2), data=str(synth_dir),
+                                                    out=str(tmp_path / "eval"), limit=2, max_new_tokens=12))
+    assert results is not None
+    predictions = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 2 and {p["box_form"] for p in predictions} == {"rel1000"}
+    merged = export.export_command(export.ExportConfig(adapter=str(dpo2), out=str(tmp_path / "export")))
+    net, processor = model.load_model(str(merged))
+    assert type(net).__name__ == model.ARCHS[shapes.TINY_ARCHS[model.TINY_NAMES[name]]][1].__name__
+    image = Image.open(data.read_records(synth_dir / "test.jsonl")[0].image).convert("RGB")
+    question = data.read_records(synth_dir / "test.jsonl")[0].question
+    row = evaluate.infer_command(evaluate.InferConfig(image=str(data.read_records(synth_dir / "test.jsonl")[0].image),
+                                                      question=question, model=str(merged),
+                                                      out=str(tmp_path / "infer.png"), max_new_tokens=12))
+    assert (tmp_path / "infer.png").exists()
+    assert json.loads((merged / runs.CONVENTION_FILE).read_text())["box_form"] == "rel1000"  # infer reads it back
+    again = evaluate.infer_command(evaluate.InferConfig(image=str(data.read_records(synth_dir / "test.jsonl")[0].image),
+                                                        question=question, model=name, adapter=str(dpo2),
+                                                        out=str(tmp_path / "infer2.png"), max_new_tokens=12))
+    assert (row["box_text"], row["answer"]) == (again["box_text"], again["answer"]) and image.size
