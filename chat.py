@@ -318,7 +318,7 @@ def two_step(generate_fn, images: list, focus_prompts: list[list[dict]], questio
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
-CHAT_FORMS = ("qwen2", "qwen3-vl", "qwen3.5")  # model.CHAT_FORMS: each family's template
+CHAT_FORMS = ("qwen2", "qwen3-vl", "qwen3.5")  # each family's template (model.CHAT_FORM_OF)
 
 def render_chat(messages: list[dict], add_generation_prompt: bool = True, form: str = "qwen2") -> str:
     """The Qwen chat format of the model's family, each image as <|vision_start|><|image_pad|><|vision_end|>. qwen2

@@ -68,7 +68,7 @@ ARCHS = {"qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qw
          "qwen3_vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLImageProcessor),
          "qwen3_5": (Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3VLImageProcessor)}
 # model_type -> how chat.render_chat writes its prompts (the checkpoint's chat template, without tools)
-CHAT_FORMS = {"qwen2_5_vl": "qwen2", "qwen2_vl": "qwen2", "qwen3_vl": "qwen3-vl", "qwen3_5": "qwen3.5"}
+CHAT_FORM_OF = {"qwen2_5_vl": "qwen2", "qwen2_vl": "qwen2", "qwen3_vl": "qwen3-vl", "qwen3_5": "qwen3.5"}
 
 def make_tiny(out_dir: str | Path, cfg: shapes.TinyConfig = shapes.TinyConfig()) -> Path:
     """Write the tiny checkpoint directory (shapes.build_tiny with this module's classes for its arch)."""
@@ -153,7 +153,7 @@ def load_processor(model: str, max_pixels: int = runs.UPSTREAM_MAX_PIXELS):
         raise data.UserError(f"{path}: unusable checkpoint ({type(e).__name__}: {str(e)[:300]})") from e
     processor.image_processor.visrl_max_pixels = max_pixels  # read by chat.fit_image and chat.image_grid
     model_type = runs.read_json(path / "config.json", "checkpoint config").get("model_type")
-    processor.tokenizer.visrl_chat_form = CHAT_FORMS[model_type]  # read by chat.encode
+    processor.tokenizer.visrl_chat_form = CHAT_FORM_OF[model_type]  # read by chat.encode
     return processor
 
 def load_model(model: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",

@@ -79,7 +79,7 @@ QWEN3_5_CHAT_TEMPLATE = (
     "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% else %}<think>\n"
     "{% endif %}{% endif %}")
 
-# each tiny arch: (model_type, chat template, the chat form chat.render_chat writes)
+# each arch -> its chat template (what chat.render_chat writes for it: model.CHAT_FORM_OF)
 CHAT_TEMPLATES = {"qwen2.5-vl": QWEN_VL_CHAT_TEMPLATE, "qwen2-vl": QWEN_VL_CHAT_TEMPLATE,
                   "qwen3-vl": QWEN3_VL_CHAT_TEMPLATE, "qwen3.5": QWEN3_5_CHAT_TEMPLATE}
 
