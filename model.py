@@ -86,8 +86,7 @@ TINY_NAMES = {"tiny": "qwen2.5-vl", "tiny-qwen2.5-vl": "qwen2.5-vl", "tiny-qwen2
               "tiny-qwen3-vl": "qwen3-vl", "tiny-qwen3.5": "qwen3.5"}
 
 def resolve_model_path(model: str) -> Path:
-    """`tiny` / `tiny-qwen2-vl` / `tiny-qwen3-vl` / `tiny-qwen3.5` -> the cached tiny checkpoint (built on first
-    use); else the path."""
+    """A TINY_NAMES name -> the cached tiny checkpoint (built on first use); else the path."""
     if model in TINY_NAMES:
         arch = TINY_NAMES[model]
         cfg = shapes.TinyConfig(arch=arch)
@@ -108,9 +107,9 @@ class TinyArgs:
 
     out: str = "tiny-model"  # the directory to write (absent or empty)
     arch: Literal["qwen2.5-vl", "qwen2-vl", "qwen3-vl", "qwen3.5"] = "qwen2.5-vl"  # the tiny checkpoint's architecture
+    # a real model's published config, random weights, the tiny tokenizer (the 72B: --config-only or --layers)
     shape: Literal["tiny", "qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen2-vl-7b", "qwen2.5-vl-72b", "qwen3-vl-8b",
-                   "qwen3.5-9b"] = "tiny"  # a real
-    # model's published config with random weights and the tiny tokenizer (the 72B only with --config-only or --layers)
+                   "qwen3.5-9b"] = "tiny"
     layers: int = 0  # decoder layers of a real shape (0: all of them)
     vision_depth: int = 0  # vision blocks of a real shape (0: all of them)
     dtype: Literal["bfloat16", "float32"] = "bfloat16"  # a real shape's weights (the tiny one is always float32)

@@ -121,6 +121,9 @@ class SFTObjective(nn.Module):
 
 def build_sft(cfg: SFTConfig, net, processor, lora: model.LoRAConfig, world: model.Dist) -> model.Stage:
     """SFT's stage: the records' samples, a tenth of the records held out (all of a record's samples together)."""
+    if net.config.model_type in ("qwen3_vl", "qwen3_5") and cfg.box_form != "rel1000" and world.is_main:
+        print(f"note: {net.config.model_type} grounds in integers 0-1000 of each side; --box-form rel1000 trains "
+              f"boxes in its own language (this run: {cfg.box_form})", file=sys.stderr)
     records = data.read_records(synth.resolve_data(cfg.data, "train", cfg.seed), image_root=cfg.image_root,
                                 skip_bad=cfg.skip_bad_records, limit=cfg.limit)
     samples = build_sft_samples(cfg, records, processor, world)
