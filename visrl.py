@@ -48,6 +48,7 @@ import dpo
 import evaluate
 import export
 import generate
+import grpo
 import model
 import runs
 import serve
@@ -336,6 +337,9 @@ def resume_point(cfg, out: Path, module, optimizer, scheduler, world: model.Dist
             (out / "metrics.jsonl").unlink(missing_ok=True)  # rows of a run killed before its first checkpoint
         return 0
     step = load_checkpoint(path, module, optimizer, scheduler, world)
+    for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(scheduler.last_epoch)  # this run's schedule: a longer --max-steps goes on with
+        # its own cosine from here, not from the last lr of the run it extends (saved with the optimizer)
     metrics = out / "metrics.jsonl"
     if world.is_main and metrics.exists():  # rows of steps after the checkpoint are redone; torn or blank ones dropped
         kept = [line for line in metrics.read_text().splitlines() if (s := _row_step(line)) is not None and s <= step]
@@ -456,7 +460,7 @@ def train_step(objective: nn.Module, micro: list[dict], params, optimizer, sched
         step_loss, stats = step_loss + loss.detach(), stats + batch_stats
     # FSDP2 has reduce-scattered the gradients: summed over ranks, the gradient of the global objective
     grad_norm = torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
-    lr = scheduler.get_last_lr()[0]
+    lr = optimizer.param_groups[0]["lr"]  # what this step uses (resume_point may have set it)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -464,7 +468,7 @@ def train_step(objective: nn.Module, micro: list[dict], params, optimizer, sched
     loss = step_loss.item()
     return {"loss": loss, "lr": lr, "grad_norm": grad_norm.item(), **objective.log_fields(stats, counts, loss)}
 
-def train(cfg: SFTConfig | dpo.DPOConfig) -> Path:
+def train(cfg: SFTConfig | dpo.DPOConfig | grpo.GRPOConfig) -> Path:
     """`sft` or `dpo` (stage 1 or 2), by the config's type: its build gives the stage, one loop runs it. Writes
     <out>/adapter, config.json and metrics.jsonl (and tensorboard/), holding --out's lock (rank 0) while it writes."""
     command, build = STAGES[type(cfg)]
@@ -517,10 +521,12 @@ def train(cfg: SFTConfig | dpo.DPOConfig) -> Path:
                 break
         return finish_run(out, objective, lora, world, metrics, stopper, command)
 
-STAGES = {SFTConfig: ("sft", build_sft), dpo.DPOConfig: ("dpo", dpo.build)}  # config type -> (command, build)
+# config type -> (command, build)
+STAGES = {SFTConfig: ("sft", build_sft), dpo.DPOConfig: ("dpo", dpo.build), grpo.GRPOConfig: ("grpo", grpo.build)}
 
 COMMANDS = {"sft": (SFTConfig, train), "generate": (generate.GenerateConfig, generate.generate_command),
-            "dpo": (dpo.DPOConfig, train), "eval": (evaluate.EvalConfig, evaluate.evaluate),
+            "dpo": (dpo.DPOConfig, train), "grpo": (grpo.GRPOConfig, train),
+            "eval": (evaluate.EvalConfig, evaluate.evaluate),
             "export": (export.ExportConfig, export.export_command),
             "infer": (evaluate.InferConfig, evaluate.infer_command), "serve": (serve.ServeConfig, serve.serve_command),
             "demo": (demo.DemoConfig, demo.demo), "tiny": (model.TinyArgs, model.tiny_command),

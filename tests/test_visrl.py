@@ -587,3 +587,13 @@ def test_the_schedule_is_hf_cosine_with_warmup_step_by_step_from_lr_0():
             assert ours.param_groups[0]["lr"] == pytest.approx(theirs.param_groups[0]["lr"], abs=1e-15), (total, step)
             ours.step(), ours_scheduler.step(), theirs.step(), theirs_scheduler.step()
         assert ratio == 0.0 or visrl.cosine_schedule(0, total, ratio) == 0.0  # the first step moves nothing
+
+
+def test_a_run_extended_by_max_steps_follows_its_new_schedule_from_the_resumed_step(synth_dir, tmp_path):
+    """A finished run resumed with a larger --max-steps goes on with the longer cosine at its own step: the lr of each
+    step equals a run made that long at once (the optimizer's saved lr, the old schedule's last, is not kept)."""
+    visrl.train(_config(synth_dir, tmp_path / "long", max_steps=3, limit=8, batch_size=2))
+    visrl.train(_config(synth_dir, tmp_path / "grown", max_steps=1, limit=8, batch_size=2))
+    visrl.train(_config(synth_dir, tmp_path / "grown", max_steps=3, limit=8, batch_size=2, resume=True))
+    lrs = lambda out: [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert lrs(tmp_path / "grown") == pytest.approx(lrs(tmp_path / "long")) and len(set(lrs(tmp_path / "long"))) == 3
