@@ -155,45 +155,61 @@ def _image_spans(ids: list[int], image_token_id: int) -> list[tuple[int, int]]:
     return spans
 
 def pack_pairs(samples: list[chat.PairSample], batch: dict, pad_id: int, image_token_id: int) -> dict:
-    """Pack each pair into one row: shared prefix, chosen suffix, rejected suffix. The rejected suffix attends to the
-    prefix and itself, never to the chosen suffix (packed_segment builds that mask), and every token keeps its unpacked
-    row's position (packed_source picks them), so each response's log-probs equal the unpacked computation while the
-    prefix (image, question: ~95% of a pair's tokens) runs through the decoder once, not twice."""
-    n, length = len(samples), batch["input_ids"].shape[1]
+    """Pack each pair into one row: shared prefix, chosen suffix, rejected suffix (pack_groups with the pair's two
+    rows: the chosen rows are the batch's first B, the rejected its last B)."""
+    n = len(samples)
+    return pack_groups([[i, n + i] for i in range(n)], [s.chosen for s in samples] + [s.rejected for s in samples],
+                       batch, pad_id, image_token_id)
+
+def pack_groups(groups: list[list[int]], rows: list[chat.Sample], batch: dict, pad_id: int,
+                image_token_id: int) -> dict:
+    """Pack each group of the batch's rows (a DPO pair; GRPO's G rollouts of a question) into one row: the prefix the
+    group shares, then each row's own suffix. A suffix attends to the prefix and itself, never to another suffix
+    (packed_segment builds that mask), and every token keeps its unpacked row's position (packed_source picks them),
+    so each response's log-probs equal the unpacked computation while the prefix (image, question: ~95% of a pair's
+    tokens) runs through the decoder once, not once per row."""
+    n, length = len(groups), batch["input_ids"].shape[1]
     unpacked_images, cursor = [], 0  # unique-image indices of each unpacked row's images, token order
-    for row in [s.chosen for s in samples] + [s.rejected for s in samples]:
+    for row in rows:
         unpacked_images.append(batch["image_index"][cursor:cursor + len(row.images)])
         cursor += len(row.images)
-    image_index, response_index = [], []
-    shared = [shared_prefix_length(s.chosen, s.rejected, image_token_id) for s in samples]
-    packed_length = max(len(s.chosen.input_ids) + len(s.rejected.input_ids) - p for s, p in zip(samples, shared))
-    source = torch.zeros((n, packed_length), dtype=torch.long)  # flat index into the unpacked [2B * L]
-    segment = torch.full((n, packed_length), -1, dtype=torch.long)  # 0 prefix, 1 chosen, 2 rejected, -1 pad
+    shared = [min((shared_prefix_length(rows[g[0]], rows[r], image_token_id) for r in g[1:]),
+                  default=len(rows[g[0]].input_ids)) for g in groups]
+    packed_length = max(sum(len(rows[r].input_ids) - p for r in g) + p for g, p in zip(groups, shared))
+    source = torch.zeros((n, packed_length), dtype=torch.long)  # flat index into the unpacked [R * L]
+    segment = torch.full((n, packed_length), -1, dtype=torch.long)  # 0 prefix, k + 1 the group's k-th row, -1 pad
     packed_ids = torch.full((n, packed_length), pad_id, dtype=torch.long)
-    for i, (s, p) in enumerate(zip(samples, shared)):
-        n_chosen, n_rejected = len(s.chosen.input_ids), len(s.rejected.input_ids)
-        end = n_chosen + n_rejected - p
-        packed_ids[i, :n_chosen] = torch.as_tensor(s.chosen.input_ids)
-        packed_ids[i, n_chosen:end] = torch.as_tensor(s.rejected.input_ids[p:])
-        source[i, :n_chosen] = i * length + torch.arange(n_chosen)
-        source[i, n_chosen:end] = (n + i) * length + torch.arange(p, n_rejected)
-        segment[i, :p], segment[i, p:n_chosen], segment[i, n_chosen:end] = 0, 1, 2
-        shared_images = sum(begin < p for begin, _ in _image_spans(s.chosen.input_ids, image_token_id))
-        image_index += unpacked_images[i] + unpacked_images[n + i][shared_images:]
+    image_index, where = [], {}  # where: unpacked row -> (packed row, where its suffix starts there)
+    for i, (g, p) in enumerate(zip(groups, shared)):
+        first = rows[g[0]]
+        packed_ids[i, :p], source[i, :p], segment[i, :p] = torch.as_tensor(first.input_ids[:p]), \
+            g[0] * length + torch.arange(p), 0
+        image_index += unpacked_images[g[0]][:sum(begin < p for begin, _ in _image_spans(first.input_ids,
+                                                                                          image_token_id))]
+        start = p
+        for k, r in enumerate(g):
+            ids = rows[r].input_ids
+            end = start + len(ids) - p
+            packed_ids[i, start:end] = torch.as_tensor(ids[p:])
+            source[i, start:end] = r * length + torch.arange(p, len(ids))
+            segment[i, start:end] = k + 1
+            image_index += unpacked_images[r][sum(begin < p for begin, _ in _image_spans(ids, image_token_id)):]
+            where[r] = (i, start)
+            start = end
     # each response token's predicting hidden state, moved from its unpacked row to the packed one
+    response_index = []
     for row, position in zip(batch["response_row"].tolist(), (batch["response_index"] % length).tolist()):
-        i = row % n
-        on_chosen_side = row < n or position < shared[i]  # the chosen row, or the prefix both rows share
-        q = position if on_chosen_side else len(samples[i].chosen.input_ids) + position - shared[i]
-        response_index.append(i * packed_length + q)
+        i, start = where[row]
+        p = shared[i]
+        response_index.append(i * packed_length + (position if position < p else start + position - p))
     grid = batch["image_grid_thw"]
     return {
-        "packed_ids": packed_ids,  # [B, Lp]
-        "packed_source": source,  # [B, Lp] into the unpacked [2B * L]: ids and positions come from there
-        "packed_segment": segment,  # [B, Lp]
+        "packed_ids": packed_ids,  # [G, Lp]
+        "packed_source": source,  # [G, Lp] into the unpacked [R * L]: ids and positions come from there
+        "packed_segment": segment,  # [G, Lp]
         "packed_image_index": image_index,  # host list: unique image of each packed image, token order
         "packed_grid_thw": grid[torch.as_tensor(image_index, dtype=torch.long)],  # [packed images, 3]
-        "packed_response_index": torch.as_tensor(response_index, dtype=torch.long),  # [N] into [B * Lp]
+        "packed_response_index": torch.as_tensor(response_index, dtype=torch.long),  # [N] into [G * Lp]
     }
 
 def encode_images(net, batch: dict) -> list:
@@ -219,23 +235,27 @@ def recurrent_layers(net) -> bool:
     """True for a model whose decoder has linear-attention (recurrent-state) layers: Qwen3.5's gated delta nets."""
     return "linear_attention" in (getattr(net.config.get_text_config(), "layer_types", None) or ())
 
+def packable(net) -> bool:
+    """Whether packing is exact: the attention implementation takes the packed rows' custom 4D mask (sdpa, eager) and
+    no layer carries a recurrent state, through which a later suffix would read an earlier one."""
+    return net.config._attn_implementation in ("sdpa", "eager") and not recurrent_layers(net)
+
 def sharing_prefix(cfg: "DPOConfig", net) -> bool:
-    """--reuse where packing is exact: the attention implementation takes the packed rows' custom 4D mask (sdpa,
-    eager) and no layer carries a recurrent state, through which the rejected suffix would read the chosen one
-    (build says once when it cannot)."""
-    return cfg.reuse and net.config._attn_implementation in ("sdpa", "eager") and not recurrent_layers(net)
+    """--reuse where packing is exact (build says once when it is not)."""
+    return cfg.reuse and packable(net)
 
 def packed_hidden(net, batch: dict, features: list[torch.Tensor]) -> torch.Tensor:
     """Last hidden states of the packed rows [B, Lp, H]: each token at its unpacked row's (M-RoPE) position,
-    the rejected suffix masked from the chosen one."""
+    each suffix masked from the others (a pair's rejected from its chosen)."""
     positions, _ = net.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
                                             image_grid_thw=batch["row_grid_thw"],
                                             attention_mask=batch["attention_mask"])  # [3, 2B, L]
     positions = positions.reshape(3, -1)[:, batch["packed_source"]]  # [3, B, Lp]
     segment = batch["packed_segment"]  # [B, Lp]
     order = torch.arange(segment.shape[1], device=segment.device)
-    allowed = ((order[None, :, None] >= order[None, None, :]) & (segment >= 0)[:, None, :]
-               & ~((segment[:, :, None] == 2) & (segment[:, None, :] == 1)))  # [B, Lp query, Lp key]
+    allowed = ((order[None, :, None] >= order[None, None, :])  # causal, and a key in the prefix or the query's row
+               & ((segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None]))
+               & (segment >= 0)[:, None, :])  # [B, Lp query, Lp key]
     allowed |= torch.eye(segment.shape[1], dtype=torch.bool, device=segment.device)  # padding sees itself
     ids = batch["packed_ids"]
     if net.config._attn_implementation == "sdpa":

@@ -1,6 +1,6 @@
-"""Online grouped RL (GRPO) on VisRL's two-step rollout: `python visrl.py grpo` (issue 31, its first part: one process,
-each rollout its own rows). The same loop as sft and dpo (visrl.train) runs it; what differs is where the data comes
-from: each micro-batch of questions is answered by the current policy, G times, and scored, before the forward.
+"""Online grouped RL (GRPO) on VisRL's two-step rollout: `python visrl.py grpo` (issue 31, its first part: one
+process). The same loop as sft and dpo (visrl.train) runs it; what differs is where the data comes from: each
+micro-batch of questions is answered by the current policy, G times, and scored, before the forward.
 
 The path of a micro-batch, top to bottom:
   records (questions; their boxes are never read unless --use-annotated-boxes)
@@ -9,6 +9,7 @@ The path of a micro-batch, top to bottom:
                      with the record's box); answer: generate.rule_answer_score of the answer
   group_advantages   (r - mean of the group) / (std of the group + eps), per step kind
   rollout_samples    each rollout's box sample and answer sample (chat.encode), with its advantage
+  dpo.pack_groups    a question's G box rows as one row (prefix | G suffixes), its G answer rows as another
   GRPOObjective      policy and reference token log-probs (dpo.token_logps; reference: adapters off) -> grpo_loss
 """
 
@@ -203,6 +204,10 @@ def build(cfg: GRPOConfig, net, processor, lora: model.LoRAConfig, world: model.
                if r.answers]
     if not records:
         raise data.UserError(f"grpo: no question with an answer in {cfg.data}")
+    packed = dpo.packable(net)
+    if not packed and world.is_main:
+        print("grpo: packing is not exact on this model (dpo.packable): each rollout runs as its own rows",
+              file=sys.stderr)
 
     def collate(chosen: list[data.Record]) -> dict:
         # seeded by the questions (and --seed): the same micro-step after --resume redraws the same rollouts from
@@ -212,6 +217,11 @@ def build(cfg: GRPOConfig, net, processor, lora: model.LoRAConfig, world: model.
         samples, advantages, kinds, rewards = rollout_samples(rows, processor, cfg)
         batch = chat.collate(samples, processor.image_processor, processor.tokenizer.pad_token_id,
                              net.config.image_token_id)
+        if packed:  # each question's G box rows as one row, its G answer rows as another: the prefix once
+            n = len(samples) // cfg.group_size  # groups: box rows first, then answer rows, G each
+            groups = [list(range(q * cfg.group_size, (q + 1) * cfg.group_size)) for q in range(n)]
+            batch.update(dpo.pack_groups(groups, samples, batch, processor.tokenizer.pad_token_id,
+                                         net.config.image_token_id))
         batch.update(advantage=torch.tensor(advantages), kind=torch.tensor(kinds), reward=torch.tensor(rewards))
         return batch
 

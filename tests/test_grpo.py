@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import chat
 import data
+import dpo
 import generate
 import grpo
 import model
@@ -79,6 +80,33 @@ def test_the_objective_equals_the_loss_on_hf_s_own_log_probs(tiny_path, synth_di
         expected += cfg.lambdas[k] / 6 * (-(a - cfg.beta * kl)).mean().item()  # rho = 1: the surrogate is A
     assert loss.item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
     assert stats[0, 1].item() == pytest.approx(sum(r["box_reward"] for r in rows))
+
+
+def test_each_group_s_prefix_runs_once_and_changes_no_log_prob(tiny_path, synth_dir):
+    """A question's G box rows packed into one row (prefix | G suffixes, each seeing the prefix and itself) and its G
+    answer rows into another: token log-probs and LoRA gradients equal to the unpacked rows, in far fewer tokens."""
+    net, processor = model.load_model(str(tiny_path))
+    model.add_lora(net, model.LoRAConfig(rank=4, alpha=8))
+    g = torch.Generator().manual_seed(0)
+    for m in model.lora_modules(net).values():
+        m.lora_B.weight.data = torch.randn(m.lora_B.weight.shape, generator=g) * 0.02
+    cfg = runs.resolve_convention(grpo.GRPOConfig(group_size=4, max_new_tokens=8, temperature=2.0))
+    rows = grpo.rollouts(net, processor, cfg, data.read_records(synth_dir / "train.jsonl")[:2], seed=3)
+    samples = grpo.rollout_samples(rows, processor, cfg)[0]
+    pad, image = processor.tokenizer.pad_token_id, net.config.image_token_id
+    plain = chat.collate(samples, processor.image_processor, pad, image)
+    packed = dict(plain, **dpo.pack_groups([list(range(k, k + 4)) for k in range(0, 16, 4)], samples, plain, pad,
+                                           image))
+    assert packed["packed_ids"].shape[0] == 4 and packed["packed_ids"].numel() < 0.5 * plain["input_ids"].numel()
+    results = []
+    for batch in (plain, packed):
+        net.zero_grad()
+        logps = dpo.token_logps(net, batch, dpo.encode_images(net, batch), chunk_size=7)
+        (logps * torch.linspace(-1, 1, logps.numel())).sum().backward()
+        results.append((logps.detach(), [p.grad.clone() for p in model.trainable_parameters(net)]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-4)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6 + 1e-4 * a.abs().max().item())
 
 
 def _run(synth_dir, out, **overrides):
