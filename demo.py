@@ -44,7 +44,7 @@ class DemoConfig:
     seed: int = 0  # data, training order and sampling
     quick: bool = False  # a few records and steps per phase: exercises every phase in ~1 minute (numbers meaningless)
     rounds: int = 1  # self-evolution rounds (generate -> stage 1 -> stage 2), each on fresh questions
-    model: str = "tiny"  # `tiny` (Qwen2.5-VL), `tiny-qwen2-vl`, `tiny-qwen3-vl`, `tiny-qwen3.5`, or a checkpoint directory
+    model: str = "tiny"  # `tiny` (Qwen2.5-VL), `tiny-qwen2-vl`, `tiny-qwen3-vl`, `tiny-qwen3.5`, or a checkpoint
     n_train: int = 500  # synthetic training records: the first --sft-records annotated, the rest bare questions
     sft_records: int = 64  # records SFT reads (question, box, answer); the RL phases never see a box
     n_test: int = 500  # held-out synthetic test records, evaluated after every phase

@@ -43,7 +43,7 @@ import synth
 class GenerateConfig(runs.RunConfig):
     """Self-evolution data generation: sample boxes and answers, score them, keep preference pairs."""
 
-    model: str = "tiny"  # checkpoint directory, or `tiny` / `tiny-qwen2-vl` / `tiny-qwen3-vl` / `tiny-qwen3.5` (ignored with --endpoint)
+    model: str = "tiny"  # checkpoint directory, or a tiny one (`tiny`, `tiny-qwen3-vl` ...; ignored with --endpoint)
     # the current policy's adapter (its parent stack is rebuilt and merged)
     adapter: Annotated[str | None, runs.default("none: the base model alone")] = None
     data: str = "synth"  # records file (Visual-CoT .jsonl/.json or ours; boxes optional), a directory, or `synth`

@@ -138,8 +138,8 @@ def rollout_samples(rows: list[dict], processor, cfg: GRPOConfig) -> tuple[list,
             r = row["record"]
             window = tuple(row["crop"])
             if kind == 0:
-                messages, images, sizes = chat.focus_messages(r.question, cfg.prompts, rl=True), [None], [(r.width, r.height)]
-                response = row["box_text"]
+                messages, images = chat.focus_messages(r.question, cfg.prompts, rl=True), [None]
+                sizes, response = [(r.width, r.height)], row["box_text"]
             else:
                 messages, images = chat.answer_messages(r.question, cfg.prompts), [None, window]
                 sizes, response = [(r.width, r.height), (window[2] - window[0], window[3] - window[1])], row["answer"]

@@ -53,7 +53,7 @@ class ConventionArgs:
 class RunConfig(ConventionArgs):
     """What every pipeline stage (sft, generate, dpo, eval) is told: the model, the data, where its run goes."""
 
-    model: str = "tiny"  # checkpoint directory, or `tiny` / `tiny-qwen2-vl` / `tiny-qwen3-vl` / `tiny-qwen3.5` (built on first use)
+    model: str = "tiny"  # checkpoint directory, or `tiny` / `tiny-qwen2-vl` / `tiny-qwen3-vl` / `tiny-qwen3.5`
     # a trained adapter, merged into the base first (with its parent chain)
     adapter: Annotated[str | None, default("none: the base model alone")] = None
     data: str = "synth"  # records: Visual-CoT .jsonl/.json or ours, a directory with <split>.jsonl, or `synth`
